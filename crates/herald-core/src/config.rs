@@ -1,0 +1,403 @@
+//! Configuration: one TOML file plus environment overrides, 12-factor style.
+//!
+//! Loading is a pure function of the file text and an environment map
+//! ([`Config::load`]), so tests pass their own map. Overrides:
+//! `DATABASE_URL` → `postgres.url`, `REDIS_URL` → `redis.url`,
+//! `HERALD_ENV` → `env`, and `HERALD_<SECTION>__<KEY>` → `<section>.<key>`
+//! (for example `HERALD_CAPTURE__BATCH_SIZE=200`). A bad configuration fails
+//! with a message that names the key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::keys::{validate_env, validate_identifier};
+
+/// The whole configuration of a Herald installation. Every service reads the
+/// sections it needs and ignores the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Key namespace: every Redis key starts with `herald:{env}:`.
+    #[serde(default = "default_env")]
+    pub env: String,
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+    #[serde(default)]
+    pub broadcast: BroadcastConfig,
+    #[serde(default)]
+    pub l1: L1Config,
+    /// The watched tables.
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    pub url: String,
+    /// Connections in each service's pool (capture's LISTEN connection is
+    /// separate and not counted).
+    pub pool_size: usize,
+    /// Timeout for taking a connection from the pool and for connecting.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { url: "postgres://postgres@127.0.0.1:5432/postgres".into(), pool_size: 8, connect_timeout_ms: 5_000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Connections in each service's command pool.
+    pub pool_size: usize,
+    /// Timeout of one command.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".into(), pool_size: 4, command_timeout_ms: 5_000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Address of the ops HTTP server (`/healthz`, `/readyz`, `/metrics`).
+    pub ops_addr: String,
+    /// Outbox rows drained per transaction.
+    pub batch_size: i64,
+    /// Rows of one statement per outbox row; larger statements are split.
+    pub chunk_rows: i64,
+    /// Backstop poll while idle, in case a doorbell is missed.
+    pub poll_interval_ms: u64,
+    /// How long capture keeps polling an empty outbox before it goes idle and
+    /// asks writers to ring the doorbell again.
+    pub linger_ms: u64,
+    /// Capture stops appending (the outbox holds the backlog) while the stream
+    /// is this long; the stream's MAXLEN is twice this, so unread entries are
+    /// never trimmed in practice.
+    pub stream_max_len: u64,
+    /// Largest encoded event; a larger one is widened to a table-wide event.
+    pub max_event_bytes: usize,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            ops_addr: "0.0.0.0:9101".into(),
+            batch_size: 500,
+            chunk_rows: 500,
+            poll_interval_ms: 1_000,
+            linger_ms: 200,
+            stream_max_len: 1_000_000,
+            max_event_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BroadcastConfig {
+    pub ops_addr: String,
+    /// Consumer group on the event stream; instances of one group share work.
+    pub group: String,
+    /// Entries read per XREADGROUP.
+    pub read_count: u64,
+    /// How long one XREADGROUP blocks waiting for entries.
+    pub block_ms: u64,
+    /// Pending entries idle this long are claimed from their (dead) consumer.
+    pub claim_idle_ms: u64,
+    /// Heartbeat period on the L1 channel.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        Self {
+            ops_addr: "0.0.0.0:9102".into(),
+            group: "broadcast".into(),
+            read_count: 256,
+            block_ms: 1_000,
+            claim_idle_ms: 5_000,
+            heartbeat_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L1Config {
+    /// Upper bound of the L1 cache, in bytes of keys and values.
+    pub max_bytes: u64,
+    /// Every L1 entry expires after this, whatever its own TTL.
+    pub max_ttl_ms: u64,
+    /// No heartbeat for this long: flush everything and bypass L1.
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Default for L1Config {
+    fn default() -> Self {
+        Self { max_bytes: 64 * 1024 * 1024, max_ttl_ms: 300_000, heartbeat_timeout_ms: 3_000 }
+    }
+}
+
+/// A watched table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Name used in events and tags (`res_users.website_slug=alice`).
+    pub name: String,
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// The table's name in Postgres, when it differs from `name`.
+    #[serde(default)]
+    pub table: Option<String>,
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    /// Columns whose values are cache lookup keys; events carry tags of their
+    /// old and new values.
+    #[serde(default)]
+    pub key_columns: Vec<String>,
+    #[serde(default)]
+    pub tenant_column: Option<String>,
+    #[serde(default)]
+    pub team_column: Option<String>,
+    /// An update that changes none of these columns emits nothing. Empty
+    /// means every column matters.
+    #[serde(default)]
+    pub watch_columns: Vec<String>,
+}
+
+impl TableConfig {
+    /// The table's name in Postgres.
+    pub fn pg_table(&self) -> &str {
+        self.table.as_deref().unwrap_or(&self.name)
+    }
+}
+
+fn default_env() -> String {
+    "dev".into()
+}
+fn default_schema() -> String {
+    "public".into()
+}
+fn default_id_column() -> String {
+    "id".into()
+}
+
+impl Config {
+    /// Parses `text` (TOML), applies the overrides found in `env`, and
+    /// validates the result.
+    pub fn load(text: &str, env: &BTreeMap<String, String>) -> Result<Self> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        apply_env(&mut table, env)?;
+        // Round-trip through text so that serde's errors point at the line
+        // and name the key.
+        let text = toml::to_string(&table).map_err(|e| Error::Config(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the file at `path` (or starts from defaults without one) and the
+    /// process environment.
+    pub fn from_file(path: Option<&Path>) -> Result<Self> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?,
+            None => String::new(),
+        };
+        Self::load(&text, &std::env::vars().collect())
+    }
+
+    /// The table configured under `name`.
+    pub fn table(&self, name: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        validate_env(&self.env).map_err(|e| Error::Config(format!("env: {e}")))?;
+        let positive = [
+            ("postgres.pool_size", self.postgres.pool_size as i64),
+            ("redis.pool_size", self.redis.pool_size as i64),
+            ("capture.batch_size", self.capture.batch_size),
+            ("capture.chunk_rows", self.capture.chunk_rows),
+            ("capture.poll_interval_ms", self.capture.poll_interval_ms as i64),
+            ("capture.stream_max_len", self.capture.stream_max_len as i64),
+            ("broadcast.read_count", self.broadcast.read_count as i64),
+            ("broadcast.heartbeat_ms", self.broadcast.heartbeat_ms as i64),
+            ("l1.max_bytes", self.l1.max_bytes as i64),
+            ("l1.heartbeat_timeout_ms", self.l1.heartbeat_timeout_ms as i64),
+        ];
+        for (key, value) in positive {
+            if value <= 0 {
+                return Err(Error::Config(format!("{key}: must be greater than 0")));
+            }
+        }
+        if self.capture.max_event_bytes < 4096 {
+            return Err(Error::Config("capture.max_event_bytes: must be at least 4096".into()));
+        }
+        if self.l1.heartbeat_timeout_ms <= self.broadcast.heartbeat_ms {
+            return Err(Error::Config("l1.heartbeat_timeout_ms: must be longer than broadcast.heartbeat_ms".into()));
+        }
+        let mut names = HashSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            let at = |field: &str| format!("tables[{i}] ({}).{field}", t.name);
+            let check = |field: &str, value: &str| {
+                validate_identifier(value).map_err(|e| Error::Config(format!("{}: {e}", at(field))))
+            };
+            check("name", &t.name)?;
+            check("schema", &t.schema)?;
+            check("table", t.pg_table())?;
+            check("id_column", &t.id_column)?;
+            for c in &t.key_columns {
+                check("key_columns", c)?;
+            }
+            for c in &t.watch_columns {
+                check("watch_columns", c)?;
+            }
+            if let Some(c) = &t.tenant_column {
+                check("tenant_column", c)?;
+            }
+            if let Some(c) = &t.team_column {
+                check("team_column", c)?;
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(Error::Config(format!("{}: duplicate table name", at("name"))));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_env(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<()> {
+    let mut set = |path: &[&str], raw: &str| -> Result<()> {
+        let mut cursor = &mut *table;
+        for section in &path[..path.len() - 1] {
+            let entry = cursor.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor =
+                entry.as_table_mut().ok_or_else(|| Error::Config(format!("{}: is not a table", path.join("."))))?;
+        }
+        cursor.insert(path[path.len() - 1].to_string(), parse_env_value(raw));
+        Ok(())
+    };
+    if let Some(url) = env.get("DATABASE_URL") {
+        set(&["postgres", "url"], url)?;
+    }
+    if let Some(url) = env.get("REDIS_URL") {
+        set(&["redis", "url"], url)?;
+    }
+    if let Some(name) = env.get("HERALD_ENV") {
+        set(&["env"], name)?;
+    }
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("HERALD_") else { continue };
+        if !rest.contains("__") {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(Error::Config(format!("{name}: empty section or key")));
+        }
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        set(&path, value)?;
+    }
+    Ok(())
+}
+
+/// An environment value as TOML when it parses as a number, boolean or
+/// array, else as a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => match t.remove("v") {
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) | toml::Value::Array(_)),
+            ) => v,
+            _ => toml::Value::String(raw.to_string()),
+        },
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Milliseconds from config as a [`Duration`].
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const SAMPLE: &str = r#"
+        env = "prod"
+        [capture]
+        batch_size = 100
+        [[tables]]
+        name = "res_users"
+        key_columns = ["website_slug"]
+        tenant_column = "tenant_id"
+    "#;
+
+    #[test]
+    fn file_then_env_overrides() {
+        let c = Config::load(
+            SAMPLE,
+            &env(&[
+                ("DATABASE_URL", "postgres://x@db/app"),
+                ("HERALD_CAPTURE__BATCH_SIZE", "42"),
+                ("HERALD_L1__MAX_BYTES", "1024"),
+                ("HERALD_BROADCAST__GROUP", "g2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.env, "prod");
+        assert_eq!(c.postgres.url, "postgres://x@db/app");
+        assert_eq!(c.capture.batch_size, 42);
+        assert_eq!(c.l1.max_bytes, 1024);
+        assert_eq!(c.broadcast.group, "g2");
+        assert_eq!(c.tables[0].schema, "public");
+        assert_eq!(c.tables[0].id_column, "id");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::load("[capture]\nbatchsize = 3\n", &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("batchsize"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load("", &env(&[("HERALD_CAPTURE__BATCH_SIZE", "0")])).unwrap_err();
+        assert!(err.to_string().contains("capture.batch_size"), "{err}");
+        let err = Config::load("[[tables]]\nname = \"x; drop\"\n", &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("tables[0]"), "{err}");
+        let err = Config::load("env = \"a:b\"\n", &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("env"), "{err}");
+        let dup = "[[tables]]\nname = \"a\"\n[[tables]]\nname = \"a\"\n";
+        assert!(Config::load(dup, &env(&[])).unwrap_err().to_string().contains("duplicate"));
+    }
+
+    #[test]
+    fn env_wins_over_file_and_types_are_checked() {
+        let err = Config::load("", &env(&[("HERALD_CAPTURE__BATCH_SIZE", "many")])).unwrap_err();
+        assert!(err.to_string().contains("batch_size"), "{err}");
+    }
+}

@@ -1,0 +1,27 @@
+//! The error type of herald-core.
+
+/// Errors of the shared crate. Services wrap them with context.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument { what: &'static str, reason: String },
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("malformed message: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+/// `Result` with herald-core's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { what, reason: reason.into() }
+    }
+}

@@ -1,0 +1,19 @@
+//! What every Herald service shares: configuration, tenant and key types,
+//! Redis and Postgres connection set-up, telemetry, shutdown, the ops HTTP
+//! endpoints and the L1 cache with its invalidation subscriber.
+
+pub mod backoff;
+pub mod config;
+pub mod error;
+pub mod hash;
+pub mod keys;
+pub mod l1;
+pub mod l2;
+pub mod ops;
+pub mod pg;
+pub mod redis;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use error::{Error, Result};

@@ -1,0 +1,98 @@
+//! The ops HTTP endpoints every service serves: `/healthz` (the process is
+//! alive), `/readyz` (its dependencies are reachable and its subscriptions
+//! live) and `/metrics` (Prometheus text format).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Named readiness conditions. Each component holds its [`ReadyFlag`] and
+/// sets it as its dependency comes and goes.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    flags: Arc<Mutex<BTreeMap<&'static str, ReadyFlag>>>,
+}
+
+/// One readiness condition; starts not ready.
+#[derive(Clone, Default)]
+pub struct ReadyFlag(Arc<AtomicBool>);
+
+impl ReadyFlag {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Readiness {
+    /// The flag called `name`, created not ready on first use.
+    pub fn flag(&self, name: &'static str) -> ReadyFlag {
+        let mut flags = self.flags.lock().unwrap_or_else(|p| p.into_inner());
+        flags.entry(name).or_default().clone()
+    }
+
+    /// Every condition with its state.
+    pub fn report(&self) -> BTreeMap<&'static str, bool> {
+        let flags = self.flags.lock().unwrap_or_else(|p| p.into_inner());
+        flags.iter().map(|(k, v)| (*k, v.get())).collect()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.report().values().all(|v| *v)
+    }
+}
+
+/// What the ops router serves.
+#[derive(Clone)]
+pub struct OpsState {
+    pub registry: Arc<Registry>,
+    pub readiness: Readiness,
+}
+
+/// `/healthz`, `/readyz`, `/metrics`.
+pub fn router(state: OpsState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+    let report = state.readiness.report();
+    let ready = report.values().all(|v| *v);
+    let body: String =
+        report.iter().map(|(name, ok)| format!("{name}: {}\n", if *ok { "ok" } else { "not ready" })).collect();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, body)
+}
+
+async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+/// Serves the ops endpoints on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: OpsState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
