@@ -1,0 +1,212 @@
+//! Capture: Postgres changes into Herald's durable event log.
+//!
+//! Writers' statement triggers put one row per statement and table into
+//! `herald.outbox`, inside the writer's transaction. Capture drains the outbox
+//! in bounded batches, appends one protobuf `InvalidationEvent` per row to the
+//! Redis stream, and deletes the rows it appended. It sleeps on a doorbell
+//! (`NOTIFY`, rung by writers only while capture is idle), drains continuously
+//! while busy, and polls slowly as a backstop.
+
+pub mod doorbell;
+pub mod drain;
+pub mod error;
+pub mod install;
+pub mod metrics;
+pub mod schema;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use herald_core::backoff::Backoff;
+use herald_core::config::{Config, ms};
+use herald_core::keys::KeySpace;
+use herald_core::ops::{self, OpsState, Readiness};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+
+use crate::doorbell::{Doorbell, Wake};
+use crate::drain::Drainer;
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// Longest sleep between polls of an empty outbox while busy.
+const BUSY_POLL_MAX: Duration = Duration::from_millis(8);
+
+/// Runs capture until `shutdown` fires. Serves `/healthz`, `/readyz` and
+/// `/metrics` on `ops`. Returns after the batch in flight has committed.
+pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let readiness = Readiness::default();
+    let ops_state = OpsState { registry: Arc::new(registry), readiness: readiness.clone() };
+    let ops_task = tokio::spawn(ops::serve(ops, ops_state, shutdown.clone()));
+
+    let keys = KeySpace::new(&config.env)?;
+    let pool = herald_core::pg::pool(&config.postgres)?;
+    let redis = herald_core::redis::build_pool(&config.redis)?;
+    let _connections = redis.connect();
+    let drainer = Drainer::new(&config, pool.clone(), redis.clone(), keys.stream(), metrics.clone());
+    let sampler = tokio::spawn(sample_depth(pool.clone(), metrics.clone(), shutdown.clone()));
+
+    let pg_ready = readiness.flag("postgres");
+    let redis_ready = readiness.flag("redis");
+    let bell_ready = readiness.flag("doorbell");
+    let mut bell = Doorbell::new(config.postgres.clone());
+    let mut backoff = Backoff::reconnect();
+    let mut group_ready = false;
+    let mut last_rows = Instant::now();
+    let mut busy_poll = Duration::from_millis(1);
+    let mut pressure_checked = Instant::now() - Duration::from_secs(1);
+    let idle_poll = ms(config.capture.poll_interval_ms);
+    let linger = ms(config.capture.linger_ms);
+    tracing::info!(stream = %keys.stream(), tables = config.tables.len(), "capture started");
+
+    while !shutdown.is_cancelled() {
+        if !bell.is_connected() {
+            metrics.busy.set(0);
+            match bell.connect().await {
+                Ok(()) => bell_ready.set(true),
+                Err(error) => {
+                    bell_ready.set(false);
+                    tracing::warn!(%error, "doorbell connection failed; polling");
+                }
+            }
+        }
+        if !group_ready {
+            match herald_core::redis::ensure_group(&redis, &keys.stream(), &config.broadcast.group).await {
+                Ok(()) => group_ready = true,
+                Err(error) => {
+                    redis_ready.set(false);
+                    tracing::warn!(%error, "cannot create the consumer group; retrying");
+                    pause(&shutdown, backoff.next_delay()).await;
+                    continue;
+                }
+            }
+        }
+        if pressure_checked.elapsed() >= Duration::from_millis(500) {
+            pressure_checked = Instant::now();
+            match drainer.stream_len().await {
+                Ok(len) if len >= drainer.stream_max_len() => {
+                    metrics.backpressure.set(1);
+                    tracing::warn!(
+                        len,
+                        max = drainer.stream_max_len(),
+                        "event stream full: pausing appends, the outbox holds the backlog"
+                    );
+                    pressure_checked = Instant::now() - Duration::from_millis(300);
+                    pause(&shutdown, Duration::from_millis(200)).await;
+                    continue;
+                }
+                Ok(_) => {
+                    metrics.backpressure.set(0);
+                }
+                Err(error) => tracing::debug!(%error, "stream length check failed"),
+            }
+        }
+
+        match drainer.drain_once().await {
+            Ok(drained) => {
+                pg_ready.set(true);
+                redis_ready.set(true);
+                backoff.reset();
+                if drained.rows > 0 {
+                    last_rows = Instant::now();
+                    busy_poll = Duration::from_millis(1);
+                    if !bell.is_busy() && bell.is_connected() {
+                        match bell.become_busy(false).await {
+                            Ok(busy) => {
+                                metrics.busy.set(i64::from(busy));
+                            }
+                            Err(error) => tracing::debug!(%error, "doorbell busy lock failed"),
+                        }
+                    }
+                    continue;
+                }
+                if bell.is_busy() {
+                    if last_rows.elapsed() < linger {
+                        pause(&shutdown, busy_poll).await;
+                        busy_poll = (busy_poll * 2).min(BUSY_POLL_MAX);
+                        continue;
+                    }
+                    match bell.try_idle().await {
+                        // Idle now: drain once more, then sleep on the bell.
+                        Ok(true) => {
+                            metrics.busy.set(0);
+                        }
+                        // A writer is in flight: keep polling.
+                        Ok(false) => pause(&shutdown, busy_poll).await,
+                        Err(error) => tracing::debug!(%error, "doorbell idle transition failed"),
+                    }
+                    continue;
+                }
+                bell.clear();
+                let wake = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    wake = bell.wait(idle_poll) => wake,
+                };
+                match wake {
+                    Wake::Rung => {
+                        metrics.doorbells.inc();
+                        match bell.become_busy(true).await {
+                            Ok(busy) => {
+                                metrics.busy.set(i64::from(busy));
+                            }
+                            Err(error) => tracing::debug!(%error, "doorbell busy lock failed"),
+                        }
+                    }
+                    Wake::Timeout => {}
+                    Wake::Lost => {
+                        bell_ready.set(false);
+                        pause(&shutdown, backoff.next_delay()).await;
+                    }
+                }
+            }
+            Err(error) => {
+                metrics.errors.inc();
+                match &error {
+                    Error::Redis(_) => redis_ready.set(false),
+                    _ => pg_ready.set(false),
+                }
+                tracing::warn!(%error, "drain failed; the rows stay in the outbox and are retried");
+                pause(&shutdown, backoff.next_delay()).await;
+            }
+        }
+    }
+    tracing::info!("capture stopping");
+    sampler.abort();
+    let _ = redis.quit().await;
+    let _ = ops_task.await;
+    Ok(())
+}
+
+async fn pause(shutdown: &CancellationToken, duration: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = sleep(duration) => {}
+    }
+}
+
+/// Samples outbox depth and the oldest row's age for `/metrics`.
+async fn sample_depth(pool: deadpool_postgres::Pool, metrics: Metrics, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        if let Ok(client) = pool.get().await
+            && let Ok(row) = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM herald.outbox LIMIT 1000000) s), \
+                            coalesce((SELECT extract(epoch FROM clock_timestamp() - changed_at)::int8 \
+                                      FROM herald.outbox ORDER BY id LIMIT 1), 0)",
+                    &[],
+                )
+                .await
+        {
+            metrics.outbox_depth.set(row.get(0));
+            metrics.oldest_pending_seconds.set(row.get(1));
+        }
+        pause(&shutdown, Duration::from_secs(2)).await;
+    }
+}

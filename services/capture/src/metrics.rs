@@ -1,0 +1,64 @@
+//! Capture's metrics, under `herald_capture_*`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub events_appended: Counter,
+    pub rows_drained: Counter,
+    pub dead_lettered: Counter,
+    pub widened: Counter,
+    pub batches: Counter,
+    pub errors: Counter,
+    pub doorbells: Counter,
+    pub busy: Gauge,
+    pub outbox_depth: Gauge,
+    pub oldest_pending_seconds: Gauge,
+    pub backpressure: Gauge,
+    /// Writer's statement → appended to the stream, seconds.
+    pub capture_lag: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            events_appended: Counter::default(),
+            rows_drained: Counter::default(),
+            dead_lettered: Counter::default(),
+            widened: Counter::default(),
+            batches: Counter::default(),
+            errors: Counter::default(),
+            doorbells: Counter::default(),
+            busy: Gauge::default(),
+            outbox_depth: Gauge::default(),
+            oldest_pending_seconds: Gauge::default(),
+            backpressure: Gauge::default(),
+            capture_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("herald_capture");
+        r.register("events_appended", "events appended to the stream", self.events_appended.clone());
+        r.register("rows_drained", "outbox rows drained", self.rows_drained.clone());
+        r.register("dead_lettered", "outbox rows moved to herald.dead_letter", self.dead_lettered.clone());
+        r.register("widened", "events widened to a table-wide tag to fit the size limit", self.widened.clone());
+        r.register("batches", "drain transactions committed", self.batches.clone());
+        r.register("errors", "drain attempts that failed and were retried", self.errors.clone());
+        r.register("doorbells", "doorbell notifications received", self.doorbells.clone());
+        r.register("busy", "1 while this instance holds the busy lock (writers skip NOTIFY)", self.busy.clone());
+        r.register("outbox_depth", "rows waiting in herald.outbox (sampled, capped at 1e6)", self.outbox_depth.clone());
+        r.register(
+            "oldest_pending_seconds",
+            "age of the oldest outbox row (sampled)",
+            self.oldest_pending_seconds.clone(),
+        );
+        r.register("backpressure", "1 while appends pause because the stream is full", self.backpressure.clone());
+        r.register("lag_seconds", "writer statement to stream append", self.capture_lag.clone());
+    }
+}

@@ -1,0 +1,130 @@
+//! `herald-capture status`: outbox depth, oldest pending age, dead letters,
+//! the stream and the last appended event.
+
+use std::fmt::Write as _;
+
+use fred::prelude::*;
+use herald_core::config::Config;
+use herald_core::keys::KeySpace;
+use herald_proto::Message as _;
+use herald_proto::v1::InvalidationEvent;
+
+use crate::error::Result;
+
+/// A report of what capture has done and what waits.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub schema_version: Option<String>,
+    pub outbox_depth: i64,
+    pub oldest_pending_seconds: Option<f64>,
+    pub dead_letters: i64,
+    pub stream_len: u64,
+    /// (group, pending, lag) per consumer group.
+    pub groups: Vec<(String, i64, Option<i64>)>,
+    pub last_event: Option<(String, InvalidationEvent)>,
+}
+
+pub async fn status(config: &Config) -> Result<Status> {
+    let pool = herald_core::pg::pool(&config.postgres)?;
+    let client = pool.get().await?;
+    let mut status = Status::default();
+    let installed: bool = client.query_one("SELECT to_regclass('herald.outbox') IS NOT NULL", &[]).await?.get(0);
+    if installed {
+        status.schema_version = client
+            .query_opt("SELECT value FROM herald.meta WHERE key = 'schema_version'", &[])
+            .await?
+            .map(|r| r.get(0));
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM herald.outbox), \
+                        (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8 FROM herald.outbox), \
+                        (SELECT count(*) FROM herald.dead_letter)",
+                &[],
+            )
+            .await?;
+        status.outbox_depth = row.get(0);
+        status.oldest_pending_seconds = row.get(1);
+        status.dead_letters = row.get(2);
+    }
+
+    let redis = herald_core::redis::connect_pool(&config.redis).await?;
+    let keys = KeySpace::new(&config.env)?;
+    let stream = keys.stream();
+    status.stream_len = redis.next().xlen(&stream).await?;
+    let groups: Value = redis.next().xinfo_groups(&stream).await.unwrap_or(Value::Null);
+    if let Value::Array(groups) = groups {
+        for group in groups {
+            let fields: std::collections::HashMap<String, Value> = group.convert().unwrap_or_default();
+            let name = fields.get("name").and_then(|v| v.as_string()).unwrap_or_default();
+            let pending = fields.get("pending").and_then(|v| v.as_i64()).unwrap_or_default();
+            let lag = fields.get("lag").and_then(|v| v.as_i64());
+            status.groups.push((name, pending, lag));
+        }
+    }
+    let last: Value = redis.next().xrevrange(&stream, "+", "-", Some(1)).await?;
+    if let Some((id, Some(bytes))) = crate::status::first_entry(last) {
+        if let Ok(event) = InvalidationEvent::decode(bytes.as_slice()) {
+            status.last_event = Some((id, event));
+        }
+    }
+    let _ = redis.quit().await;
+    Ok(status)
+}
+
+/// The first `(id, field e)` of an XRANGE-style reply.
+fn first_entry(value: Value) -> Option<(String, Option<Vec<u8>>)> {
+    let Value::Array(entries) = value else { return None };
+    let Value::Array(mut entry) = entries.into_iter().next()? else { return None };
+    if entry.len() < 2 {
+        return None;
+    }
+    let fields = entry.pop()?;
+    let id = entry.pop()?.as_string()?;
+    let mut bytes = None;
+    if let Value::Array(fields) = fields {
+        let mut it = fields.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if k.as_str().as_deref() == Some("e") {
+                bytes = v.as_bytes().map(<[u8]>::to_vec);
+            }
+        }
+    }
+    Some((id, bytes))
+}
+
+impl Status {
+    /// Human-readable lines.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "schema version:      {}", self.schema_version.as_deref().unwrap_or("not installed"));
+        let _ = writeln!(out, "outbox depth:        {}", self.outbox_depth);
+        let _ = writeln!(
+            out,
+            "oldest pending:      {}",
+            self.oldest_pending_seconds.map_or("-".to_string(), |s| format!("{s:.3} s"))
+        );
+        let _ = writeln!(out, "dead letters:        {}", self.dead_letters);
+        let _ = writeln!(out, "stream length:       {}", self.stream_len);
+        for (name, pending, lag) in &self.groups {
+            let lag = lag.map_or("?".to_string(), |l| l.to_string());
+            let _ = writeln!(out, "group {name}: pending {pending}, lag {lag}");
+        }
+        match &self.last_event {
+            Some((id, e)) => {
+                let _ = writeln!(
+                    out,
+                    "last appended:       {id} event {} table {} op {} ids {} tags {}",
+                    e.event_id,
+                    e.table,
+                    e.operation().as_str_name(),
+                    e.ids.len(),
+                    e.tags.len()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "last appended:       -");
+            }
+        }
+        out
+    }
+}
