@@ -1,0 +1,143 @@
+//! Applying stream entries: decode, delete the L2 entries the tags name,
+//! publish the invalidations on the L1 channel, and only then acknowledge.
+
+use bytes::Bytes;
+use fred::prelude::*;
+use herald_core::keys::{KeySpace, Scope};
+use herald_core::l2::L2;
+use herald_core::time::now_us;
+use herald_proto::Message as _;
+use herald_proto::v1::{InvalidationBatch, InvalidationEvent, L1Message, l1_message};
+
+use crate::metrics::Metrics;
+use crate::stream::Entry;
+
+/// Largest L1 message; bigger batches are split.
+const MAX_L1_MESSAGE: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct Applier {
+    redis: Pool,
+    keys: KeySpace,
+    l2: L2,
+    group: String,
+    metrics: Metrics,
+}
+
+impl Applier {
+    pub fn new(redis: Pool, keys: KeySpace, group: String, metrics: Metrics) -> Self {
+        let l2 = L2::new(redis.clone(), keys.clone());
+        Self { redis, keys, l2, group, metrics }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Applies `entries` and acknowledges them. On error nothing is
+    /// acknowledged; the entries stay pending and are applied again later
+    /// (deletes are idempotent).
+    pub async fn apply(&self, entries: Vec<Entry>) -> Result<usize, fred::error::Error> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut events = Vec::with_capacity(entries.len());
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match decode(&entry) {
+                Ok(event) => events.push(event),
+                Err(reason) => self.dead_letter(&entry, &reason).await?,
+            }
+            ids.push(entry.id);
+        }
+        for event in &events {
+            let deleted = if event.all_tenants {
+                self.l2.invalidate_all_scopes(&event.table).await
+            } else {
+                match Scope::from_event_tenant(&event.tenant) {
+                    Ok(scope) => self.l2.invalidate(&scope, &event.tags).await,
+                    // Capture validates tenants; an event that still has a bad
+                    // one names no key Herald could have written.
+                    Err(_) => Ok(0),
+                }
+            };
+            let deleted = deleted.map_err(core_to_redis)?;
+            self.metrics.l2_entries_deleted.inc_by(deleted);
+        }
+        self.publish(&events).await?;
+        let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
+        let now = now_us();
+        for event in &events {
+            self.metrics.lag.observe((now - event.commit_time_us).max(0) as f64 / 1e6);
+        }
+        self.metrics.events_applied.inc_by(events.len() as u64);
+        Ok(events.len())
+    }
+
+    async fn publish(&self, events: &[InvalidationEvent]) -> Result<(), fred::error::Error> {
+        let channel = self.keys.l1_channel();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for event in events {
+            let len = event.encoded_len();
+            if !batch.is_empty() && size + len > MAX_L1_MESSAGE {
+                self.publish_batch(&channel, std::mem::take(&mut batch)).await?;
+                size = 0;
+            }
+            size += len;
+            batch.push(event.clone());
+        }
+        if !batch.is_empty() {
+            self.publish_batch(&channel, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_batch(&self, channel: &str, events: Vec<InvalidationEvent>) -> Result<(), fred::error::Error> {
+        let message = L1Message { body: Some(l1_message::Body::Invalidations(InvalidationBatch { events })) };
+        let _: i64 = self.redis.next().publish(channel, Bytes::from(message.encode_to_vec())).await?;
+        Ok(())
+    }
+
+    /// Keeps an undecodable entry (with the reason) in the dead stream.
+    async fn dead_letter(&self, entry: &Entry, reason: &str) -> Result<(), fred::error::Error> {
+        self.metrics.malformed.inc();
+        tracing::warn!(entry_id = %entry.id, %reason, "malformed stream entry moved to the dead stream");
+        let payload = entry.payload.clone().unwrap_or_default();
+        let _: String = self
+            .redis
+            .next()
+            .xadd(
+                self.keys.dead_stream(),
+                false,
+                ("MAXLEN", "~", 100_000),
+                "*",
+                vec![
+                    ("id", Bytes::from(entry.id.clone())),
+                    ("reason", Bytes::from(reason.to_string())),
+                    ("e", payload),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn decode(entry: &Entry) -> Result<InvalidationEvent, String> {
+    let payload = entry.payload.as_ref().ok_or("entry has no field e")?;
+    let event = InvalidationEvent::decode(payload.as_ref()).map_err(|e| format!("undecodable event: {e}"))?;
+    if event.table.is_empty() {
+        return Err("event has no table".into());
+    }
+    if event.tags.is_empty() {
+        return Err("event has no tags".into());
+    }
+    Ok(event)
+}
+
+pub(crate) fn core_to_redis(error: herald_core::Error) -> fred::error::Error {
+    match error {
+        herald_core::Error::Redis(e) => e,
+        other => fred::error::Error::new(fred::error::ErrorKind::Unknown, other.to_string()),
+    }
+}

@@ -1,0 +1,303 @@
+//! Broadcast: Herald's event log into effects.
+//!
+//! Reads the event stream in a consumer group (instances share the work);
+//! for each event deletes the L2 entries its tags name and publishes the
+//! invalidation on the L1 channel, then acknowledges. Pending entries of
+//! consumers that died are claimed (`XAUTOCLAIM`) and applied. A heartbeat
+//! on the L1 channel tells L1 holders that invalidations are flowing; it
+//! stops when this instance cannot apply, so holders flush rather than serve
+//! stale entries.
+
+pub mod apply;
+pub mod metrics;
+pub mod stream;
+pub mod watch;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use herald_core::backoff::Backoff;
+use herald_core::config::{Config, ms};
+use herald_core::keys::KeySpace;
+use herald_core::ops::{self, OpsState, Readiness, ReadyFlag};
+use herald_core::time::now_us;
+use herald_proto::Message as _;
+use herald_proto::v1::{Heartbeat, L1Message, l1_message};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Applier, core_to_redis};
+use crate::metrics::Metrics;
+use crate::stream::{autoclaim_entries, read_group_entries};
+
+/// A consumer name unique to this process.
+pub fn consumer_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "broadcast".into());
+    format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// Runs broadcast until `shutdown` fires, as consumer `consumer` (use
+/// [`consumer_name`]). Serves the ops endpoints on `ops`.
+pub async fn run(
+    config: Config,
+    ops: TcpListener,
+    consumer: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let readiness = Readiness::default();
+    let ops_state = OpsState { registry: Arc::new(registry), readiness: readiness.clone() };
+    let ops_task = tokio::spawn(ops::serve(ops, ops_state, shutdown.clone()));
+
+    let keys = KeySpace::new(&config.env)?;
+    let redis = herald_core::redis::build_pool(&config.redis)?;
+    let _connections = redis.connect();
+    let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone());
+    // Time of the last successful read-and-apply, for the heartbeat.
+    let last_ok = Arc::new(AtomicI64::new(0));
+    let ready = readiness.flag("redis");
+
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        redis.clone(),
+        keys.clone(),
+        consumer.clone(),
+        ms(config.broadcast.heartbeat_ms),
+        ms(config.broadcast.block_ms) + Duration::from_secs(2),
+        last_ok.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let trimmer = tokio::spawn(trim_loop(
+        redis.clone(),
+        keys.stream(),
+        config.broadcast.group.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    tracing::info!(stream = %keys.stream(), group = %config.broadcast.group, %consumer, "broadcast started");
+    consume(&config, &redis, &keys, &applier, &consumer, &last_ok, &ready, &shutdown).await;
+
+    tracing::info!("broadcast stopping");
+    let _ = heartbeat.await;
+    let _ = trimmer.await;
+    let _ = redis.quit().await;
+    let _ = ops_task.await;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    config: &Config,
+    redis: &Pool,
+    keys: &KeySpace,
+    applier: &Applier,
+    consumer: &str,
+    last_ok: &AtomicI64,
+    ready: &ReadyFlag,
+    shutdown: &CancellationToken,
+) {
+    let stream = keys.stream();
+    let group = config.broadcast.group.as_str();
+    let claim_idle = config.broadcast.claim_idle_ms;
+    let claim_every = ms(claim_idle / 2).max(Duration::from_millis(100));
+    let mut next_claim = tokio::time::Instant::now();
+    let mut backoff = Backoff::reconnect();
+    let mut group_ready = false;
+    // After an error, first re-read this consumer's own pending entries.
+    let mut own_pending = true;
+
+    while !shutdown.is_cancelled() {
+        let step = async {
+            if !group_ready {
+                herald_core::redis::ensure_group(redis, &stream, group).await.map_err(core_to_redis)?;
+                group_ready = true;
+            }
+            if own_pending {
+                let reply: Value = redis
+                    .next()
+                    .xreadgroup(group, consumer, Some(config.broadcast.read_count), None, false, stream.as_str(), "0")
+                    .await?;
+                let entries = read_group_entries(reply);
+                if entries.is_empty() {
+                    own_pending = false;
+                } else {
+                    applier.apply(entries).await?;
+                }
+                return Ok::<_, fred::error::Error>(());
+            }
+            if tokio::time::Instant::now() >= next_claim {
+                next_claim = tokio::time::Instant::now() + claim_every;
+                let mut cursor = "0-0".to_string();
+                loop {
+                    let reply: Value = redis
+                        .next()
+                        .xautoclaim(
+                            &stream,
+                            group,
+                            consumer,
+                            claim_idle,
+                            cursor.as_str(),
+                            Some(config.broadcast.read_count),
+                            false,
+                        )
+                        .await?;
+                    let (next, entries, deleted) = autoclaim_entries(reply);
+                    if !entries.is_empty() || !deleted.is_empty() {
+                        tracing::info!(
+                            claimed = entries.len(),
+                            deleted = deleted.len(),
+                            "claimed pending entries of an idle consumer"
+                        );
+                        applier.metrics().claimed.inc_by((entries.len() + deleted.len()) as u64);
+                    }
+                    applier.apply(entries).await?;
+                    if !deleted.is_empty() {
+                        // Trimmed before anyone applied them: nothing to apply.
+                        let _: i64 = redis.next().xack(&stream, group, deleted).await?;
+                    }
+                    if next == "0-0" {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            let block = config.broadcast.block_ms;
+            let reply: Value = redis
+                .next()
+                .xreadgroup(
+                    group,
+                    consumer,
+                    Some(config.broadcast.read_count),
+                    Some(block),
+                    false,
+                    stream.as_str(),
+                    ">",
+                )
+                .await?;
+            applier.apply(read_group_entries(reply)).await?;
+            Ok(())
+        };
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = step => result,
+        };
+        match result {
+            Ok(()) => {
+                last_ok.store(now_us(), Ordering::Relaxed);
+                ready.set(true);
+                backoff.reset();
+            }
+            Err(error) => {
+                applier.metrics().errors.inc();
+                ready.set(false);
+                own_pending = true;
+                if error.details().contains("NOGROUP") {
+                    group_ready = false;
+                }
+                tracing::warn!(%error, "apply failed; entries stay pending and are retried");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a heartbeat every `period` while the consumer loop is healthy
+/// (it succeeded within `healthy_within`).
+#[allow(clippy::too_many_arguments)]
+async fn heartbeat_loop(
+    redis: Pool,
+    keys: KeySpace,
+    instance: String,
+    period: Duration,
+    healthy_within: Duration,
+    last_ok: Arc<AtomicI64>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let channel = keys.l1_channel();
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let since_ok = now_us() - last_ok.load(Ordering::Relaxed);
+        if since_ok > healthy_within.as_micros() as i64 {
+            continue;
+        }
+        let message = L1Message {
+            body: Some(l1_message::Body::Heartbeat(Heartbeat { instance: instance.clone(), sent_time_us: now_us() })),
+        };
+        let sent: Result<i64, _> = redis.next().publish(&channel, Bytes::from(message.encode_to_vec())).await;
+        match sent {
+            Ok(_) => {
+                metrics.heartbeats.inc();
+            }
+            Err(error) => tracing::debug!(%error, "heartbeat not published"),
+        }
+    }
+}
+
+/// Trims entries every group has acknowledged (never an unread or pending
+/// one), and samples the group's pending count.
+async fn trim_loop(redis: Pool, stream: String, group: String, metrics: Metrics, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = sleep(Duration::from_secs(1)) => {}
+        }
+        if let Err(error) = trim_once(&redis, &stream, &group, &metrics).await {
+            tracing::debug!(%error, "stream trim skipped");
+        }
+    }
+}
+
+async fn trim_once(redis: &Pool, stream: &str, own_group: &str, metrics: &Metrics) -> Result<(), fred::error::Error> {
+    let groups: Value = redis.next().xinfo_groups(stream).await?;
+    let Value::Array(groups) = groups else { return Ok(()) };
+    let mut min_id: Option<(u64, u64)> = None;
+    for group in groups {
+        let fields: std::collections::HashMap<String, Value> = group.convert()?;
+        let name = fields.get("name").and_then(|v| v.as_string()).unwrap_or_default();
+        let pending = fields.get("pending").and_then(|v| v.as_i64()).unwrap_or(0);
+        if name == own_group {
+            metrics.pending.set(pending);
+        }
+        let last = fields.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default();
+        let mut bound = parse_id(&last);
+        if pending > 0 {
+            // XPENDING summary: [count, smallest id, greatest id, consumers].
+            let summary: Value = redis.next().xpending(stream, name.as_str(), ()).await?;
+            if let Value::Array(parts) = summary
+                && let Some(smallest) = parts.get(1).and_then(|v| v.as_string())
+            {
+                bound = parse_id(&smallest);
+            }
+        }
+        let Some(bound) = bound else { return Ok(()) };
+        min_id = Some(min_id.map_or(bound, |m| m.min(bound)));
+    }
+    if let Some((ms, seq)) = min_id {
+        // MINID keeps entries with id >= bound: the oldest pending entry, or
+        // the last delivered one, survive.
+        let _: i64 = redis.next().xtrim(stream, ("MINID", "~", format!("{ms}-{seq}"))).await?;
+    }
+    Ok(())
+}
+
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}

@@ -1,0 +1,46 @@
+//! `herald-broadcast`: apply the event log, or watch the L1 channel.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use herald_core::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "Herald's event log into L2 deletes and L1 invalidations")]
+struct Cli {
+    /// TOML configuration file (environment overrides apply on top).
+    #[arg(long, env = "HERALD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the event stream (the default).
+    Run,
+    /// Print each invalidation published on the L1 channel as a JSON line.
+    Watch {
+        /// Print heartbeats too.
+        #[arg(long)]
+        heartbeats: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
+    let shutdown = herald_core::shutdown::on_signal();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let _telemetry = herald_core::telemetry::init("herald-broadcast")?;
+            let listener = tokio::net::TcpListener::bind(&config.broadcast.ops_addr)
+                .await
+                .with_context(|| format!("failed to bind broadcast.ops_addr {}", config.broadcast.ops_addr))?;
+            herald_broadcast::run(config, listener, herald_broadcast::consumer_name(), shutdown).await
+        }
+        Command::Watch { heartbeats } => herald_broadcast::watch::watch(&config, heartbeats, shutdown).await,
+    }
+}

@@ -1,0 +1,108 @@
+//! Parsing of Redis stream replies (RESP2 shapes), kept apart so it can be
+//! tested without a server.
+
+use bytes::Bytes;
+use fred::types::Value;
+
+/// One stream entry: its id and the event bytes (field `e`), if the entry
+/// still exists and has the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    pub payload: Option<Bytes>,
+}
+
+/// Entries of an `XREADGROUP` reply for a single stream (nil → none).
+pub fn read_group_entries(reply: Value) -> Vec<Entry> {
+    let Value::Array(streams) = reply else { return Vec::new() };
+    let mut out = Vec::new();
+    for stream in streams {
+        if let Value::Array(mut pair) = stream
+            && pair.len() == 2
+            && let Some(entries) = pair.pop()
+        {
+            out.extend(entries_of(entries));
+        }
+    }
+    out
+}
+
+/// `(next cursor, entries, deleted ids)` of an `XAUTOCLAIM` reply.
+pub fn autoclaim_entries(reply: Value) -> (String, Vec<Entry>, Vec<String>) {
+    let Value::Array(parts) = reply else { return ("0-0".into(), Vec::new(), Vec::new()) };
+    let mut parts = parts.into_iter();
+    let cursor = parts.next().and_then(|v| v.as_string()).unwrap_or_else(|| "0-0".into());
+    let entries = parts.next().map(entries_of).unwrap_or_default();
+    let deleted = match parts.next() {
+        Some(Value::Array(ids)) => ids.into_iter().filter_map(|v| v.as_string()).collect(),
+        _ => Vec::new(),
+    };
+    (cursor, entries, deleted)
+}
+
+fn entries_of(value: Value) -> Vec<Entry> {
+    let Value::Array(entries) = value else { return Vec::new() };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut parts) = entry else { return None };
+            if parts.len() != 2 {
+                return None;
+            }
+            let fields = parts.pop()?;
+            let id = parts.pop()?.as_string()?;
+            let mut payload = None;
+            if let Value::Array(fields) = fields {
+                let mut it = fields.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if k.as_str().as_deref() == Some("e") {
+                        payload = match v {
+                            Value::Bytes(b) => Some(b),
+                            Value::String(s) => Some(Bytes::from(s.to_string())),
+                            _ => None,
+                        };
+                    }
+                }
+            }
+            Some(Entry { id, payload })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Value {
+        Value::String(x.into())
+    }
+
+    #[test]
+    fn parses_xreadgroup() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            s("k"),
+            Value::Array(vec![
+                Value::Array(vec![s("1-0"), Value::Array(vec![s("e"), Value::Bytes(Bytes::from_static(b"\x01"))])]),
+                Value::Array(vec![s("2-0"), Value::Null]),
+            ]),
+        ])]);
+        let entries = read_group_entries(reply);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].payload.as_deref(), Some(&b"\x01"[..]));
+        assert_eq!(entries[1], Entry { id: "2-0".into(), payload: None });
+        assert!(read_group_entries(Value::Null).is_empty());
+    }
+
+    #[test]
+    fn parses_xautoclaim_v7() {
+        let reply = Value::Array(vec![
+            s("0-0"),
+            Value::Array(vec![Value::Array(vec![s("5-1"), Value::Array(vec![s("e"), s("x")])])]),
+            Value::Array(vec![s("4-0")]),
+        ]);
+        let (cursor, entries, deleted) = autoclaim_entries(reply);
+        assert_eq!(cursor, "0-0");
+        assert_eq!(entries[0].id, "5-1");
+        assert_eq!(deleted, vec!["4-0".to_string()]);
+    }
+}

@@ -1,0 +1,66 @@
+//! `herald-broadcast watch`: prints what travels on the L1 channel, one JSON
+//! line per invalidation event (and per heartbeat with `--heartbeats`).
+
+use std::io::Write as _;
+
+use fred::prelude::*;
+use herald_core::config::Config;
+use herald_core::keys::KeySpace;
+use herald_core::time::now_us;
+use herald_proto::Message as _;
+use herald_proto::v1::{InvalidationEvent, L1Message, l1_message};
+use tokio_util::sync::CancellationToken;
+
+/// One event as a JSON object, with the lag from the writer's statement.
+pub fn event_json(event: &InvalidationEvent, received_us: i64) -> serde_json::Value {
+    serde_json::json!({
+        "event_id": event.event_id,
+        "tenant": event.tenant,
+        "table": event.table,
+        "op": event.operation().as_str_name().trim_start_matches("OPERATION_").to_lowercase(),
+        "ids": event.ids,
+        "tags": event.tags,
+        "teams": event.teams,
+        "txid": event.txid,
+        "commit_lsn": event.commit_lsn,
+        "widened": event.widened,
+        "all_tenants": event.all_tenants,
+        "lag_ms": (received_us - event.commit_time_us) as f64 / 1000.0,
+    })
+}
+
+/// Prints L1 traffic to stdout until `shutdown` fires.
+pub async fn watch(config: &Config, heartbeats: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let channel = KeySpace::new(&config.env)?.l1_channel();
+    let client = herald_core::redis::build_subscriber(&config.redis)?;
+    let mut messages = client.message_rx();
+    let _connection = client.init().await?;
+    client.subscribe(channel.as_str()).await?;
+    eprintln!("watching {channel}");
+    let stdout = std::io::stdout();
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.recv() => message,
+        };
+        let Ok(message) = message else { break };
+        let Some(bytes) = message.value.as_bytes() else { continue };
+        let now = now_us();
+        let mut out = stdout.lock();
+        match L1Message::decode(bytes) {
+            Ok(L1Message { body: Some(l1_message::Body::Invalidations(batch)) }) => {
+                for event in &batch.events {
+                    writeln!(out, "{}", event_json(event, now))?;
+                }
+            }
+            Ok(L1Message { body: Some(l1_message::Body::Heartbeat(hb)) }) if heartbeats => {
+                writeln!(out, "{}", serde_json::json!({"heartbeat": hb.instance, "sent_time_us": hb.sent_time_us}))?;
+            }
+            Ok(_) => {}
+            Err(error) => writeln!(out, "{}", serde_json::json!({"undecodable": error.to_string()}))?,
+        }
+        out.flush()?;
+    }
+    let _ = client.quit().await;
+    Ok(())
+}
