@@ -150,6 +150,7 @@ struct Inner {
     applied_events: AtomicU64,
     max_ttl: Duration,
     metrics: L1Metrics,
+    applied_tx: tokio::sync::broadcast::Sender<Arc<InvalidationEvent>>,
 }
 
 /// The L1 cache. Cheap to clone; clones share the cache.
@@ -227,6 +228,7 @@ impl L1Cache {
                 applied_events: AtomicU64::new(0),
                 max_ttl: Duration::from_millis(config.max_ttl_ms),
                 metrics: L1Metrics::default(),
+                applied_tx: tokio::sync::broadcast::channel(4096).0,
             }),
         }
     }
@@ -358,6 +360,17 @@ impl L1Cache {
         self.inner.applied_lsn.fetch_max(event.commit_lsn, Ordering::SeqCst);
         self.inner.applied_events.fetch_add(1, Ordering::SeqCst);
         self.inner.metrics.events_applied.inc();
+        if self.inner.applied_tx.receiver_count() > 0 {
+            let _ = self.inner.applied_tx.send(Arc::new(event.clone()));
+        }
+    }
+
+    /// Every event this cache applies, after it was applied (for near caches
+    /// that mirror invalidations, and for measuring). A receiver that falls
+    /// more than 4096 events behind sees `Lagged` and must assume it missed
+    /// invalidations.
+    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<Arc<InvalidationEvent>> {
+        self.inner.applied_tx.subscribe()
     }
 
     /// Drops everything, and refuses every fill that started before.

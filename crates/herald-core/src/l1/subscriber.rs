@@ -28,6 +28,9 @@ pub struct SubscriberOptions {
     pub heartbeat_timeout: Duration,
     /// Set while the subscription is up and heartbeats arrive.
     pub ready: ReadyFlag,
+    /// `CLIENT SETNAME` of the subscription connection, so operators (and
+    /// fault tests) can find it in `CLIENT LIST`.
+    pub client_name: String,
 }
 
 impl SubscriberOptions {
@@ -37,6 +40,7 @@ impl SubscriberOptions {
             channel,
             heartbeat_timeout: Duration::from_millis(l1.heartbeat_timeout_ms),
             ready: ReadyFlag::default(),
+            client_name: "herald-l1".into(),
         }
     }
 }
@@ -77,6 +81,7 @@ async fn subscribe_once(
     let mut messages = client.message_rx();
     let mut connection = client.init().await?;
     let result = async {
+        client.client_setname(options.client_name.as_str()).await?;
         client.subscribe(options.channel.as_str()).await?;
         backoff.reset();
         tracing::info!(channel = %options.channel, "l1 subscribed, waiting for a heartbeat");

@@ -1,0 +1,305 @@
+//! Test support: a [`Sandbox`] gives each test its own Postgres database,
+//! its own Redis key namespace (`herald:{env}:…`), the demo table with
+//! Herald's triggers installed, and the services wired together — all real,
+//! nothing mocked. [`assert_eventually!`] polls with a deadline instead of
+//! sleeping.
+
+pub mod process;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fred::prelude::*;
+use herald_core::config::{Config, TableConfig};
+use herald_core::keys::KeySpace;
+use herald_core::l1::L1Cache;
+use herald_core::l1::subscriber::{self, SubscriberOptions};
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+/// Postgres server URL for tests (`DATABASE_URL`, default local trust auth).
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Redis URL for tests (`REDIS_URL`, default local).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Polls `$cond` (an async block returning bool) every 10 ms until it holds
+/// or `$secs` seconds pass; then panics with the message.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($secs:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = ::std::time::Instant::now() + ::std::time::Duration::from_secs_f64($secs as f64);
+        loop {
+            if $cond.await {
+                break;
+            }
+            if ::std::time::Instant::now() > deadline {
+                panic!($($msg)+);
+            }
+            ::tokio::time::sleep(::std::time::Duration::from_millis(10)).await;
+        }
+    }};
+}
+
+/// The demo table every sandbox has.
+pub const DEMO_TABLE: &str = "
+CREATE TABLE res_users (
+    id           bigserial PRIMARY KEY,
+    tenant_id    text NOT NULL,
+    team_id      bigint,
+    website_slug text,
+    callsign     text,
+    name         text,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+)";
+
+/// The demo table's configuration.
+pub fn demo_table() -> TableConfig {
+    TableConfig {
+        name: "res_users".into(),
+        schema: "public".into(),
+        table: None,
+        id_column: "id".into(),
+        key_columns: vec!["website_slug".into(), "callsign".into()],
+        tenant_column: Some("tenant_id".into()),
+        team_column: Some("team_id".into()),
+        watch_columns: vec!["name".into()],
+    }
+}
+
+/// A running in-process service.
+pub struct ServiceHandle {
+    pub ops_addr: SocketAddr,
+    token: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServiceHandle {
+    /// Kills the task where it stands (no graceful shutdown): in-flight
+    /// transactions roll back, connections drop.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    /// Graceful shutdown.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        self.task.await?
+    }
+}
+
+/// A test's private world.
+pub struct Sandbox {
+    pub config: Config,
+    pub db_name: String,
+    pub pool: deadpool_postgres::Pool,
+    pub redis: Pool,
+    pub keys: KeySpace,
+    shutdown: CancellationToken,
+}
+
+/// Short random hex, for names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+impl Sandbox {
+    /// A sandbox with the demo table installed and test-friendly timings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`Sandbox::start`], letting the test adjust the config first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        init_logging();
+        let db_name = unique("herald_t_");
+        let admin = admin_url();
+        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.expect("connect to postgres");
+        tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {db_name}")).await.expect("create database");
+
+        let db_url = database_url_for(&admin, &db_name);
+        let mut config = Config::load("", &Default::default()).expect("default config");
+        config.env = unique("t");
+        config.postgres.url = db_url;
+        config.postgres.pool_size = 4;
+        config.redis.url = redis_url();
+        config.capture.ops_addr = "127.0.0.1:0".into();
+        config.capture.poll_interval_ms = 200;
+        config.broadcast.ops_addr = "127.0.0.1:0".into();
+        config.broadcast.claim_idle_ms = 500;
+        config.broadcast.block_ms = 200;
+        config.broadcast.heartbeat_ms = 100;
+        config.l1.heartbeat_timeout_ms = 1_000;
+        config.tables = vec![demo_table()];
+        adjust(&mut config);
+
+        let pool = herald_core::pg::pool(&config.postgres).expect("pool");
+        pool.get().await.expect("connect to test db").batch_execute(DEMO_TABLE).await.expect("demo table");
+        let redis = herald_core::redis::connect_pool(&config.redis).await.expect("connect to redis");
+        let keys = KeySpace::new(&config.env).expect("keyspace");
+        let sandbox = Self { config, db_name, pool, redis, keys, shutdown: CancellationToken::new() };
+        sandbox.install().await;
+        sandbox
+    }
+
+    /// Applies the herald schema for the current config.
+    pub async fn install(&self) {
+        let (mut client, connection) =
+            tokio_postgres::connect(&self.config.postgres.url, NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        herald_capture::install::install(&mut client, &self.config).await.expect("install");
+    }
+
+    /// Runs SQL on the sandbox database.
+    pub async fn sql(&self, sql: &str) {
+        self.pool.get().await.expect("pg").batch_execute(sql).await.unwrap_or_else(|e| {
+            let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+            panic!("{sql}: {detail}")
+        });
+    }
+
+    /// One scalar from the sandbox database.
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        self.pool.get().await.expect("pg").query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    /// Starts capture in-process.
+    pub async fn spawn_capture(&self) -> ServiceHandle {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let ops_addr = listener.local_addr().expect("addr");
+        let token = self.shutdown.child_token();
+        let task = tokio::spawn(herald_capture::run(self.config.clone(), listener, token.clone()));
+        ServiceHandle { ops_addr, token, task }
+    }
+
+    /// Starts broadcast in-process.
+    pub async fn spawn_broadcast(&self) -> ServiceHandle {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let ops_addr = listener.local_addr().expect("addr");
+        let token = self.shutdown.child_token();
+        let task = tokio::spawn(herald_broadcast::run(
+            self.config.clone(),
+            listener,
+            herald_broadcast::consumer_name(),
+            token.clone(),
+        ));
+        ServiceHandle { ops_addr, token, task }
+    }
+
+    /// An L1 cache with its own subscriber (as one app node would have),
+    /// returned once it is live.
+    pub async fn l1(&self) -> L1Holder {
+        let cache = L1Cache::new(&self.config.l1);
+        let mut options = SubscriberOptions::new(&self.config.redis, &self.config.l1, self.keys.l1_channel());
+        let client_name = unique("herald-l1-test-");
+        options.client_name = client_name.clone();
+        let token = self.shutdown.child_token();
+        let task = subscriber::spawn(cache.clone(), options, token.clone());
+        let holder = L1Holder { cache, token, task, client_name };
+        assert_eventually!(10, async { holder.cache.is_live() }, "l1 never became live");
+        holder
+    }
+
+    /// Events in the stream.
+    pub async fn stream_len(&self) -> u64 {
+        self.redis.next().xlen(self.keys.stream()).await.expect("xlen")
+    }
+
+    /// Every event in the stream, decoded.
+    pub async fn stream_events(&self) -> Vec<herald_proto::v1::InvalidationEvent> {
+        use herald_proto::Message as _;
+        let entries: Vec<(String, Vec<(String, bytes::Bytes)>)> =
+            self.redis.next().xrange(self.keys.stream(), "-", "+", None).await.expect("xrange");
+        entries
+            .into_iter()
+            .flat_map(|(_, fields)| fields.into_iter().filter(|(k, _)| k == "e").map(|(_, v)| v))
+            .map(|bytes| herald_proto::v1::InvalidationEvent::decode(bytes.as_ref()).expect("decode"))
+            .collect()
+    }
+
+    /// Stops everything the sandbox started, drops the database and deletes
+    /// every Redis key of its namespace.
+    pub async fn cleanup(self) {
+        self.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.pool.close();
+        let pattern = format!("{}:*", self.keys.prefix());
+        let mut cursor = "0".to_string();
+        loop {
+            let (next, keys): (String, Vec<String>) =
+                self.redis.next().scan_page(cursor.as_str(), pattern.as_str(), Some(1000), None).await.expect("scan");
+            if !keys.is_empty() {
+                let _: i64 = self.redis.next().del(keys).await.expect("del");
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let _ = self.redis.quit().await;
+        let (client, connection) = tokio_postgres::connect(&admin_url(), NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).await.expect("drop db");
+    }
+}
+
+/// An L1 cache and its subscriber.
+pub struct L1Holder {
+    pub cache: L1Cache,
+    /// Name of its Redis subscription connection (`CLIENT LIST`).
+    pub client_name: String,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl L1Holder {
+    /// Puts `value` under `key` with `tags` in `tenant`'s scope; true if stored.
+    pub fn put(&self, tenant: &str, key: &str, value: &str, tags: &[&str]) -> bool {
+        use herald_core::keys::{Scope, TagKey, TenantId};
+        let scope = Scope::Tenant(TenantId::new(tenant).expect("tenant"));
+        let tags = tags.iter().map(|t| TagKey::new(scope.clone(), *t)).collect();
+        let ticket = self.cache.begin_fill();
+        self.cache.insert(ticket, key, bytes::Bytes::from(value.to_string()), tags, None)
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.cache.get(key).is_some()
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// `admin`'s URL pointing at database `name`.
+pub fn database_url_for(admin: &str, name: &str) -> String {
+    let mut config: tokio_postgres::Config = admin.parse().expect("DATABASE_URL");
+    config.dbname(name);
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let password = config.get_password().map(|p| format!(":{}", String::from_utf8_lossy(p))).unwrap_or_default();
+    format!("postgres://{user}{password}@{host}:{port}/{name}")
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}

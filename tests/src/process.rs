@@ -1,0 +1,61 @@
+//! Services as real OS processes, for fault tests that kill them (SIGKILL).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use herald_core::config::Config;
+use tokio::process::{Child, Command};
+
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// Path of workspace binary `name` (e.g. `herald-capture`) next to the test
+/// executable, building it first if it is not there yet.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir").to_path_buf();
+    let path = dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.exists() {
+        let package = name;
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+    }
+    assert!(path.exists(), "{} not found after building", path.display());
+    path
+}
+
+/// A service running as a child process.
+pub struct ChildService {
+    child: Child,
+    config_path: PathBuf,
+}
+
+impl ChildService {
+    /// Starts `binary run` with `config` written to a temporary file.
+    pub fn spawn(binary_name: &str, config: &Config) -> Self {
+        let config_path = std::env::temp_dir().join(format!("{}-{}.toml", config.env, crate::unique("c")));
+        std::fs::write(&config_path, toml::to_string(config).expect("serialize config")).expect("write config");
+        let child = Command::new(binary(binary_name))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("run")
+            .env("HERALD_LOG", std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn service process");
+        Self { child, config_path }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
