@@ -196,15 +196,20 @@ impl Sandbox {
     /// An L1 cache with its own subscriber (as one app node would have),
     /// returned once it is live.
     pub async fn l1(&self) -> L1Holder {
+        let holder = self.l1_unchecked();
+        assert_eventually!(10, async { holder.cache.is_live() }, "l1 never became live");
+        holder
+    }
+
+    /// Like [`Sandbox::l1`], without waiting for it to become live.
+    pub fn l1_unchecked(&self) -> L1Holder {
         let cache = L1Cache::new(&self.config.l1);
         let mut options = SubscriberOptions::new(&self.config.redis, &self.config.l1, self.keys.l1_channel());
         let client_name = unique("herald-l1-test-");
         options.client_name = client_name.clone();
         let token = self.shutdown.child_token();
         let task = subscriber::spawn(cache.clone(), options, token.clone());
-        let holder = L1Holder { cache, token, task, client_name };
-        assert_eventually!(10, async { holder.cache.is_live() }, "l1 never became live");
-        holder
+        L1Holder { cache, token, task, client_name }
     }
 
     /// Events in the stream.
@@ -277,6 +282,20 @@ impl L1Holder {
         self.token.cancel();
         let _ = self.task.await;
     }
+}
+
+/// A minimal HTTP/1.1 GET over a real socket: the whole response, or empty
+/// when the connection fails.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    response
 }
 
 /// `admin`'s URL pointing at database `name`.

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use herald_core::keys::{Scope, TagKey, TenantId};
 use herald_core::l2::L2;
 use herald_proto::v1::Operation;
-use herald_tests::{Sandbox, assert_eventually};
+use herald_tests::{Sandbox, assert_eventually, http_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_drops_the_entry_in_two_independent_l1_subscribers() {
@@ -187,17 +187,4 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
     );
     assert!(http_get(capture.ops_addr, "/metrics").await.contains("herald_capture_events_appended_total 1"));
     sb.cleanup().await;
-}
-
-/// A minimal HTTP/1.1 GET over a real socket.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    response
 }

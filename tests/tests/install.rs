@@ -1,0 +1,61 @@
+//! `install`: idempotent, safe to run from several instances at once,
+//! and a bad configuration fails with a message that names the key.
+
+use herald_core::config::TableConfig;
+use herald_tests::{Sandbox, demo_table};
+use tokio_postgres::NoTls;
+
+async fn connect(sb: &Sandbox) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&sb.config.postgres.url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_is_idempotent_and_concurrent_installs_serialise() {
+    let sb = Sandbox::start().await;
+    let mut installs = Vec::new();
+    for _ in 0..4 {
+        let (config, mut client) = (sb.config.clone(), connect(&sb).await);
+        installs.push(tokio::spawn(async move { herald_capture::install::install(&mut client, &config).await }));
+    }
+    for install in installs {
+        install.await.unwrap().expect("concurrent install");
+    }
+    let triggers = sb
+        .scalar_i64(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'res_users'::regclass AND tgname LIKE 'herald_capture_%'",
+        )
+        .await;
+    assert_eq!(triggers, 4, "insert, update, delete and truncate triggers, once each");
+    assert_eq!(sb.scalar_i64("SELECT value::int8 FROM herald.meta WHERE key = 'schema_version'").await, 1);
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_errors_name_the_key() {
+    let sb = Sandbox::start().await;
+    let mut client = connect(&sb).await;
+    let mut config = sb.config.clone();
+    config.tables = vec![TableConfig { key_columns: vec!["no_such_column".into()], ..demo_table() }];
+    let err = herald_capture::install::install(&mut client, &config).await.unwrap_err().to_string();
+    assert!(err.contains("tables[0] (res_users).key_columns") && err.contains("no_such_column"), "{err}");
+
+    config.tables = vec![TableConfig { name: "ghost".into(), ..demo_table() }];
+    let err = herald_capture::install::install(&mut client, &config).await.unwrap_err().to_string();
+    assert!(err.contains("tables[0] (ghost)") && err.contains("does not exist"), "{err}");
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_removed_from_config_loses_its_triggers() {
+    let sb = Sandbox::start().await;
+    let mut client = connect(&sb).await;
+    let mut config = sb.config.clone();
+    config.tables.clear();
+    let report = herald_capture::install::install(&mut client, &config).await.unwrap();
+    assert_eq!(report.removed_triggers.len(), 4, "{:?}", report.removed_triggers);
+    sb.sql("INSERT INTO res_users (tenant_id) VALUES ('acme')").await;
+    assert_eq!(sb.scalar_i64("SELECT count(*) FROM herald.outbox").await, 0);
+    sb.cleanup().await;
+}
