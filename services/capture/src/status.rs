@@ -62,10 +62,10 @@ pub async fn status(config: &Config) -> Result<Status> {
         }
     }
     let last: Value = redis.next().xrevrange(&stream, "+", "-", Some(1)).await?;
-    if let Some((id, Some(bytes))) = crate::status::first_entry(last) {
-        if let Ok(event) = InvalidationEvent::decode(bytes.as_slice()) {
-            status.last_event = Some((id, event));
-        }
+    if let Some((id, Some(bytes))) = first_entry(last)
+        && let Ok(event) = InvalidationEvent::decode(bytes.as_slice())
+    {
+        status.last_event = Some((id, event));
     }
     let _ = redis.quit().await;
     Ok(status)
