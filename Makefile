@@ -1,0 +1,31 @@
+# Herald — the two commands a newcomer needs are `make dev` and `make test`.
+.PHONY: help dev test lint fmt bench check-deploy build clean-dev
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+dev: ## run capture + broadcast on local Postgres/Redis (throwaway ones unless DATABASE_URL/REDIS_URL are set) and watch invalidations
+	scripts/dev.sh
+
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults)
+	cargo build --workspace --bins
+	cargo nextest run --workspace
+
+lint: ## formatting and clippy, as CI runs them
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+bench: ## the invalidation benchmark (latency commit → L1, writer cost of capture)
+	cargo run --release -p herald-bench -- invalidation
+
+check-deploy: ## static checks of docker-compose.yml and the kustomize manifests
+	scripts/check-deploy.sh
+
+build: ## release binaries
+	cargo build --release -p herald-capture -p herald-broadcast
+
+clean-dev: ## remove the throwaway dev servers' data
+	rm -rf .dev
