@@ -13,6 +13,7 @@ pub mod ops;
 pub mod pg;
 pub mod redis;
 pub mod shutdown;
+pub mod stream;
 pub mod telemetry;
 pub mod time;
 

@@ -96,3 +96,18 @@ async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
 pub async fn serve(listener: TcpListener, state: OpsState, shutdown: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
+
+/// A service's ops server: builds the metrics registry with `register`,
+/// spawns the server on `listener`, and returns the readiness set the service
+/// fills with its conditions, and the server's task.
+pub fn start(
+    listener: TcpListener,
+    register: impl FnOnce(&mut Registry),
+    shutdown: CancellationToken,
+) -> (Readiness, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let mut registry = Registry::default();
+    register(&mut registry);
+    let readiness = Readiness::default();
+    let state = OpsState { registry: Arc::new(registry), readiness: readiness.clone() };
+    (readiness, tokio::spawn(serve(listener, state, shutdown)))
+}

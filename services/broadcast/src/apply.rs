@@ -10,7 +10,7 @@ use herald_proto::Message as _;
 use herald_proto::v1::{InvalidationBatch, InvalidationEvent, L1Message, l1_message};
 
 use crate::metrics::Metrics;
-use crate::stream::Entry;
+use herald_core::stream::Entry;
 
 /// Largest L1 message; bigger batches are split.
 const MAX_L1_MESSAGE: usize = 1 << 20;

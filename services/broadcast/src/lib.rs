@@ -10,7 +10,6 @@
 
 pub mod apply;
 pub mod metrics;
-pub mod stream;
 pub mod watch;
 
 use std::sync::Arc;
@@ -22,18 +21,17 @@ use fred::prelude::*;
 use herald_core::backoff::Backoff;
 use herald_core::config::{Config, ms};
 use herald_core::keys::KeySpace;
-use herald_core::ops::{self, OpsState, Readiness, ReadyFlag};
+use herald_core::ops::{self, ReadyFlag};
 use herald_core::time::now_us;
 use herald_proto::Message as _;
 use herald_proto::v1::{Heartbeat, L1Message, l1_message};
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, core_to_redis};
 use crate::metrics::Metrics;
-use crate::stream::{autoclaim_entries, read_group_entries};
+use herald_core::stream::{autoclaim_entries, read_group_entries};
 
 /// A consumer name unique to this process.
 pub fn consumer_name() -> String {
@@ -50,11 +48,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::default();
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let readiness = Readiness::default();
-    let ops_state = OpsState { registry: Arc::new(registry), readiness: readiness.clone() };
-    let ops_task = tokio::spawn(ops::serve(ops, ops_state, shutdown.clone()));
+    let (readiness, ops_task) = ops::start(ops, |registry| metrics.register(registry), shutdown.clone());
 
     let keys = KeySpace::new(&config.env)?;
     let redis = herald_core::redis::build_pool(&config.redis)?;

@@ -15,15 +15,13 @@ pub mod metrics;
 pub mod schema;
 pub mod status;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use herald_core::backoff::Backoff;
 use herald_core::config::{Config, ms};
 use herald_core::keys::KeySpace;
-use herald_core::ops::{self, OpsState, Readiness};
-use prometheus_client::registry::Registry;
+use herald_core::ops;
 use tokio::net::TcpListener;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -40,11 +38,7 @@ const BUSY_POLL_MAX: Duration = Duration::from_millis(8);
 /// `/metrics` on `ops`. Returns after the batch in flight has committed.
 pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::default();
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let readiness = Readiness::default();
-    let ops_state = OpsState { registry: Arc::new(registry), readiness: readiness.clone() };
-    let ops_task = tokio::spawn(ops::serve(ops, ops_state, shutdown.clone()));
+    let (readiness, ops_task) = ops::start(ops, |registry| metrics.register(registry), shutdown.clone());
 
     let keys = KeySpace::new(&config.env)?;
     let pool = herald_core::pg::pool(&config.postgres)?;

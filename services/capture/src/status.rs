@@ -62,34 +62,14 @@ pub async fn status(config: &Config) -> Result<Status> {
         }
     }
     let last: Value = redis.next().xrevrange(&stream, "+", "-", Some(1)).await?;
-    if let Some((id, Some(bytes))) = first_entry(last)
-        && let Ok(event) = InvalidationEvent::decode(bytes.as_slice())
+    if let Some(entry) = herald_core::stream::range_entries(last).into_iter().next()
+        && let Some(bytes) = entry.payload
+        && let Ok(event) = InvalidationEvent::decode(bytes.as_ref())
     {
-        status.last_event = Some((id, event));
+        status.last_event = Some((entry.id, event));
     }
     let _ = redis.quit().await;
     Ok(status)
-}
-
-/// The first `(id, field e)` of an XRANGE-style reply.
-fn first_entry(value: Value) -> Option<(String, Option<Vec<u8>>)> {
-    let Value::Array(entries) = value else { return None };
-    let Value::Array(mut entry) = entries.into_iter().next()? else { return None };
-    if entry.len() < 2 {
-        return None;
-    }
-    let fields = entry.pop()?;
-    let id = entry.pop()?.as_string()?;
-    let mut bytes = None;
-    if let Value::Array(fields) = fields {
-        let mut it = fields.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            if k.as_str().as_deref() == Some("e") {
-                bytes = v.as_bytes().map(<[u8]>::to_vec);
-            }
-        }
-    }
-    Some((id, bytes))
 }
 
 impl Status {

@@ -1,5 +1,5 @@
-//! Parsing of Redis stream replies (RESP2 shapes), kept apart so it can be
-//! tested without a server.
+//! Parsing of Redis stream replies (RESP2 shapes) into entries carrying the
+//! event bytes (field `e`), kept apart so it can be tested without a server.
 
 use bytes::Bytes;
 use fred::types::Value;
@@ -38,6 +38,11 @@ pub fn autoclaim_entries(reply: Value) -> (String, Vec<Entry>, Vec<String>) {
         _ => Vec::new(),
     };
     (cursor, entries, deleted)
+}
+
+/// Entries of an `XRANGE`/`XREVRANGE` reply.
+pub fn range_entries(reply: Value) -> Vec<Entry> {
+    entries_of(reply)
 }
 
 fn entries_of(value: Value) -> Vec<Entry> {
