@@ -75,9 +75,10 @@ async fn a_long_writer_transaction_that_skipped_the_bell_is_still_captured() {
     assert_eventually!(10, async { metric(&capture, "herald_capture_busy").await == Some(1) }, "never busy");
     long.batch_execute("BEGIN; INSERT INTO res_users (tenant_id, website_slug) VALUES ('acme', 'long')").await.unwrap();
     trickle.await.unwrap();
-    // Capture lingers, then tries to go idle: it must not while our
-    // transaction (which skipped the bell) is in flight.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Capture lingers, lets its lease expire, then tries to go idle: it
+    // must not while our transaction (which skipped the bell) is in flight.
+    // Wait well past the lease so an unguarded capture would be asleep.
+    tokio::time::sleep(Duration::from_millis(3 * herald_capture::schema::LEASE_MS as u64)).await;
     long.batch_execute("COMMIT").await.unwrap();
     assert_eventually!(
         10,

@@ -109,10 +109,10 @@ async fn malformed_outbox_rows_are_dead_lettered_and_the_batch_still_applies() {
     let sb = Sandbox::start().await;
     sb.sql(
         "INSERT INTO res_users (tenant_id, website_slug) VALUES ('acme', 'before');
-         INSERT INTO herald.outbox (table_name, op, tenant, ids, tags) VALUES ('no_such_table', 'U', 'acme', '{1}', '{no_such_table}');
-         INSERT INTO herald.outbox (table_name, op, tenant, ids, tags) VALUES ('res_users', 'X', 'acme', '{1}', '{res_users}');
-         INSERT INTO herald.outbox (table_name, op, tenant, ids, tags) VALUES ('res_users', 'U', 'bad tenant!', '{1}', '{res_users}');
-         INSERT INTO herald.outbox (table_name, op, tenant, ids, tags) VALUES ('res_users', 'U', 'acme', '{1}', '{res_users,other.id=1}');
+         INSERT INTO herald.outbox (table_name, op, rows) VALUES ('no_such_table', 'U', '{acme,1,NULL,a,b}');
+         INSERT INTO herald.outbox (table_name, op, rows) VALUES ('res_users', 'X', '{acme,1,NULL,a,b}');
+         INSERT INTO herald.outbox (table_name, op, rows) VALUES ('res_users', 'U', '{\"bad tenant!\",1,NULL,a,b}');
+         INSERT INTO herald.outbox (table_name, op, rows) VALUES ('res_users', 'U', '{acme,1}');
          INSERT INTO res_users (tenant_id, website_slug) VALUES ('acme', 'after');",
     )
     .await;
@@ -132,7 +132,7 @@ async fn malformed_outbox_rows_are_dead_lettered_and_the_batch_still_applies() {
     assert!(reasons[0].contains("unknown table"), "{reasons:?}");
     assert!(reasons[1].contains("unknown op"), "{reasons:?}");
     assert!(reasons[2].contains("tenant"), "{reasons:?}");
-    assert!(reasons[3].contains("does not belong"), "{reasons:?}");
+    assert!(reasons[3].contains("rows of 5"), "{reasons:?}");
     assert_eventually!(
         5,
         async { http_get_metrics(capture.ops_addr).await.contains("herald_capture_dead_lettered_total 4") },

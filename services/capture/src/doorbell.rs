@@ -1,25 +1,33 @@
 //! The doorbell: a dedicated (unpooled) connection that LISTENs for writers'
-//! NOTIFY while capture is idle, and holds the busy lock while it drains so
-//! that writers skip the NOTIFY (and its commit-time global lock) under load.
+//! NOTIFY while capture is idle, and a lease that tells writers to skip the
+//! NOTIFY (and its commit-time global lock) while capture drains.
 //!
-//! Protocol (see `schema::base_sql` for the writer's side):
-//! * idle → busy: woken by a NOTIFY, capture takes the busy lock (waiting
-//!   at most `BUSY_LOCK_TIMEOUT` for writers that are ringing right now).
-//! * busy: writers cannot take the busy lock shared, so they skip NOTIFY;
-//!   capture keeps draining and polling.
-//! * busy → idle: `herald.try_idle()` succeeds only at an instant when no
-//!   writer is in flight, so no skipped NOTIFY can be lost.
+//! Protocol (the writer's side is `herald.ring()` in `schema::base_sql`):
+//! * busy: capture keeps `herald.doorbell_lease` a little in the future
+//!   (renewed every `LEASE_MS / 3`); writers that read a live lease skip the
+//!   NOTIFY; capture drains and polls continuously.
+//! * busy → idle: capture stops renewing and, once the lease has expired,
+//!   waits until every transaction that existed at that moment has ended
+//!   (snapshot xmin passes the xmax it noted). A writer that read a live
+//!   lease had its transaction id before the expiry, so after the wait its
+//!   rows are committed (or rolled back) and the final drain sees them.
+//!   Every later writer rings. No wake-up is lost.
+//! * idle → busy: on a NOTIFY (or the backstop poll finding rows), capture
+//!   renews the lease.
+//!
+//! A capture that dies stops renewing; within `LEASE_MS` writers ring again.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herald_core::config::PostgresConfig;
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, Notification};
 
 use crate::error::Result;
-use crate::schema::{DOORBELL_CHANNEL, busy_lock_id};
+use crate::schema::{DOORBELL_CHANNEL, LEASE_MS};
 
-const BUSY_LOCK_TIMEOUT: &str = "200ms";
+/// How long one idle attempt waits for in-flight transactions to end.
+const BARRIER_WAIT: Duration = Duration::from_millis(50);
 
 /// Why [`Doorbell::wait`] returned.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,70 +40,93 @@ pub enum Wake {
 
 pub struct Doorbell {
     config: PostgresConfig,
+    /// Lease and barrier queries need no session state: they use the pool,
+    /// so losing the LISTEN connection does not lose the lease protocol.
+    pool: deadpool_postgres::Pool,
     conn: Option<(Client, mpsc::UnboundedReceiver<Notification>)>,
     busy: bool,
+    renewed: Option<Instant>,
 }
 
 impl Doorbell {
-    pub fn new(config: PostgresConfig) -> Self {
-        Self { config, conn: None, busy: false }
+    pub fn new(config: PostgresConfig, pool: deadpool_postgres::Pool) -> Self {
+        Self { config, pool, conn: None, busy: false, renewed: None }
     }
 
     pub fn is_connected(&self) -> bool {
         self.conn.as_ref().is_some_and(|(c, _)| !c.is_closed())
     }
 
-    /// True while this instance holds the busy lock.
+    /// True while this instance holds (or is letting expire) the lease.
     pub fn is_busy(&self) -> bool {
-        self.busy && self.is_connected()
+        self.busy
     }
 
-    /// (Re)connects and LISTENs. A new session holds no lock, so the
-    /// instance starts idle.
+    /// (Re)connects and LISTENs.
     pub async fn connect(&mut self) -> Result<()> {
         self.conn = None;
-        self.busy = false;
         let (client, notifications) = herald_core::pg::connect_dedicated(&self.config).await?;
         client
-            .batch_execute(&format!(
-                "SET application_name = 'herald-capture doorbell'; SET lock_timeout = '{BUSY_LOCK_TIMEOUT}'; LISTEN {DOORBELL_CHANNEL}"
-            ))
+            .batch_execute(&format!("SET application_name = 'herald-capture doorbell'; LISTEN {DOORBELL_CHANNEL}"))
             .await?;
         self.conn = Some((client, notifications));
         Ok(())
     }
 
-    /// Takes the busy lock. `wait` waits (briefly) for ringing writers to
-    /// commit; otherwise only tries. Returns whether this instance is busy.
-    pub async fn become_busy(&mut self, wait: bool) -> Result<bool> {
-        if self.busy {
-            return Ok(true);
+    /// Takes or extends the lease, at most every `LEASE_MS / 3`.
+    pub async fn renew(&mut self) -> Result<()> {
+        let due = self.renewed.is_none_or(|t| t.elapsed() >= Duration::from_millis(LEASE_MS as u64 / 3));
+        if self.busy && !due {
+            return Ok(());
         }
-        let Some((client, _)) = &self.conn else { return Ok(false) };
-        let got = if wait {
-            match client.execute("SELECT pg_advisory_lock($1)", &[&busy_lock_id()]).await {
-                Ok(_) => true,
-                // lock_timeout: ringing writers or another busy capture.
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => false,
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            client.query_one("SELECT pg_try_advisory_lock($1)", &[&busy_lock_id()]).await?.get(0)
-        };
-        self.busy = got;
-        Ok(got)
+        self.pool
+            .get()
+            .await?
+            .execute(
+                "SELECT setval('herald.doorbell_lease', (extract(epoch FROM clock_timestamp()) * 1000)::int8 + $1)",
+                &[&LEASE_MS],
+            )
+            .await?;
+        self.busy = true;
+        self.renewed = Some(Instant::now());
+        Ok(())
     }
 
-    /// Tries to hand the doorbell back to writers. Returns true when this
-    /// instance is idle afterwards.
+    /// Tries to hand the doorbell back to writers (stop renewing first).
+    /// Returns true when no writer can have skipped the bell unseen: the
+    /// caller then drains once more and may sleep on the bell.
     pub async fn try_idle(&mut self) -> Result<bool> {
         if !self.busy {
             return Ok(true);
         }
-        let Some((client, _)) = &self.conn else { return Ok(true) };
-        let idle: bool = client.query_one("SELECT herald.try_idle()", &[]).await?.get(0);
-        self.busy = !idle;
-        Ok(idle)
+        let client = self.pool.get().await?;
+        let expired: bool = client
+            .query_one(
+                "SELECT (SELECT last_value FROM herald.doorbell_lease) < (extract(epoch FROM clock_timestamp()) * 1000)::int8",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !expired {
+            return Ok(false);
+        }
+        // A later statement, so its snapshot is taken after the expiry.
+        let xmax: i64 =
+            client.query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8", &[]).await?.get(0);
+        let deadline = Instant::now() + BARRIER_WAIT;
+        loop {
+            let xmin: i64 =
+                client.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8", &[]).await?.get(0);
+            if xmin >= xmax {
+                self.busy = false;
+                self.renewed = None;
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Waits for a NOTIFY (or `timeout`). Swallows every queued notification,
@@ -112,7 +143,6 @@ impl Doorbell {
         }
         if wake == Wake::Lost {
             self.conn = None;
-            self.busy = false;
         }
         wake
     }

@@ -6,14 +6,14 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use fred::prelude::*;
-use herald_core::config::Config;
-use herald_core::keys::TenantId;
+use herald_core::config::{Config, TableConfig};
 use herald_core::time::now_us;
 use herald_proto::Message as _;
-use herald_proto::v1::{InvalidationEvent, Operation};
+use herald_proto::v1::InvalidationEvent;
 use tracing::Instrument;
 
 use crate::error::Result;
+use crate::events::{OutboxRow, events_of};
 use crate::metrics::Metrics;
 
 /// What one batch did.
@@ -26,19 +26,14 @@ pub struct Drained {
     pub full: bool,
 }
 
-/// Per-table facts capture needs to validate rows.
-#[derive(Debug, Clone)]
-struct TableInfo {
-    has_tenant: bool,
-}
-
 /// Drains outbox rows into the stream.
 #[derive(Clone)]
 pub struct Drainer {
     pool: deadpool_postgres::Pool,
     redis: Pool,
     stream: String,
-    tables: HashMap<String, TableInfo>,
+    tables: HashMap<String, TableConfig>,
+    chunk_rows: usize,
     batch_size: i64,
     max_event_bytes: usize,
     stream_max_len: u64,
@@ -46,29 +41,26 @@ pub struct Drainer {
 }
 
 const SELECT_BATCH: &str = "\
-    SELECT id, table_name, op, tenant, ids, tags, teams, txid::text, \
+    SELECT id, table_name, op, rows, txid::text, \
            (extract(epoch FROM changed_at) * 1000000)::int8, traceparent, \
            (pg_current_wal_insert_lsn() - '0/0')::int8, current_database()::text \
     FROM herald.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 const DEAD_LETTER: &str = "\
-    INSERT INTO herald.dead_letter (id, table_name, op, tenant, ids, tags, teams, txid, changed_at, traceparent, reason) \
-    SELECT o.id, o.table_name, o.op, o.tenant, o.ids, o.tags, o.teams, o.txid, o.changed_at, o.traceparent, r.reason \
+    INSERT INTO herald.dead_letter (id, table_name, op, rows, txid, changed_at, traceparent, reason) \
+    SELECT o.id, o.table_name, o.op, o.rows, o.txid, o.changed_at, o.traceparent, r.reason \
     FROM herald.outbox o JOIN unnest($1::int8[], $2::text[]) AS r(id, reason) ON r.id = o.id \
     ON CONFLICT (id) DO NOTHING";
 
 impl Drainer {
     pub fn new(config: &Config, pool: deadpool_postgres::Pool, redis: Pool, stream: String, metrics: Metrics) -> Self {
-        let tables = config
-            .tables
-            .iter()
-            .map(|t| (t.name.clone(), TableInfo { has_tenant: t.tenant_column.is_some() }))
-            .collect();
+        let tables = config.tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
         Self {
             pool,
             redis,
             stream,
             tables,
+            chunk_rows: usize::try_from(config.capture.chunk_rows).unwrap_or(500),
             batch_size: config.capture.batch_size,
             max_event_bytes: config.capture.max_event_bytes,
             stream_max_len: config.capture.stream_max_len,
@@ -104,8 +96,8 @@ impl Drainer {
         for row in &rows {
             let id: i64 = row.get(0);
             done.push(id);
-            match self.event_from_row(row, captured) {
-                Ok(event) => events.push(event),
+            match self.events_from_row(row, captured) {
+                Ok(row_events) => events.extend(row_events),
                 Err(reason) => {
                     tracing::warn!(outbox_id = id, %reason, "malformed outbox row moved to herald.dead_letter");
                     dead_ids.push(id);
@@ -169,82 +161,42 @@ impl Drainer {
         widened.encode_to_vec().into()
     }
 
-    /// Builds the event of one outbox row, or the reason it is malformed.
-    fn event_from_row(
+    /// Builds the events of one outbox row, or the reason it is malformed.
+    fn events_from_row(
         &self,
         row: &tokio_postgres::Row,
         captured: i64,
-    ) -> std::result::Result<InvalidationEvent, String> {
+    ) -> std::result::Result<Vec<InvalidationEvent>, String> {
         let id: i64 = row.get(0);
         let table: String = row.try_get(1).map_err(|e| format!("table_name: {e}"))?;
         let op: String = row.try_get(2).map_err(|e| format!("op: {e}"))?;
-        let tenant: Option<String> = row.try_get(3).map_err(|e| format!("tenant: {e}"))?;
-        let text_array = |idx: usize, what: &str| -> std::result::Result<Vec<String>, String> {
-            let values: Vec<Option<String>> = row.try_get(idx).map_err(|e| format!("{what}: {e}"))?;
-            values.into_iter().map(|v| v.ok_or_else(|| format!("{what}: contains NULL"))).collect()
-        };
-        let ids = text_array(4, "ids")?;
-        let tags = text_array(5, "tags")?;
-        let teams = text_array(6, "teams")?;
-        let txid: String = row.get(7);
-        let commit_time_us: i64 = row.get(8);
-        let traceparent: Option<String> = row.get(9);
-        let lsn: i64 = row.get(10);
-        let database: String = row.get(11);
-
-        let info = self.tables.get(&table).ok_or_else(|| format!("unknown table {table:?}"))?;
-        let operation = match op.as_str() {
-            "I" => Operation::Insert,
-            "U" => Operation::Update,
-            "D" => Operation::Delete,
-            "T" => Operation::Truncate,
-            other => return Err(format!("unknown op {other:?}")),
-        };
-        let mut all_tenants = false;
-        let tenant = match (tenant, info.has_tenant) {
-            (Some(t), true) if t == "*" && operation == Operation::Truncate => {
-                all_tenants = true;
-                String::new()
+        let rows: Vec<Option<String>> = row.try_get(3).map_err(|e| format!("rows: {e}"))?;
+        let txid: String = row.get(4);
+        let commit_time_us: i64 = row.get(5);
+        let traceparent: Option<String> = row.get(6);
+        let lsn: i64 = row.get(7);
+        let database: String = row.get(8);
+        let config = self.tables.get(&table).ok_or_else(|| format!("unknown table {table:?}"))?;
+        let mut traceparent = traceparent.unwrap_or_default();
+        if !traceparent.is_empty() {
+            let span = tracing::info_span!("capture.event", outbox_id = id, table = %table);
+            herald_core::telemetry::set_parent(&span, &traceparent);
+            let continued = herald_core::telemetry::traceparent(&span);
+            if !continued.is_empty() {
+                traceparent = continued;
             }
-            (Some(t), true) => TenantId::new(&t).map_err(|e| e.to_string())?.to_string(),
-            (None, true) => return Err("tenant is NULL for a table with a tenant column".into()),
-            (Some(_), false) => return Err("tenant set for a table without a tenant column".into()),
-            (None, false) => String::new(),
-        };
-        if operation != Operation::Truncate && ids.is_empty() {
-            return Err("no ids".into());
         }
-        if !tags.iter().any(|t| t == &table) {
-            return Err("tags lack the table-wide tag".into());
-        }
-        if let Some(bad) = tags.iter().find(|t| *t != &table && !t.starts_with(&format!("{table}."))) {
-            return Err(format!("tag {bad:?} does not belong to table {table:?}"));
-        }
-
-        let mut event = InvalidationEvent {
-            event_id: format!("{database}:{id}"),
-            tenant,
-            table,
-            operation: operation as i32,
-            ids,
-            tags,
-            teams,
+        let outbox_row = OutboxRow {
+            id,
+            database: &database,
+            op: &op,
+            rows: &rows,
             txid: txid.parse().unwrap_or_default(),
             commit_lsn: u64::try_from(lsn).unwrap_or_default(),
             commit_time_us,
             captured_time_us: captured,
-            traceparent: traceparent.unwrap_or_default(),
-            widened: false,
-            all_tenants,
+            traceparent: &traceparent,
         };
-        if !event.traceparent.is_empty() {
-            let span = tracing::info_span!("capture.event", event_id = %event.event_id, table = %event.table);
-            herald_core::telemetry::set_parent(&span, &event.traceparent);
-            let continued = herald_core::telemetry::traceparent(&span);
-            if !continued.is_empty() {
-                event.traceparent = continued;
-            }
-        }
-        Ok(event)
+        events_of(config, &outbox_row, self.chunk_rows)
     }
 }

@@ -10,6 +10,7 @@
 pub mod doorbell;
 pub mod drain;
 pub mod error;
+pub mod events;
 pub mod install;
 pub mod metrics;
 pub mod schema;
@@ -50,7 +51,7 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     let pg_ready = readiness.flag("postgres");
     let redis_ready = readiness.flag("redis");
     let bell_ready = readiness.flag("doorbell");
-    let mut bell = Doorbell::new(config.postgres.clone());
+    let mut bell = Doorbell::new(config.postgres.clone(), pool.clone());
     let mut backoff = Backoff::reconnect();
     let mut group_ready = false;
     let mut last_rows = Instant::now();
@@ -62,7 +63,6 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
 
     while !shutdown.is_cancelled() {
         if !bell.is_connected() {
-            metrics.busy.set(0);
             match bell.connect().await {
                 Ok(()) => bell_ready.set(true),
                 Err(error) => {
@@ -111,18 +111,17 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
                 if drained.rows > 0 {
                     last_rows = Instant::now();
                     busy_poll = Duration::from_millis(1);
-                    if !bell.is_busy() && bell.is_connected() {
-                        match bell.become_busy(false).await {
-                            Ok(busy) => {
-                                metrics.busy.set(i64::from(busy));
-                            }
-                            Err(error) => tracing::debug!(%error, "doorbell busy lock failed"),
-                        }
+                    if let Err(error) = bell.renew().await {
+                        tracing::debug!(%error, "doorbell lease renewal failed");
                     }
+                    metrics.busy.set(i64::from(bell.is_busy()));
                     continue;
                 }
                 if bell.is_busy() {
                     if last_rows.elapsed() < linger {
+                        if let Err(error) = bell.renew().await {
+                            tracing::debug!(%error, "doorbell lease renewal failed");
+                        }
                         pause(&shutdown, busy_poll).await;
                         busy_poll = (busy_poll * 2).min(BUSY_POLL_MAX);
                         continue;
@@ -132,9 +131,12 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
                         Ok(true) => {
                             metrics.busy.set(0);
                         }
-                        // A writer is in flight: keep polling.
+                        // The lease has not expired, or a writer is in flight: keep polling.
                         Ok(false) => pause(&shutdown, busy_poll).await,
-                        Err(error) => tracing::debug!(%error, "doorbell idle transition failed"),
+                        Err(error) => {
+                            tracing::debug!(%error, "doorbell idle transition failed");
+                            pause(&shutdown, busy_poll).await;
+                        }
                     }
                     continue;
                 }
@@ -146,12 +148,10 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
                 match wake {
                     Wake::Rung => {
                         metrics.doorbells.inc();
-                        match bell.become_busy(true).await {
-                            Ok(busy) => {
-                                metrics.busy.set(i64::from(busy));
-                            }
-                            Err(error) => tracing::debug!(%error, "doorbell busy lock failed"),
+                        if let Err(error) = bell.renew().await {
+                            tracing::debug!(%error, "doorbell lease renewal failed");
                         }
+                        metrics.busy.set(i64::from(bell.is_busy()));
                     }
                     Wake::Timeout => {}
                     Wake::Lost => {

@@ -14,23 +14,18 @@ use herald_core::hash::advisory_lock_id;
 pub const SCHEMA_VERSION: i32 = 1;
 /// The doorbell channel writers `NOTIFY` while capture is idle.
 pub const DOORBELL_CHANNEL: &str = "herald_doorbell";
-
-/// Held (session-level, exclusive) by a capture that is draining: writers
-/// that cannot take it shared skip the NOTIFY.
-pub fn busy_lock_id() -> i64 {
-    advisory_lock_id("herald:doorbell:busy")
-}
-
-/// Held shared by every writer until commit; capture takes it exclusive for
-/// an instant before going idle, which proves no writer that skipped the
-/// NOTIFY is still in flight.
-pub fn barrier_lock_id() -> i64 {
-    advisory_lock_id("herald:doorbell:barrier")
-}
+/// How long one renewal of the doorbell lease keeps writers from ringing.
+pub const LEASE_MS: i64 = 500;
 
 /// Serialises concurrent installs.
 pub fn install_lock_id() -> i64 {
     advisory_lock_id("herald:install")
+}
+
+/// Values per row image in `herald.outbox.rows`: tenant, id, team, then one
+/// per key column.
+pub fn image_width(table: &TableConfig) -> usize {
+    3 + table.key_columns.len()
 }
 
 /// Quotes an identifier (already validated by config).
@@ -45,8 +40,6 @@ fn lit(s: &str) -> String {
 
 /// The tables and functions every installation has.
 pub fn base_sql() -> String {
-    let busy = busy_lock_id();
-    let barrier = barrier_lock_id();
     format!(
         r#"
 CREATE SCHEMA IF NOT EXISTS herald;
@@ -56,16 +49,17 @@ CREATE TABLE IF NOT EXISTS herald.meta (
     value text NOT NULL
 );
 
--- One row per statement, table, tenant and chunk, written in the writer's
--- transaction. Capture drains it into the Redis stream and deletes the rows.
+-- One row per statement, table and chunk of rows, written in the writer's
+-- transaction. `rows` holds the row images flattened: for each row tenant,
+-- id, team, then the key columns, as text. Capture turns them into events
+-- (tags, tenants, chunks), appends them to the Redis stream and deletes the
+-- rows. The identity caches values per backend so writers do not contend on
+-- the sequence.
 CREATE TABLE IF NOT EXISTS herald.outbox (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint GENERATED ALWAYS AS IDENTITY (CACHE 100) PRIMARY KEY,
     table_name  text        NOT NULL,
     op          text        NOT NULL,
-    tenant      text,
-    ids         text[]      NOT NULL DEFAULT '{{}}',
-    tags        text[]      NOT NULL DEFAULT '{{}}',
-    teams       text[]      NOT NULL DEFAULT '{{}}',
+    rows        text[]      NOT NULL DEFAULT '{{}}',
     txid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
     changed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     traceparent text
@@ -77,10 +71,7 @@ CREATE TABLE IF NOT EXISTS herald.dead_letter (
     id          bigint PRIMARY KEY,
     table_name  text,
     op          text,
-    tenant      text,
-    ids         text[],
-    tags        text[],
-    teams       text[],
+    rows        text[],
     txid        xid8,
     changed_at  timestamptz,
     traceparent text,
@@ -88,32 +79,19 @@ CREATE TABLE IF NOT EXISTS herald.dead_letter (
     failed_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- The doorbell. Every writer holds the barrier lock shared until commit; it
--- notifies only when no capture is busy (the busy lock is free), so under
--- load writers never pay NOTIFY's commit-time lock.
+-- The doorbell lease: epoch milliseconds until which a capture is busy
+-- draining. A sequence, because reading and setting it is immediate and
+-- outside every transaction, and reading it costs a writer almost nothing.
+CREATE SEQUENCE IF NOT EXISTS herald.doorbell_lease;
+
+-- Writers ring (NOTIFY, which takes a database-wide lock at commit) only
+-- while no capture holds the lease, so under load they never pay for it.
 CREATE OR REPLACE FUNCTION herald.ring() RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared({barrier});
-    IF pg_try_advisory_xact_lock_shared({busy}) THEN
+    IF (SELECT last_value FROM herald.doorbell_lease) < (extract(epoch FROM clock_timestamp()) * 1000)::int8 THEN
         PERFORM pg_notify('{DOORBELL_CHANNEL}', '');
     END IF;
-END
-$fn$;
-
--- Called by a busy capture (holding the busy lock) that found the outbox
--- empty. Succeeds only when no writer is in flight: then every writer that
--- skipped the doorbell has committed (or aborted), and every later writer
--- will ring. Releases the busy lock on success.
-CREATE OR REPLACE FUNCTION herald.try_idle() RETURNS boolean
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF NOT pg_try_advisory_lock({barrier}) THEN
-        RETURN false;
-    END IF;
-    PERFORM pg_advisory_unlock({busy});
-    PERFORM pg_advisory_unlock({barrier});
-    RETURN true;
 END
 $fn$;
 "#
@@ -126,29 +104,46 @@ pub fn table_sql(table: &TableConfig, capture: &CaptureConfig) -> String {
     let target = format!("{}.{}", q(&table.schema), q(table.pg_table()));
     let fn_base = format!("capture_{name}");
     let mut sql = String::new();
-    for (op, suffix, event, body) in [
+    for (op, suffix, event, images) in [
         ("I", "ins", "INSERT", images_of("n", "new_rows", table)),
         ("D", "del", "DELETE", images_of("o", "old_rows", table)),
         ("U", "upd", "UPDATE", update_images(table)),
     ] {
         let function = format!("herald.{}", q(&format!("{fn_base}_{suffix}")));
-        let insert = outbox_insert(table, op, &body, capture.chunk_rows);
         let referencing = match event {
             "INSERT" => "REFERENCING NEW TABLE AS new_rows",
             "DELETE" => "REFERENCING OLD TABLE AS old_rows",
             _ => "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
         };
         let trigger = q(&format!("herald_capture_{suffix}"));
+        let image = (0..table.key_columns.len())
+            .fold("r.tenant, r.id, r.team".to_string(), |acc, i| acc + &format!(", r.k{i}"));
         sql.push_str(&format!(
             r#"
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    emitted bigint;
+    r record;
+    images text[] := '{{}}';
+    n int := 0;
+    emitted boolean := false;
+    trace text := nullif(current_setting('herald.traceparent', true), '');
 BEGIN
-{insert}
-    GET DIAGNOSTICS emitted = ROW_COUNT;
-    IF emitted > 0 THEN
+    FOR r IN {images} LOOP
+        images := images || ARRAY[{image}];
+        n := n + 1;
+        IF n >= {chunk} THEN
+            INSERT INTO herald.outbox (table_name, op, rows, traceparent) VALUES ({name_lit}, '{op}', images, trace);
+            emitted := true;
+            images := '{{}}';
+            n := 0;
+        END IF;
+    END LOOP;
+    IF n > 0 THEN
+        INSERT INTO herald.outbox (table_name, op, rows, traceparent) VALUES ({name_lit}, '{op}', images, trace);
+        emitted := true;
+    END IF;
+    IF emitted THEN
         PERFORM herald.ring();
     END IF;
     RETURN NULL;
@@ -158,19 +153,19 @@ DROP TRIGGER IF EXISTS {trigger} ON {target};
 CREATE TRIGGER {trigger} AFTER {event} ON {target}
     {referencing}
     FOR EACH STATEMENT EXECUTE FUNCTION {function}();
-"#
+"#,
+            name_lit = lit(name),
+            chunk = capture.chunk_rows,
         ));
     }
-    let all_tenants = table.tenant_column.is_some();
     let function = format!("herald.{}", q(&format!("{fn_base}_trunc")));
     sql.push_str(&format!(
         r#"
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    INSERT INTO herald.outbox (table_name, op, tenant, tags, traceparent)
-    VALUES ({name_lit}, 'T', {tenant}, ARRAY[{name_lit}],
-            nullif(current_setting('herald.traceparent', true), ''));
+    INSERT INTO herald.outbox (table_name, op, traceparent)
+    VALUES ({name_lit}, 'T', nullif(current_setting('herald.traceparent', true), ''));
     PERFORM herald.ring();
     RETURN NULL;
 END
@@ -180,8 +175,6 @@ CREATE TRIGGER "herald_capture_trunc" AFTER TRUNCATE ON {target}
     FOR EACH STATEMENT EXECUTE FUNCTION {function}();
 "#,
         name_lit = lit(name),
-        // NULL tenant with op T on a tenant table means "every tenant".
-        tenant = if all_tenants { "'*'" } else { "NULL" },
     ));
     sql
 }
@@ -243,31 +236,6 @@ fn update_images(table: &TableConfig) -> String {
     )
 }
 
-/// The `INSERT INTO herald.outbox … SELECT` that aggregates the images.
-fn outbox_insert(table: &TableConfig, op: &str, images: &str, chunk_rows: i64) -> String {
-    let name = &table.name;
-    let mut tags = vec![format!("ARRAY[{}]", lit(name))];
-    tags.push(format!("array_agg(DISTINCT {} || id)", lit(&format!("{name}.{}=", table.id_column))));
-    for (i, k) in table.key_columns.iter().enumerate() {
-        tags.push(format!(
-            "coalesce(array_agg(DISTINCT {} || k{i}) FILTER (WHERE k{i} IS NOT NULL), '{{}}')",
-            lit(&format!("{name}.{k}="))
-        ));
-    }
-    format!(
-        "    INSERT INTO herald.outbox (table_name, op, tenant, ids, tags, teams, traceparent)
-    SELECT {name_lit}, '{op}', tenant, array_agg(DISTINCT id),
-           {tags},
-           coalesce(array_agg(DISTINCT team) FILTER (WHERE team IS NOT NULL), '{{}}'),
-           nullif(current_setting('herald.traceparent', true), '')
-    FROM (SELECT img.*, (dense_rank() OVER (PARTITION BY tenant ORDER BY id) - 1) / {chunk_rows} AS chunk
-          FROM ({images}) img) chunked
-    GROUP BY tenant, chunk;",
-        name_lit = lit(name),
-        tags = tags.join("\n           || "),
-    )
-}
-
 /// Everything `install` applies, in order (for `install --print`).
 pub fn full_sql(tables: &[TableConfig], capture: &CaptureConfig) -> String {
     let mut sql = base_sql();
@@ -311,8 +279,8 @@ mod tests {
     fn generated_sql_names_what_it_should() {
         let sql = full_sql(&[users()], &CaptureConfig::default());
         assert!(sql.contains("REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
-        assert!(sql.contains("'res_users.website_slug=' || k0"));
-        assert!(sql.contains("/ 500 AS chunk"));
+        assert!(sql.contains("images := images || ARRAY[r.tenant, r.id, r.team, r.k0, r.k1]"));
+        assert!(sql.contains("IF n >= 500 THEN"));
         assert!(!sql.contains("EXECUTE format"), "trigger functions must use static SQL");
     }
 
