@@ -1,0 +1,35 @@
+//! Herald's benchmark programs: each subcommand runs one benchmark against
+//! real Postgres and Redis, prints a table, then a single JSON line last.
+
+mod invalidation;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "herald-bench", about = "Herald benchmarks (DATABASE_URL and REDIS_URL select the servers)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Commit → L1 invalidation latency, and what capture costs writers.
+    Invalidation(invalidation::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Logs go to stderr so that stdout ends with the JSON line.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Invalidation(args) => invalidation::run(args).await,
+        }
+    })
+}
