@@ -102,6 +102,7 @@ pub struct Sandbox {
     pub redis: Pool,
     pub keys: KeySpace,
     shutdown: CancellationToken,
+    cleaned: bool,
 }
 
 /// Short random hex, for names.
@@ -144,7 +145,7 @@ impl Sandbox {
         pool.get().await.expect("connect to test db").batch_execute(DEMO_TABLE).await.expect("demo table");
         let redis = herald_core::redis::connect_pool(&config.redis).await.expect("connect to redis");
         let keys = KeySpace::new(&config.env).expect("keyspace");
-        let sandbox = Self { config, db_name, pool, redis, keys, shutdown: CancellationToken::new() };
+        let sandbox = Self { config, db_name, pool, redis, keys, shutdown: CancellationToken::new(), cleaned: false };
         sandbox.install().await;
         sandbox
     }
@@ -230,28 +231,61 @@ impl Sandbox {
     }
 
     /// Stops everything the sandbox started, drops the database and deletes
-    /// every Redis key of its namespace.
-    pub async fn cleanup(self) {
+    /// every Redis key of its namespace. A sandbox dropped without this (a
+    /// failed test) does the same from its `Drop`.
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
         self.shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.pool.close();
-        let pattern = format!("{}:*", self.keys.prefix());
-        let mut cursor = "0".to_string();
-        loop {
-            let (next, keys): (String, Vec<String>) =
-                self.redis.next().scan_page(cursor.as_str(), pattern.as_str(), Some(1000), None).await.expect("scan");
-            if !keys.is_empty() {
-                let _: i64 = self.redis.next().del(keys).await.expect("del");
-            }
-            if next == "0" {
-                break;
-            }
-            cursor = next;
-        }
+        remove_everything(&self.redis, self.keys.prefix(), &self.db_name).await;
         let _ = self.redis.quit().await;
-        let (client, connection) = tokio_postgres::connect(&admin_url(), NoTls).await.expect("connect");
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.shutdown.cancel();
+        self.pool.close();
+        let (redis_config, prefix, db_name) =
+            (self.config.redis.clone(), self.keys.prefix().to_string(), self.db_name.clone());
+        // A fresh runtime on its own thread: Drop may run inside (or outside)
+        // the test's runtime, where blocking on it is not allowed.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                if let Ok(redis) = herald_core::redis::connect_pool(&redis_config).await {
+                    remove_everything(&redis, &prefix, &db_name).await;
+                    let _ = redis.quit().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Deletes every key under `prefix` and drops database `db_name`.
+async fn remove_everything(redis: &Pool, prefix: &str, db_name: &str) {
+    let pattern = format!("{prefix}:*");
+    let mut cursor = "0".to_string();
+    loop {
+        let page: Result<(String, Vec<String>), _> =
+            redis.next().scan_page(cursor.as_str(), pattern.as_str(), Some(1000), None).await;
+        let Ok((next, keys)) = page else { break };
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis.next().del(keys).await;
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
         tokio::spawn(connection);
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)).await.expect("drop db");
+        let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).await;
     }
 }
 
