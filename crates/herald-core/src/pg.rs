@@ -1,5 +1,5 @@
 //! Postgres connection set-up: a pool for ordinary work, and dedicated
-//! connections (LISTEN, session advisory locks) that are never pooled.
+//! connections (LISTEN) that are never pooled.
 
 use std::time::Duration;
 

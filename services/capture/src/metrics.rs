@@ -51,7 +51,7 @@ impl Metrics {
         r.register("batches", "drain transactions committed", self.batches.clone());
         r.register("errors", "drain attempts that failed and were retried", self.errors.clone());
         r.register("doorbells", "doorbell notifications received", self.doorbells.clone());
-        r.register("busy", "1 while this instance holds the busy lock (writers skip NOTIFY)", self.busy.clone());
+        r.register("busy", "1 while this instance holds the doorbell lease (writers skip NOTIFY)", self.busy.clone());
         r.register("outbox_depth", "rows waiting in herald.outbox (sampled, capped at 1e6)", self.outbox_depth.clone());
         r.register(
             "oldest_pending_seconds",
