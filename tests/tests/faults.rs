@@ -271,3 +271,43 @@ async fn pending(sb: &Sandbox) -> i64 {
 async fn http_get_metrics(addr: std::net::SocketAddr) -> String {
     herald_tests::http_get(addr, "/metrics").await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_reconnects_after_its_postgres_connections_are_terminated() {
+    let sb = Sandbox::start_with(|c| c.capture.poll_interval_ms = 120_000).await;
+    let capture = sb.spawn_capture().await;
+    let _broadcast = sb.spawn_broadcast().await;
+    let l1 = sb.l1().await;
+    sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
+    assert_eventually!(10, async { l1.cache.applied().events >= 1 }, "first insert not applied");
+
+    // Every other session on the sandbox database: capture's pool and its
+    // LISTEN connection (our own pool reconnects by itself).
+    let admin = {
+        let (client, connection) =
+            tokio_postgres::connect(&herald_tests::admin_url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&sb.db_name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 2, "capture's pool and doorbell connections were terminated ({killed})");
+
+    // The doorbell must come back: the backstop poll is two minutes away, so
+    // only a re-established LISTEN can deliver the next change in time.
+    assert!(l1.put("acme", "user:1", "v", &["res_users.id=1"]));
+    assert_eventually!(
+        15,
+        async { herald_tests::http_get(capture.ops_addr, "/readyz").await.starts_with("HTTP/1.1 200") },
+        "capture never became ready again"
+    );
+    sb.sql("UPDATE res_users SET name = 'after' WHERE id = 1").await;
+    assert_eventually!(15, async { !l1.has("user:1") }, "no invalidation after postgres connections were terminated");
+    sb.cleanup().await;
+}
