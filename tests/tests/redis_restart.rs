@@ -1,0 +1,71 @@
+//! A Redis server restart (the test's own server, on its own port, with no
+//! persistence): writes made while it is down wait in the outbox, L1 holders
+//! flush and resubscribe, the stream and consumer group are recreated, and
+//! the system is coherent afterwards.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald_tests::{Sandbox, assert_eventually};
+use tokio::process::{Child, Command};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server on PATH")
+}
+
+async fn redis_answers(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_no_invalidation() {
+    let port = free_port();
+    let mut redis = start_redis(port);
+    assert_eventually!(10, async { redis_answers(port).await }, "redis did not start");
+    let sb = Sandbox::start_with(|c| {
+        c.redis.url = format!("redis://127.0.0.1:{port}");
+        c.redis.command_timeout_ms = 1_000;
+    })
+    .await;
+    let _capture = sb.spawn_capture().await;
+    let _broadcast = sb.spawn_broadcast().await;
+    let l1 = sb.l1().await;
+    sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
+    assert_eventually!(10, async { l1.cache.applied().events >= 1 }, "insert not applied");
+    assert!(l1.put("acme", "user:1", "old", &["res_users.id=1"]));
+
+    redis.kill().await.unwrap();
+    // Written while Redis is down: it must wait in the outbox, not vanish.
+    sb.sql("UPDATE res_users SET name = 'changed while redis was down' WHERE id = 1").await;
+    assert_eventually!(10, async { !l1.cache.is_live() }, "L1 kept serving without its subscription");
+    assert!(!l1.has("user:1"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sb.scalar_i64("SELECT count(*) FROM herald.outbox").await, 1, "the change waits in the outbox");
+
+    // Same port, empty server: stream and group are gone.
+    let _redis = start_redis(port);
+    assert_eventually!(10, async { redis_answers(port).await }, "redis did not restart");
+    assert_eventually!(
+        20,
+        async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 },
+        "capture did not append after the restart"
+    );
+    assert_eventually!(20, async { l1.cache.is_live() }, "L1 did not resubscribe");
+    // The change made during the outage reaches L1 (at-least-once).
+    assert_eventually!(20, async { l1.cache.applied().events >= 2 }, "the outage's change was never applied");
+
+    // Coherent afterwards.
+    assert!(l1.put("acme", "user:1", "v2", &["res_users.id=1"]));
+    sb.sql("UPDATE res_users SET name = 'after' WHERE id = 1").await;
+    assert_eventually!(10, async { !l1.has("user:1") }, "not coherent after the restart");
+    sb.cleanup().await;
+}
