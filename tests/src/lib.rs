@@ -221,11 +221,10 @@ impl Sandbox {
     /// Every event in the stream, decoded.
     pub async fn stream_events(&self) -> Vec<herald_proto::v1::InvalidationEvent> {
         use herald_proto::Message as _;
-        let entries: Vec<(String, Vec<(String, bytes::Bytes)>)> =
-            self.redis.next().xrange(self.keys.stream(), "-", "+", None).await.expect("xrange");
-        entries
+        let reply: Value = self.redis.next().xrange(self.keys.stream(), "-", "+", None).await.expect("xrange");
+        herald_core::stream::range_entries(reply)
             .into_iter()
-            .flat_map(|(_, fields)| fields.into_iter().filter(|(k, _)| k == "e").map(|(_, v)| v))
+            .filter_map(|entry| entry.payload)
             .map(|bytes| herald_proto::v1::InvalidationEvent::decode(bytes.as_ref()).expect("decode"))
             .collect()
     }

@@ -223,11 +223,6 @@ impl Config {
         Self::load(&text, &std::env::vars().collect())
     }
 
-    /// The table configured under `name`.
-    pub fn table(&self, name: &str) -> Option<&TableConfig> {
-        self.tables.iter().find(|t| t.name == name)
-    }
-
     fn validate(&self) -> Result<()> {
         validate_env(&self.env).map_err(|e| Error::Config(format!("env: {e}")))?;
         let positive = [

@@ -9,12 +9,8 @@ pub enum Error {
     InvalidArgument { what: &'static str, reason: String },
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("postgres pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
-    #[error("malformed message: {0}")]
-    Decode(#[from] prost::DecodeError),
 }
 
 /// `Result` with herald-core's [`Error`].

@@ -66,10 +66,6 @@ impl L2 {
         Self { redis, keys }
     }
 
-    pub fn keys(&self) -> &KeySpace {
-        &self.keys
-    }
-
     /// Stores an entry with its tags. `ttl` of `None` means no expiry.
     pub async fn store(&self, key: &str, value: Bytes, tags: &[TagKey], ttl: Option<Duration>) -> Result<()> {
         let mut keys = Vec::with_capacity(tags.len() + 1);

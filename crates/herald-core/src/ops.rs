@@ -48,10 +48,6 @@ impl Readiness {
         let flags = self.flags.lock().unwrap_or_else(|p| p.into_inner());
         flags.iter().map(|(k, v)| (*k, v.get())).collect()
     }
-
-    pub fn is_ready(&self) -> bool {
-        self.report().values().all(|v| *v)
-    }
 }
 
 /// What the ops router serves.

@@ -22,8 +22,6 @@ pub struct Drained {
     pub rows: usize,
     pub appended: usize,
     pub dead: usize,
-    /// The batch was full: more rows are probably waiting.
-    pub full: bool,
 }
 
 /// Drains outbox rows into the stream.
@@ -41,10 +39,11 @@ pub struct Drainer {
 }
 
 const SELECT_BATCH: &str = "\
-    SELECT id, table_name, op, rows, txid::text, \
-           (extract(epoch FROM changed_at) * 1000000)::int8, traceparent, \
-           (pg_current_wal_insert_lsn() - '0/0')::int8, current_database()::text \
-    FROM herald.outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+    SELECT o.id, o.table_name, o.op, o.rows, o.txid::text, \
+           (extract(epoch FROM o.changed_at) * 1000000)::int8, o.traceparent, pos.lsn, pos.db \
+    FROM herald.outbox o \
+    CROSS JOIN (SELECT (pg_current_wal_insert_lsn() - '0/0')::int8 AS lsn, current_database()::text AS db) pos \
+    ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED";
 
 const DEAD_LETTER: &str = "\
     INSERT INTO herald.dead_letter (id, table_name, op, rows, txid, changed_at, traceparent, reason) \
@@ -127,12 +126,7 @@ impl Drainer {
         self.metrics.events_appended.inc_by(encoded.len() as u64);
         self.metrics.dead_lettered.inc_by(dead_ids.len() as u64);
         self.metrics.batches.inc();
-        Ok(Drained {
-            rows: rows.len(),
-            appended: encoded.len(),
-            dead: dead_ids.len(),
-            full: rows.len() as i64 >= self.batch_size,
-        })
+        Ok(Drained { rows: rows.len(), appended: encoded.len(), dead: dead_ids.len() })
     }
 
     async fn append(&self, encoded: &[(Bytes, i64)]) -> Result<()> {
