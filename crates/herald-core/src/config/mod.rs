@@ -16,6 +16,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::keys::{validate_env, validate_identifier};
 
+mod cache;
+mod gateway;
+
+pub use cache::CacheConfig;
+pub use gateway::GatewayConfig;
+
 /// The whole configuration of a Herald installation. Every service reads the
 /// sections it needs and ignores the others.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +40,10 @@ pub struct Config {
     pub broadcast: BroadcastConfig,
     #[serde(default)]
     pub l1: L1Config,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
     /// The watched tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
@@ -248,6 +258,8 @@ impl Config {
         if self.l1.heartbeat_timeout_ms <= self.broadcast.heartbeat_ms {
             return Err(Error::Config("l1.heartbeat_timeout_ms: must be longer than broadcast.heartbeat_ms".into()));
         }
+        self.cache.validate()?;
+        self.gateway.validate()?;
         let mut names = HashSet::new();
         for (i, t) in self.tables.iter().enumerate() {
             let at = |field: &str| format!("tables[{i}] ({}).{field}", t.name);
