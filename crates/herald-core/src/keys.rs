@@ -8,6 +8,9 @@
 //! |---|---|
 //! | cache entry | `herald:{env}:t:{<tenant>}:<resource>:<key>` |
 //! | tag set (keys holding a tag) | `herald:{env}:t:{<tenant>}:tag:<tag>` |
+//! | last invalidation time of a tag | `herald:{env}:t:{<tenant>}:tv:<tag>` |
+//! | fill lease of an entry | `herald:{env}:t:{<tenant>}:lease:<resource>:<key>` |
+//! | fill epoch, prefix invalidations | `herald:{env}:t:{<tenant>}:epoch`, `…:prefixes` |
 //! | global data | `herald:{env}:g:{global}:…` |
 //! | event log | `herald:{env}:events` (and `:dead` for undecodable entries) |
 //! | L1 channel | `herald:{env}:l1` |
@@ -19,6 +22,8 @@ use crate::error::{Error, Result};
 
 const MAX_TENANT_LEN: usize = 64;
 const MAX_KEY_PART_LEN: usize = 512;
+/// Segments after the scope that are Herald's bookkeeping, never a resource.
+pub const RESERVED_SEGMENTS: [&str; 5] = ["tag", "tv", "lease", "epoch", "prefixes"];
 
 /// Checks an SQL identifier from configuration: `[a-z_][a-z0-9_]*`, at most
 /// 63 bytes. Identifiers are also quoted where they are used.
@@ -153,10 +158,43 @@ impl KeySpace {
     pub fn entry(&self, scope: &Scope, resource: &str, key: &str) -> Result<String> {
         validate_key_part("resource", resource)?;
         validate_key_part("key", key)?;
-        if resource == "tag" {
-            return Err(Error::invalid("resource", "\"tag\" is reserved"));
+        if RESERVED_SEGMENTS.contains(&resource) {
+            return Err(Error::invalid("resource", format!("{resource:?} is reserved")));
         }
         Ok(format!("{}:{}:{resource}:{key}", self.prefix, scope.hash_tagged()))
+    }
+
+    /// When `tag` was last invalidated (Redis server time, microseconds).
+    pub fn tag_version(&self, tag: &TagKey) -> String {
+        format!("{}:{}:tv:{}", self.prefix, tag.scope.hash_tagged(), tag.tag)
+    }
+
+    /// The cross-node fill lease of an entry key built by [`KeySpace::entry`].
+    pub fn lease(&self, entry: &str) -> String {
+        let root = self.root_len(entry);
+        format!("{}lease:{}", &entry[..root], &entry[root..])
+    }
+
+    /// Where every key of `scope` starts: `herald:{env}:t:{<tenant>}:`.
+    pub fn scope_root(&self, scope: &Scope) -> String {
+        format!("{}:{}:", self.prefix, scope.hash_tagged())
+    }
+
+    /// The fill epoch of `scope`: changes when Redis loses its data, so fills
+    /// started before cannot be stored after.
+    pub fn fill_epoch(&self, scope: &Scope) -> String {
+        format!("{}:{}:epoch", self.prefix, scope.hash_tagged())
+    }
+
+    /// Recent prefix invalidations of `scope` (prefix → time).
+    pub fn prefix_marks(&self, scope: &Scope) -> String {
+        format!("{}:{}:prefixes", self.prefix, scope.hash_tagged())
+    }
+
+    /// The scope root of an entry key: the byte length of
+    /// `herald:{env}:t:{<tenant>}:`.
+    fn root_len(&self, entry: &str) -> usize {
+        entry.find('}').map_or(0, |i| i + 2).min(entry.len())
     }
 }
 
@@ -171,9 +209,14 @@ mod tests {
         let ks = KeySpace::new("prod").unwrap();
         let acme = Scope::Tenant(TenantId::new("acme").unwrap());
         assert_eq!(ks.entry(&acme, "user_by_slug", "alice").unwrap(), "herald:prod:t:{acme}:user_by_slug:alice");
-        assert_eq!(ks.tag_set(&TagKey::new(acme, "res_users.id=5")), "herald:prod:t:{acme}:tag:res_users.id=5");
+        assert_eq!(ks.tag_set(&TagKey::new(acme.clone(), "res_users.id=5")), "herald:prod:t:{acme}:tag:res_users.id=5");
         assert_eq!(ks.tag_set(&TagKey::new(Scope::Global, "x")), "herald:prod:g:{global}:tag:x");
         assert_eq!(ks.stream(), "herald:prod:events");
+        let entry = ks.entry(&acme, "user_by_slug", "alice").unwrap();
+        assert_eq!(ks.lease(&entry), "herald:prod:t:{acme}:lease:user_by_slug:alice");
+        assert_eq!(ks.scope_root(&acme), "herald:prod:t:{acme}:");
+        assert_eq!(ks.fill_epoch(&acme), "herald:prod:t:{acme}:epoch");
+        assert_eq!(ks.tag_version(&TagKey::new(acme, "x")), "herald:prod:t:{acme}:tv:x");
     }
 
     #[test]
@@ -184,6 +227,7 @@ mod tests {
         assert!(TenantId::new(&"x".repeat(65)).is_err());
         let ks = KeySpace::new("p").unwrap();
         assert!(ks.entry(&Scope::Global, "tag", "x").is_err());
+        assert!(ks.entry(&Scope::Global, "lease", "x").is_err());
         assert!(ks.entry(&Scope::Global, "r", "a b").is_err());
         assert!(ks.entry(&Scope::Global, "r", "{x}").is_err());
         assert!(KeySpace::new("a:b").is_err());

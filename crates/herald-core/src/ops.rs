@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Default)]
 pub struct Readiness {
     flags: Arc<Mutex<BTreeMap<&'static str, ReadyFlag>>>,
+    /// Conditions whose loss degrades the service without making it unready
+    /// (it still answers correctly, only slower).
+    soft: Arc<Mutex<BTreeMap<&'static str, ReadyFlag>>>,
 }
 
 /// One readiness condition; starts not ready.
@@ -43,10 +46,23 @@ impl Readiness {
         flags.entry(name).or_default().clone()
     }
 
+    /// A condition whose loss shows as `degraded` in `/readyz` while the
+    /// service stays ready; created not ready on first use.
+    pub fn soft_flag(&self, name: &'static str) -> ReadyFlag {
+        let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        soft.entry(name).or_default().clone()
+    }
+
     /// Every condition with its state.
     pub fn report(&self) -> BTreeMap<&'static str, bool> {
         let flags = self.flags.lock().unwrap_or_else(|p| p.into_inner());
         flags.iter().map(|(k, v)| (*k, v.get())).collect()
+    }
+
+    /// Every soft condition with its state.
+    pub fn soft_report(&self) -> BTreeMap<&'static str, bool> {
+        let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+        soft.iter().map(|(k, v)| (*k, v.get())).collect()
     }
 }
 
@@ -69,8 +85,11 @@ pub fn router(state: OpsState) -> Router {
 async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
     let report = state.readiness.report();
     let ready = report.values().all(|v| *v);
-    let body: String =
+    let mut body: String =
         report.iter().map(|(name, ok)| format!("{name}: {}\n", if *ok { "ok" } else { "not ready" })).collect();
+    for (name, ok) in state.readiness.soft_report() {
+        body.push_str(&format!("{name}: {}\n", if ok { "ok" } else { "degraded" }));
+    }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body)
 }

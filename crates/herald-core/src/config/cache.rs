@@ -1,25 +1,287 @@
-//! The cache API's section, `[cache]`, and its resources, `[[resources]]`.
+//! The cache API's section, `[cache]`: listeners, fill behaviour, API tokens
+//! (`[[cache.tokens]]`) and resources (`[[cache.resources]]`).
+
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use super::TableConfig;
+use crate::error::{Error, Result};
+use crate::keys::{TenantId, validate_identifier};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Address of the ops HTTP server (`/healthz`, `/readyz`, `/metrics`).
     pub ops_addr: String,
+    /// gRPC listener (`herald.v1.Cache`, health, reflection).
+    pub grpc_addr: String,
+    /// HTTP/JSON listener (`/v1/…`, `/openapi.json`).
+    pub http_addr: String,
+    /// Cross-node fill lease: while one node reads Postgres for a key, the
+    /// others wait for its value in L2 instead of reading too.
+    pub lease_ms: u64,
+    /// Longest a request waits for another node's fill before it reads
+    /// Postgres itself.
+    pub fill_wait_ms: u64,
+    /// Postgres reads in flight per node; more wait.
+    pub max_concurrent_fills: usize,
+    /// Largest value accepted by Set or produced by a resource.
+    pub max_value_bytes: usize,
+    /// TTL of explicit keys set without one.
+    pub key_ttl_ms: u64,
+    /// Longest TTL a caller may ask for an explicit key.
+    pub max_key_ttl_ms: u64,
+    /// Who may call the API.
+    pub tokens: Vec<TokenConfig>,
+    /// Read-through resources.
+    pub resources: Vec<ResourceConfig>,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { ops_addr: "0.0.0.0:9103".into() }
+        Self {
+            ops_addr: "0.0.0.0:9103".into(),
+            grpc_addr: "0.0.0.0:50051".into(),
+            http_addr: "0.0.0.0:8080".into(),
+            lease_ms: 2_000,
+            fill_wait_ms: 3_000,
+            max_concurrent_fills: 32,
+            max_value_bytes: 1024 * 1024,
+            key_ttl_ms: 300_000,
+            max_key_ttl_ms: 86_400_000,
+            tokens: Vec::new(),
+            resources: Vec::new(),
+        }
+    }
+}
+
+/// An API token and the tenants it may touch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Shown in logs and metrics, never the secret.
+    pub name: String,
+    /// The secret itself; prefer `token_env`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of the environment variable holding the secret.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Tenant ids, or `["*"]` for a trusted backend that serves every tenant.
+    pub tenants: Vec<String>,
+}
+
+/// How a resource's rows become its JSON value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// At most one row, as an object; no row is a negative entry (`null`).
+    Row,
+    /// Every row, as an array of objects.
+    Rows,
+    /// One column of at most one row, as its JSON value.
+    Scalar,
+}
+
+/// A read-through resource.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub name: String,
+    /// The query. Caller parameters are `$1…$n`; the tenant is `$tenant`,
+    /// bound by Herald (never by the caller), and required unless `global`.
+    pub sql: String,
+    /// Names of `$1…$n`, in order (HTTP passes them as `?name=value`).
+    #[serde(default)]
+    pub params: Vec<String>,
+    pub shape: Shape,
+    /// Tag templates: `$k` is parameter k, `{column}` a result column (one
+    /// tag per row). `<table>.<column>=…` tags must name a watched table's id
+    /// or key column, so capture can drop them.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Time to live; 0 means unlimited and needs `unlimited_ttl_reason`.
+    pub ttl_ms: u64,
+    #[serde(default)]
+    pub unlimited_ttl_reason: Option<String>,
+    /// TTL of negative entries (no row); 0 disables negative caching.
+    #[serde(default)]
+    pub negative_ttl_ms: u64,
+    /// Random spread added to TTLs, in percent, so entries filled together
+    /// do not expire together.
+    #[serde(default = "default_jitter")]
+    pub ttl_jitter_pct: u8,
+    /// Data shared by every tenant (no `$tenant`): kept in the global scope.
+    #[serde(default)]
+    pub global: bool,
+    /// Result columns that look like secrets but may be cached anyway.
+    #[serde(default)]
+    pub allow_secret_columns: Vec<String>,
+}
+
+fn default_jitter() -> u8 {
+    10
+}
+
+impl ResourceConfig {
+    /// The `$k` parameter numbers used in `text`, in order of appearance.
+    pub fn placeholders(text: &str) -> Vec<usize> {
+        let bytes = text.as_bytes();
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'$' {
+                let digits = bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+                if digits > 0 {
+                    if let Ok(n) = text[i + 1..i + 1 + digits].parse() {
+                        found.push(n);
+                    }
+                    i += digits;
+                }
+            }
+            i += 1;
+        }
+        found
+    }
+
+    /// The `{column}` references of a tag template.
+    pub fn column_refs(template: &str) -> Vec<&str> {
+        let mut refs = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else { break };
+            refs.push(&rest[open + 1..open + close]);
+            rest = &rest[open + close + 1..];
+        }
+        refs
     }
 }
 
 impl CacheConfig {
-    /// Checks the section; errors name the key (`cache.…`).
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the section against the watched `tables`; errors name the key.
+    pub(crate) fn validate(&self, tables: &[TableConfig]) -> Result<()> {
+        let err = |key: String, reason: &str| Err(Error::Config(format!("{key}: {reason}")));
+        let positive = [
+            ("cache.lease_ms", self.lease_ms as i64),
+            ("cache.fill_wait_ms", self.fill_wait_ms as i64),
+            ("cache.max_concurrent_fills", self.max_concurrent_fills as i64),
+            ("cache.max_value_bytes", self.max_value_bytes as i64),
+            ("cache.key_ttl_ms", self.key_ttl_ms as i64),
+        ];
+        for (key, value) in positive {
+            if value <= 0 {
+                return err(key.into(), "must be greater than 0");
+            }
+        }
+        if self.max_key_ttl_ms < self.key_ttl_ms {
+            return err("cache.max_key_ttl_ms".into(), "must be at least cache.key_ttl_ms");
+        }
+        let mut names = HashSet::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            let at = |field: &str| format!("cache.tokens[{i}] ({}).{field}", t.name);
+            if t.token.is_some() == t.token_env.is_some() {
+                return err(at("token"), "set exactly one of token and token_env");
+            }
+            if t.token.as_ref().is_some_and(|s| s.len() < 16) {
+                return err(at("token"), "must be at least 16 characters");
+            }
+            if t.tenants.is_empty() {
+                return err(at("tenants"), "list tenant ids, or [\"*\"] for every tenant");
+            }
+            for tenant in t.tenants.iter().filter(|t| *t != "*") {
+                if let Err(e) = TenantId::new(tenant) {
+                    return err(at("tenants"), &e.to_string());
+                }
+            }
+            if !names.insert(t.name.as_str()) {
+                return err(at("name"), "duplicate token name");
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            let at = |field: &str| format!("cache.resources[{i}] ({}).{field}", r.name);
+            if let Err(e) = validate_identifier(&r.name) {
+                return err(at("name"), &e);
+            }
+            if crate::keys::RESERVED_SEGMENTS.contains(&r.name.as_str()) || r.name == "kv" {
+                return err(at("name"), "is reserved");
+            }
+            if !names.insert(r.name.as_str()) {
+                return err(at("name"), "duplicate resource name");
+            }
+            for p in &r.params {
+                if let Err(e) = validate_identifier(p) {
+                    return err(at("params"), &e);
+                }
+            }
+            let used: HashSet<usize> = ResourceConfig::placeholders(&r.sql).into_iter().collect();
+            let n = r.params.len();
+            if let Some(k) = used.iter().find(|k| **k == 0 || **k > n) {
+                return err(at("sql"), &format!("uses ${k} but the resource has {n} params"));
+            }
+            if let Some(k) = (1..=n).find(|k| !used.contains(k)) {
+                return err(at("sql"), &format!("never uses ${k} ({})", r.params[k - 1]));
+            }
+            let has_tenant = r.sql.contains("$tenant");
+            if r.global && has_tenant {
+                return err(at("sql"), "a global resource has no $tenant");
+            }
+            if !r.global && !has_tenant {
+                return err(at("sql"), "must filter by $tenant (Herald binds it), or set global = true");
+            }
+            if r.ttl_ms == 0 && r.unlimited_ttl_reason.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                return err(at("ttl_ms"), "0 (unlimited) needs unlimited_ttl_reason");
+            }
+            if r.ttl_jitter_pct > 50 {
+                return err(at("ttl_jitter_pct"), "must be at most 50");
+            }
+            if r.tags.is_empty() {
+                return err(at("tags"), "a resource needs tags, or nothing could invalidate it");
+            }
+            for tag in &r.tags {
+                if let Some(k) = ResourceConfig::placeholders(tag).into_iter().find(|k| *k == 0 || *k > n) {
+                    return err(at("tags"), &format!("{tag:?} uses ${k} but the resource has {n} params"));
+                }
+                check_row_tag(tag, tables).map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// A tag naming a table (`res_users` or `res_users.col=…`) must name a
+/// watched table, and its column the id or a key column: capture emits no
+/// other row tags, so such an entry would never be invalidated.
+fn check_row_tag(tag: &str, tables: &[TableConfig]) -> std::result::Result<(), String> {
+    let head = tag.split('=').next().unwrap_or(tag);
+    let (table, column) = match head.split_once('.') {
+        Some((t, c)) => (t, Some(c)),
+        None if tag.contains('=') => return Ok(()),
+        None => (head, None),
+    };
+    let Some(t) = tables.iter().find(|t| t.name == table) else {
+        if column.is_some() {
+            return Err(format!("{tag:?}: {table:?} is not a watched table ([[tables]])"));
+        }
+        // A bare word: an application tag, dropped by InvalidateTags.
+        return Ok(());
+    };
+    match column {
+        Some(c) if c != t.id_column && !t.key_columns.iter().any(|k| k == c) => Err(format!(
+            "{tag:?}: {c:?} is neither the id column nor a key column of {table:?}, so no event would carry it"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_refs() {
+        assert_eq!(ResourceConfig::placeholders("a = $1 and b = $12 and $tenant"), vec![1, 12]);
+        assert_eq!(ResourceConfig::column_refs("res_users.id={id}:{x}"), vec!["id", "x"]);
     }
 }

@@ -19,7 +19,7 @@ use crate::keys::{validate_env, validate_identifier};
 mod cache;
 mod gateway;
 
-pub use cache::CacheConfig;
+pub use cache::{CacheConfig, ResourceConfig, Shape, TokenConfig};
 pub use gateway::GatewayConfig;
 
 /// The whole configuration of a Herald installation. Every service reads the
@@ -258,7 +258,7 @@ impl Config {
         if self.l1.heartbeat_timeout_ms <= self.broadcast.heartbeat_ms {
             return Err(Error::Config("l1.heartbeat_timeout_ms: must be longer than broadcast.heartbeat_ms".into()));
         }
-        self.cache.validate()?;
+        self.cache.validate(&self.tables)?;
         self.gateway.validate()?;
         let mut names = HashSet::new();
         for (i, t) in self.tables.iter().enumerate() {

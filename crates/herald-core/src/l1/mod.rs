@@ -65,6 +65,8 @@ struct TagIndex {
     /// tag → sequence number of its last invalidation, kept while fills are
     /// in flight.
     recent: HashMap<TagKey, u64>,
+    /// key prefix → sequence number of its last invalidation, likewise.
+    recent_prefixes: Vec<(Arc<str>, u64)>,
     /// start sequence of each fill in flight → how many.
     in_flight: BTreeMap<u64, usize>,
     evicted: mpsc::Receiver<Evicted>,
@@ -176,8 +178,14 @@ impl Drop for FillTicket {
             }
         }
         match index.in_flight.keys().next().copied() {
-            None => index.recent.clear(),
-            Some(oldest) if index.recent.len() > RECENT_PRUNE_AT => index.recent.retain(|_, s| *s > oldest),
+            None => {
+                index.recent.clear();
+                index.recent_prefixes.clear();
+            }
+            Some(oldest) if index.recent.len() > RECENT_PRUNE_AT => {
+                index.recent.retain(|_, s| *s > oldest);
+                index.recent_prefixes.retain(|(_, s)| *s > oldest);
+            }
             Some(_) => {}
         }
     }
@@ -214,8 +222,13 @@ impl L1Cache {
                 let _ = lock(&tx).send(((*key).clone(), entry.tags, entry.id));
             })
             .build();
-        let index =
-            TagIndex { by_tag: HashMap::new(), recent: HashMap::new(), in_flight: BTreeMap::new(), evicted: rx };
+        let index = TagIndex {
+            by_tag: HashMap::new(),
+            recent: HashMap::new(),
+            recent_prefixes: Vec::new(),
+            in_flight: BTreeMap::new(),
+            evicted: rx,
+        };
         Self {
             inner: Arc::new(Inner {
                 cache,
@@ -282,7 +295,8 @@ impl L1Cache {
         let mut index = lock(&inner.index);
         index.forget_evicted();
         let stale = ticket.seq < inner.flushed_at.load(Ordering::SeqCst)
-            || tags.iter().any(|t| index.recent.get(t).is_some_and(|s| *s > ticket.seq));
+            || tags.iter().any(|t| index.recent.get(t).is_some_and(|s| *s > ticket.seq))
+            || index.recent_prefixes.iter().any(|(p, s)| *s > ticket.seq && key.starts_with(&**p));
         if stale || !self.is_live() || ttl.is_zero() {
             if stale {
                 inner.metrics.rejected_stale_fills.inc();
@@ -333,8 +347,31 @@ impl L1Cache {
         keys.len()
     }
 
-    /// Applies one invalidation event: drops the entries its tags name in its
-    /// scope, and advances the applied position.
+    /// Drops every entry whose key starts with `prefix`; returns how many.
+    /// Walks the whole cache: meant for rare bulk changes.
+    pub fn invalidate_prefix(&self, prefix: &str) -> usize {
+        let inner = &self.inner;
+        {
+            let mut index = lock(&inner.index);
+            let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            if !index.in_flight.is_empty() {
+                index.recent_prefixes.push((prefix.into(), seq));
+            }
+        }
+        // Entries inserted after the lock was released started their fill
+        // after the mark or were refused by it; the ones before are here.
+        let keys: Vec<Arc<str>> =
+            inner.cache.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, _)| (*k).clone()).collect();
+        for key in &keys {
+            inner.cache.invalidate(key);
+        }
+        inner.metrics.invalidated_entries.inc_by(keys.len() as u64);
+        self.update_gauges();
+        keys.len()
+    }
+
+    /// Applies one invalidation event: drops the entries its tags (and key
+    /// prefixes) name in its scope, and advances the applied position.
     pub fn apply(&self, event: &InvalidationEvent) {
         if event.all_tenants {
             // A TRUNCATE of a tenant table: rare and drastic, so drop it all.
@@ -353,6 +390,9 @@ impl L1Cache {
         };
         let tags: Vec<TagKey> = event.tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
         self.invalidate(&tags);
+        for prefix in &event.key_prefixes {
+            self.invalidate_prefix(prefix);
+        }
         self.advance(event);
     }
 
