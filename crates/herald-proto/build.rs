@@ -23,6 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     config.protoc_executable(protoc);
     config.bytes(["."]);
-    tonic_prost_build::configure().compile_with_config(config, &files, &[root])?;
+    let descriptors = PathBuf::from(std::env::var("OUT_DIR")?).join("herald_descriptor.bin");
+    tonic_prost_build::configure().file_descriptor_set_path(descriptors).compile_with_config(
+        config,
+        &files,
+        &[root],
+    )?;
     Ok(())
 }

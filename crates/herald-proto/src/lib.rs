@@ -1,9 +1,12 @@
 //! Generated protobuf and gRPC code for Herald's contracts (`proto/herald/v1`).
 
-/// `herald.v1`: invalidation events and the L1 channel messages.
+/// `herald.v1`: invalidation events, the L1 channel messages and the cache API.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("herald.v1");
 }
 
 pub use prost::Message;
+
+/// Every `herald.v1` descriptor, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");

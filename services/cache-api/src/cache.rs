@@ -1,0 +1,664 @@
+//! The layered cache: L1 (this node's RAM) → L2 (Redis) → Postgres, with
+//! single-flight per key on a node, a Redis lease across nodes, and
+//! version-gated fills in both layers.
+//!
+//! How a resource miss is filled:
+//!
+//! 1. take an L1 [`FillTicket`](herald_core::l1::FillTicket), then read L2;
+//!    an L2 hit fills L1 with the entry's tags;
+//! 2. on an L2 miss take the key's lease with a [`FillToken`] (one Redis
+//!    script); the holder reads Postgres, and stores with
+//!    [`L2::store_gated`], which refuses when any tag was invalidated after
+//!    the token; L1 refuses likewise when the invalidation reached this node
+//!    after the ticket;
+//! 3. nodes that did not get the lease wait for the value in L2, and read
+//!    Postgres themselves only when the lease lapses or `cache.fill_wait_ms`
+//!    passes.
+//!
+//! Redis unreachable: every answer comes from Postgres and nothing is stored
+//! (L1 is not live without its subscription either). Postgres unreachable:
+//! hits are served, misses fail with `Unavailable`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use fred::prelude::*;
+use futures::future::BoxFuture;
+use herald_core::config::CacheConfig;
+use herald_core::keys::{KeySpace, Scope, TagKey, TenantId};
+use herald_core::l1::{FillTicket, L1Cache};
+use herald_core::l2::{FillToken, L2, Lease};
+use herald_core::ops::ReadyFlag;
+use herald_core::time::now_us;
+use herald_proto::Message as _;
+use herald_proto::v1::{InvalidationBatch, InvalidationEvent, L1Message, Layer, StoredEntry, l1_message};
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::flight::SingleFlight;
+use crate::metrics::Metrics;
+use crate::resource::{Fetched, Resource};
+
+/// The resource name of explicit keys, in keys and metrics.
+pub const KV: &str = "kv";
+/// Longest wait for one Redis operation before the request degrades to
+/// Postgres.
+const REDIS_OP_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// How often a waiting node looks for another node's fill.
+const LEASE_POLL: Duration = Duration::from_millis(5);
+
+/// Called between a fill's database read and its store (tests use it to
+/// force the fill race).
+pub type FillHook = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// An answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub found: bool,
+    pub value: Bytes,
+    pub layer: Layer,
+    /// On an explicit-key miss: the token that gates the caller's Set.
+    pub fill_token: String,
+}
+
+impl Answer {
+    fn new(found: bool, value: Bytes, layer: Layer) -> Self {
+        Self { found, value, layer, fill_token: String::new() }
+    }
+}
+
+/// A finished fill, shared with the requests that joined it.
+#[derive(Clone)]
+struct Filled {
+    answer: Answer,
+    /// An invalidation passed the fill: requests that joined it may have
+    /// started after the invalidation and must not use its value.
+    raced: bool,
+}
+
+/// What InvalidatePrefix drops.
+#[derive(Debug, Clone)]
+pub enum PrefixTarget {
+    Resource(String),
+    KeyPrefix(String),
+    All,
+}
+
+/// The cache of one node.
+pub struct Cache {
+    keys: KeySpace,
+    l1: L1Cache,
+    l2: L2,
+    redis: Pool,
+    db: deadpool_postgres::Pool,
+    resources: HashMap<String, Arc<Resource>>,
+    flights: SingleFlight<Result<Filled>>,
+    fills: Semaphore,
+    config: CacheConfig,
+    metrics: Metrics,
+    redis_up: ReadyFlag,
+    hook: Option<FillHook>,
+    node: String,
+    seq: AtomicU64,
+}
+
+/// Everything a [`Cache`] is built from.
+pub struct Parts {
+    pub keys: KeySpace,
+    pub l1: L1Cache,
+    pub redis: Pool,
+    pub db: deadpool_postgres::Pool,
+    pub resources: Vec<Resource>,
+    pub config: CacheConfig,
+    pub metrics: Metrics,
+    pub redis_up: ReadyFlag,
+    pub hook: Option<FillHook>,
+    pub node: String,
+}
+
+fn l1_value(found: bool, value: &Bytes) -> Bytes {
+    let mut b = BytesMut::with_capacity(value.len() + 1);
+    b.put_u8(u8::from(found));
+    b.extend_from_slice(value);
+    b.freeze()
+}
+
+fn from_l1(bytes: Bytes) -> Answer {
+    let found = bytes.first() == Some(&1);
+    Answer::new(found, bytes.slice(1.min(bytes.len())..), Layer::L1)
+}
+
+/// A caller-supplied tag: 1 to 512 bytes without control characters.
+pub fn validate_tag(tag: &str) -> Result<()> {
+    if tag.is_empty() || tag.len() > 512 || tag.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "invalid tag {tag:?}: must be 1 to 512 bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Cache {
+    pub fn new(parts: Parts) -> Self {
+        let resources = parts.resources.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
+        Self {
+            l2: L2::new(parts.redis.clone(), parts.keys.clone()),
+            keys: parts.keys,
+            l1: parts.l1,
+            redis: parts.redis,
+            db: parts.db,
+            resources,
+            flights: SingleFlight::default(),
+            fills: Semaphore::new(parts.config.max_concurrent_fills),
+            config: parts.config,
+            metrics: parts.metrics,
+            redis_up: parts.redis_up,
+            hook: parts.hook,
+            node: parts.node,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn l1(&self) -> &L1Cache {
+        &self.l1
+    }
+
+    pub fn resource(&self, name: &str) -> Result<Arc<Resource>> {
+        self.resources.get(name).cloned().ok_or_else(|| Error::UnknownResource(name.into()))
+    }
+
+    /// Names of the configured resources.
+    pub fn resource_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.resources.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn scope(res: &Resource, tenant: &TenantId) -> Scope {
+        if res.global { Scope::Global } else { Scope::Tenant(tenant.clone()) }
+    }
+
+    /// Whether this node's L1 has applied invalidations up to `min_lsn`.
+    fn fresh_enough(&self, min_lsn: u64) -> bool {
+        min_lsn == 0 || self.l1.applied().commit_lsn >= min_lsn
+    }
+
+    fn redis_usable(&self) -> bool {
+        self.redis_up.get()
+    }
+
+    /// Notes a failed Redis operation: answers come from Postgres until the
+    /// health check sees Redis again.
+    fn redis_failed(&self, error: &dyn std::fmt::Display) {
+        if self.redis_up.get() {
+            tracing::warn!(%error, "redis operation failed, degrading to postgres");
+        }
+        self.redis_up.set(false);
+        self.metrics.degraded.set(1);
+    }
+
+    /// Marks Redis reachable or not (the health check).
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(up);
+        self.metrics.degraded.set(i64::from(!up));
+    }
+
+    async fn redis_op<T>(&self, op: impl Future<Output = herald_core::Result<T>>) -> Result<T> {
+        match tokio::time::timeout(REDIS_OP_TIMEOUT, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.redis_failed(&e);
+                Err(Error::Unavailable(format!("redis: {e}")))
+            }
+            Err(_) => {
+                self.redis_failed(&"timed out");
+                Err(Error::Unavailable("redis: timed out".into()))
+            }
+        }
+    }
+
+    /// A resource by its parameters.
+    pub async fn get_resource(&self, tenant: &TenantId, name: &str, params: &[String], min_lsn: u64) -> Result<Answer> {
+        let res = self.resource(name)?;
+        res.check_params(params)?;
+        let scope = Self::scope(&res, tenant);
+        let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
+        let result = self.lookup_resource(&res, &scope, params, &key, min_lsn).await;
+        if let Err(e) = &result {
+            self.metrics.error(&res.name, e.kind());
+        }
+        result
+    }
+
+    async fn lookup_resource(
+        &self,
+        res: &Arc<Resource>,
+        scope: &Scope,
+        params: &[String],
+        key: &str,
+        min_lsn: u64,
+    ) -> Result<Answer> {
+        if !self.fresh_enough(min_lsn) {
+            // This node has not applied the caller's write yet: only the
+            // database is sure to reflect it.
+            return self.read_direct(res, scope, params).await;
+        }
+        if let Some(v) = self.l1.get(key) {
+            self.metrics.hit(&res.name, "l1");
+            return Ok(from_l1(v));
+        }
+        self.metrics.miss(&res.name, "l1");
+        let mut attempt = 0;
+        loop {
+            let (filled, ran) = self.flights.run(key, || self.fill_resource(res, scope, params, key)).await;
+            if !ran {
+                self.metrics.resource(&self.metrics.single_flight_merges, &res.name);
+            }
+            let filled = filled?;
+            if ran || !filled.raced || attempt > 0 {
+                return Ok(filled.answer);
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn fill_resource(&self, res: &Resource, scope: &Scope, params: &[String], key: &str) -> Result<Filled> {
+        let ticket = self.l1.begin_fill();
+        if !self.redis_usable() {
+            return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false });
+        }
+        match self.redis_op(self.l2.get(key)).await {
+            Ok(Some(bytes)) => {
+                if let Some(answer) = self.answer_from_l2(ticket, scope, key, bytes) {
+                    self.metrics.hit(&res.name, "l2");
+                    return Ok(Filled { answer, raced: false });
+                }
+                return self.fill_unleased(res, scope, params, key).await;
+            }
+            Ok(None) => self.metrics.miss(&res.name, "l2"),
+            Err(_) => return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false }),
+        }
+        let owner = format!("{}:{}", self.node, self.seq.fetch_add(1, Ordering::Relaxed));
+        let lease_key = self.keys.lease(key);
+        let deadline = Instant::now() + Duration::from_millis(self.config.fill_wait_ms);
+        let mut ticket = Some(ticket);
+        loop {
+            let lease = Lease { key: &lease_key, owner: &owner, ttl: Duration::from_millis(self.config.lease_ms) };
+            let (acquired, token) = match self.redis_op(self.l2.begin_fill(scope, Some(&lease))).await {
+                Ok(begun) => begun,
+                Err(_) => {
+                    return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false });
+                }
+            };
+            if acquired {
+                let ticket = ticket.take().unwrap_or_else(|| self.l1.begin_fill());
+                return self.fill_from_db(res, scope, params, key, ticket, &token, Some((&lease_key, &owner))).await;
+            }
+            self.metrics.resource(&self.metrics.lease_waits, &res.name);
+            // Another node is reading: wait for its value.
+            loop {
+                if Instant::now() >= deadline {
+                    return self.fill_unleased(res, scope, params, key).await;
+                }
+                tokio::time::sleep(LEASE_POLL).await;
+                let fresh = self.l1.begin_fill();
+                match self.redis_op(self.l2.get(key)).await {
+                    Ok(Some(bytes)) => {
+                        if let Some(answer) = self.answer_from_l2(fresh, scope, key, bytes) {
+                            self.metrics.hit(&res.name, "l2");
+                            return Ok(Filled { answer, raced: false });
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        return self
+                            .read_direct(res, scope, params)
+                            .await
+                            .map(|answer| Filled { answer, raced: false });
+                    }
+                }
+                // The holder gave up (failed, or its store was refused): try
+                // to take the lease ourselves.
+                if !self.redis_op(self.l2.lease_held(&lease_key)).await.unwrap_or(true) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A fill without the lease (waited too long, or a corrupt L2 entry).
+    async fn fill_unleased(&self, res: &Resource, scope: &Scope, params: &[String], key: &str) -> Result<Filled> {
+        let ticket = self.l1.begin_fill();
+        match self.redis_op(self.l2.begin_fill(scope, None)).await {
+            Ok((_, token)) => self.fill_from_db(res, scope, params, key, ticket, &token, None).await,
+            Err(_) => self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fill_from_db(
+        &self,
+        res: &Resource,
+        scope: &Scope,
+        params: &[String],
+        key: &str,
+        ticket: FillTicket,
+        token: &FillToken,
+        lease: Option<(&str, &str)>,
+    ) -> Result<Filled> {
+        let fetched = match self.query(res, scope, params).await {
+            Ok(f) => f,
+            Err(e) => {
+                if let Some((lease_key, owner)) = lease {
+                    let _ = self.redis_op(self.l2.release_lease(lease_key, owner)).await;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(hook) = &self.hook {
+            hook(key.to_string()).await;
+        }
+        let answer = Answer::new(fetched.found, fetched.value.clone(), Layer::Database);
+        let ttl = res.ttl_for(fetched.found);
+        let oversize = fetched.value.len() > self.config.max_value_bytes;
+        if oversize {
+            tracing::warn!(resource = %res.name, bytes = fetched.value.len(), "value over cache.max_value_bytes, not cached");
+        }
+        if ttl == Some(Duration::ZERO) || oversize {
+            if let Some((lease_key, owner)) = lease {
+                let _ = self.redis_op(self.l2.release_lease(lease_key, owner)).await;
+            }
+            return Ok(Filled { answer, raced: false });
+        }
+        let (tags, names) = self.entry_tags(scope, key, fetched.tags);
+        let entry = StoredEntry {
+            value: fetched.value.clone(),
+            tags: names,
+            found: fetched.found,
+            expires_at_ms: ttl.map_or(0, |t| now_us() / 1000 + t.as_millis() as i64),
+        };
+        let owner = lease.map(|(_, o)| o);
+        let stored = self
+            .redis_op(self.l2.store_gated(scope, key, entry.encode_to_vec().into(), &tags, ttl, token, owner))
+            .await;
+        match stored {
+            Ok(true) => {
+                self.l1.insert(ticket, key, l1_value(fetched.found, &fetched.value), tags, ttl);
+                Ok(Filled { answer, raced: false })
+            }
+            Ok(false) => {
+                self.metrics
+                    .rejected_stale_fills
+                    .get_or_create(&crate::metrics::LayerLabel { resource: res.name.clone(), layer: "l2" })
+                    .inc();
+                Ok(Filled { answer, raced: true })
+            }
+            // Not stored in L2 and Redis is failing: L1 stays out of it too.
+            Err(_) => Ok(Filled { answer, raced: false }),
+        }
+    }
+
+    /// An L2 entry as an answer, filling L1 on the way (refused if raced).
+    fn answer_from_l2(&self, ticket: FillTicket, scope: &Scope, key: &str, bytes: Bytes) -> Option<Answer> {
+        let Ok(entry) = StoredEntry::decode(bytes) else {
+            tracing::warn!(key, "undecodable L2 entry, filling again");
+            return None;
+        };
+        let ttl = match entry.expires_at_ms {
+            0 => None,
+            at => Some(Duration::from_millis(u64::try_from(at - now_us() / 1000).ok().filter(|ms| *ms > 0)?)),
+        };
+        let tags = entry.tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
+        self.l1.insert(ticket, key, l1_value(entry.found, &entry.value), tags, ttl);
+        Some(Answer::new(entry.found, entry.value, Layer::L2))
+    }
+
+    /// An entry's tags: its row tags plus its own `@<resource>:<key>`, which
+    /// Delete and Set invalidate.
+    fn entry_tags(&self, scope: &Scope, key: &str, mut names: Vec<String>) -> (Vec<TagKey>, Vec<String>) {
+        names.push(self.self_tag(scope, key));
+        let tags = names.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
+        (tags, names)
+    }
+
+    fn self_tag(&self, scope: &Scope, key: &str) -> String {
+        let root = self.keys.scope_root(scope);
+        format!("@{}", key.strip_prefix(&root).unwrap_or(key))
+    }
+
+    /// Reads Postgres and stores nothing.
+    async fn read_direct(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Answer> {
+        let fetched = self.query(res, scope, params).await?;
+        Ok(Answer::new(fetched.found, fetched.value, Layer::Database))
+    }
+
+    async fn query(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Fetched> {
+        let _permit = self.fills.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let started = Instant::now();
+        let db = self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: {e}")))?;
+        self.metrics.resource(&self.metrics.db_queries, &res.name);
+        let fetched = res.fetch(&db, scope, params).await?;
+        self.metrics
+            .fill_seconds
+            .get_or_create(&crate::metrics::ResourceLabel { resource: res.name.clone() })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.hit(&res.name, "database");
+        Ok(fetched)
+    }
+
+    /// An explicit key. A miss carries a fill token for the caller's Set.
+    pub async fn get_key(&self, tenant: &TenantId, key: &str, min_lsn: u64) -> Result<Answer> {
+        let scope = Scope::Tenant(tenant.clone());
+        let entry_key = self.keys.entry(&scope, KV, key)?;
+        if self.fresh_enough(min_lsn) {
+            if let Some(v) = self.l1.get(&entry_key) {
+                self.metrics.hit(KV, "l1");
+                return Ok(from_l1(v));
+            }
+            self.metrics.miss(KV, "l1");
+        }
+        let none = Answer::new(false, Bytes::new(), Layer::None);
+        if !self.redis_usable() {
+            return Ok(none);
+        }
+        let ticket = self.l1.begin_fill();
+        let Ok(found) = self.redis_op(self.l2.get(&entry_key)).await else { return Ok(none) };
+        if let Some(answer) = found.and_then(|bytes| self.answer_from_l2(ticket, &scope, &entry_key, bytes)) {
+            self.metrics.hit(KV, "l2");
+            return Ok(answer);
+        }
+        self.metrics.miss(KV, "l2");
+        let token =
+            self.redis_op(self.l2.begin_fill(&scope, None)).await.map(|(_, t)| t.to_string()).unwrap_or_default();
+        Ok(Answer { fill_token: token, ..none })
+    }
+
+    /// Stores an explicit key. With a fill token the store is version-gated
+    /// (false: an invalidation passed it); without one the value replaces
+    /// whatever any node holds.
+    pub async fn set_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        value: Bytes,
+        ttl_ms: u64,
+        tags: Vec<String>,
+        fill_token: &str,
+    ) -> Result<bool> {
+        let scope = Scope::Tenant(tenant.clone());
+        let entry_key = self.keys.entry(&scope, KV, key)?;
+        if value.len() > self.config.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "value of {} bytes is over the limit of {} (cache.max_value_bytes)",
+                value.len(),
+                self.config.max_value_bytes
+            )));
+        }
+        let ttl_ms = if ttl_ms == 0 { self.config.key_ttl_ms } else { ttl_ms };
+        if ttl_ms > self.config.max_key_ttl_ms {
+            return Err(Error::InvalidArgument(format!(
+                "ttl_ms {ttl_ms} is over the limit of {} (cache.max_key_ttl_ms)",
+                self.config.max_key_ttl_ms
+            )));
+        }
+        for tag in &tags {
+            validate_tag(tag)?;
+        }
+        let token: Option<FillToken> = if fill_token.is_empty() {
+            None
+        } else {
+            Some(fill_token.parse().map_err(|e: herald_core::Error| Error::InvalidArgument(e.to_string()))?)
+        };
+        if !self.redis_usable() {
+            return Err(Error::Unavailable("redis is unreachable; explicit keys cannot be stored".into()));
+        }
+        let ttl = Duration::from_millis(ttl_ms);
+        let self_tag = self.self_tag(&scope, &entry_key);
+        let (tag_keys, names) = self.entry_tags(&scope, &entry_key, tags);
+        let entry = StoredEntry { value, tags: names, found: true, expires_at_ms: now_us() / 1000 + ttl_ms as i64 };
+        let bytes: Bytes = entry.encode_to_vec().into();
+        let stored = match token {
+            Some(token) => {
+                self.redis_op(self.l2.store_gated(&scope, &entry_key, bytes, &tag_keys, Some(ttl), &token, None))
+                    .await?
+            }
+            None => {
+                // Stamp the key first, so a gated fill that started earlier
+                // cannot overwrite this value.
+                self.redis_op(self.l2.invalidate(&scope, std::slice::from_ref(&self_tag))).await?;
+                self.redis_op(self.l2.store(&entry_key, bytes, &tag_keys, Some(ttl))).await?;
+                true
+            }
+        };
+        if stored {
+            self.publish(&scope, vec![self_tag], Vec::new()).await?;
+        } else {
+            self.metrics
+                .rejected_stale_fills
+                .get_or_create(&crate::metrics::LayerLabel { resource: KV.into(), layer: "l2" })
+                .inc();
+        }
+        Ok(stored)
+    }
+
+    /// Drops one explicit key on every node.
+    pub async fn delete_key(&self, tenant: &TenantId, key: &str) -> Result<u64> {
+        let scope = Scope::Tenant(tenant.clone());
+        let entry_key = self.keys.entry(&scope, KV, key)?;
+        let tag = self.self_tag(&scope, &entry_key);
+        self.invalidate_scope(&scope, vec![tag]).await
+    }
+
+    /// Drops one resource entry on every node. A global resource's entries
+    /// are shared by every tenant, so only a caller trusted with every
+    /// tenant (`trusted`) may drop them.
+    pub async fn delete_resource(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        params: &[String],
+        trusted: bool,
+    ) -> Result<u64> {
+        let res = self.resource(name)?;
+        res.check_params(params)?;
+        self.check_global(&res, trusted)?;
+        let scope = Self::scope(&res, tenant);
+        let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
+        let tag = self.self_tag(&scope, &key);
+        self.invalidate_scope(&scope, vec![tag]).await
+    }
+
+    fn check_global(&self, res: &Resource, trusted: bool) -> Result<()> {
+        if res.global && !trusted {
+            return Err(Error::PermissionDenied {
+                token: "(tenant-bound)".into(),
+                tenant: format!("global resource {:?}", res.name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops every entry of the tenant holding any of `tags`, on every node.
+    pub async fn invalidate_tags(&self, tenant: &TenantId, tags: Vec<String>) -> Result<u64> {
+        if tags.is_empty() {
+            return Err(Error::InvalidArgument("no tags given".into()));
+        }
+        for tag in &tags {
+            validate_tag(tag)?;
+        }
+        self.invalidate_scope(&Scope::Tenant(tenant.clone()), tags).await
+    }
+
+    async fn invalidate_scope(&self, scope: &Scope, tags: Vec<String>) -> Result<u64> {
+        let deleted = self.redis_op(self.l2.invalidate(scope, &tags)).await?;
+        self.publish(scope, tags, Vec::new()).await?;
+        Ok(deleted)
+    }
+
+    /// Tenant-wide bulk change.
+    pub async fn invalidate_prefix(&self, tenant: &TenantId, target: PrefixTarget, trusted: bool) -> Result<u64> {
+        let (scope, prefix) = match &target {
+            PrefixTarget::Resource(name) => {
+                let res = self.resource(name)?;
+                self.check_global(&res, trusted)?;
+                let scope = Self::scope(&res, tenant);
+                let prefix = format!("{}{}:", self.keys.scope_root(&scope), res.name);
+                (scope, prefix)
+            }
+            PrefixTarget::KeyPrefix(p) => {
+                if p.is_empty() {
+                    return Err(Error::InvalidArgument("key_prefix is empty; use all to drop everything".into()));
+                }
+                let scope = Scope::Tenant(tenant.clone());
+                // Validated as a key part: the prefix of valid keys.
+                let entry = self.keys.entry(&scope, KV, p)?;
+                (scope, entry)
+            }
+            PrefixTarget::All => {
+                let scope = Scope::Tenant(tenant.clone());
+                let root = self.keys.scope_root(&scope);
+                (scope, root)
+            }
+        };
+        let deleted = self.redis_op(self.l2.invalidate_prefix(&scope, &prefix)).await?;
+        self.publish(&scope, Vec::new(), vec![prefix]).await?;
+        Ok(deleted)
+    }
+
+    /// Tells every node's L1 (this one's included) to drop `tags` and keys
+    /// under `prefixes` in `scope`.
+    async fn publish(&self, scope: &Scope, tags: Vec<String>, prefixes: Vec<String>) -> Result<()> {
+        let event = InvalidationEvent {
+            event_id: format!("api:{}:{}", self.node, self.seq.fetch_add(1, Ordering::Relaxed)),
+            tenant: match scope {
+                Scope::Tenant(t) => t.to_string(),
+                Scope::Global => String::new(),
+            },
+            tags,
+            key_prefixes: prefixes,
+            commit_time_us: now_us(),
+            captured_time_us: now_us(),
+            ..Default::default()
+        };
+        let message =
+            L1Message { body: Some(l1_message::Body::Invalidations(InvalidationBatch { events: vec![event] })) };
+        let payload = Bytes::from(message.encode_to_vec());
+        let channel = self.keys.l1_channel();
+        self.redis_op(async {
+            Ok::<_, herald_core::Error>(self.redis.next().publish::<i64, _, _>(channel, payload).await?)
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+}

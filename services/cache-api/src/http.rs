@@ -1,0 +1,387 @@
+//! The HTTP/JSON API on axum: the same operations as gRPC, with
+//! `Authorization: Bearer` and the OpenAPI document at `/openapi.json`.
+//!
+//! | route | operation |
+//! |---|---|
+//! | `GET /v1/t/{tenant}/r/{resource}?<param>=…` | Get a resource (named parameters, or `p=` repeated in order) |
+//! | `DELETE /v1/t/{tenant}/r/{resource}?…` | Delete a resource entry |
+//! | `GET /v1/t/{tenant}/k/{key}` | Get an explicit key (raw bytes; 404 with `x-herald-fill-token` on a miss) |
+//! | `PUT /v1/t/{tenant}/k/{key}?ttl_ms=&tag=…` | Set an explicit key (body: the value) |
+//! | `DELETE /v1/t/{tenant}/k/{key}` | Delete an explicit key |
+//! | `POST /v1/t/{tenant}/get` | GetMany |
+//! | `POST /v1/t/{tenant}/invalidate` | InvalidateTags or InvalidatePrefix |
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use herald_core::keys::TenantId;
+use herald_proto::v1::Layer;
+use serde::Deserialize;
+
+use crate::auth::{Auth, Caller, bearer};
+use crate::cache::{Answer, Cache};
+use crate::error::{Error, Result};
+use crate::grpc::{MAX_GET_MANY, prefix_target};
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub cache: Arc<Cache>,
+    pub auth: Arc<Auth>,
+}
+
+/// The HTTP routes; `max_value_bytes` bounds request bodies.
+pub fn router(state: HttpState, max_value_bytes: usize) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/t/{tenant}/r/{resource}", get(get_resource).delete(delete_resource))
+        .route("/v1/t/{tenant}/k/{key}", get(get_key).put(put_key).delete(delete_key))
+        .route("/v1/t/{tenant}/get", post(get_many))
+        .route("/v1/t/{tenant}/invalidate", post(invalidate))
+        .layer(DefaultBodyLimit::max(max_value_bytes + 64 * 1024))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::DOCUMENT)
+}
+
+fn layer_name(layer: Layer) -> &'static str {
+    match layer {
+        Layer::L1 => "l1",
+        Layer::L2 => "l2",
+        Layer::Database => "database",
+        Layer::None | Layer::Unspecified => "none",
+    }
+}
+
+impl HttpState {
+    fn tenant(&self, headers: &HeaderMap, tenant: &str) -> Result<(Caller, TenantId)> {
+        let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let caller = self.auth.authenticate(bearer(header))?;
+        let tenant = caller.tenant(tenant)?;
+        Ok((caller, tenant))
+    }
+}
+
+/// Decodes `application/x-www-form-urlencoded` pairs, keeping repeats.
+fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>> {
+    let Some(raw) = raw else { return Ok(Vec::new()) };
+    raw.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Result<String> {
+    let bad = || Error::InvalidArgument(format!("bad percent-encoding in query: {s:?}"));
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// `x-herald-min-lsn`: a Postgres LSN (`16/B374D848`) or its 64-bit value.
+fn min_lsn(headers: &HeaderMap) -> Result<u64> {
+    let Some(value) = headers.get("x-herald-min-lsn") else { return Ok(0) };
+    let bad = || Error::InvalidArgument("x-herald-min-lsn: expected an LSN like 16/B374D848".into());
+    let s = value.to_str().map_err(|_| bad())?.trim();
+    match s.split_once('/') {
+        Some((hi, lo)) => {
+            let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
+            let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
+            if hi > u64::from(u32::MAX) || lo > u64::from(u32::MAX) {
+                return Err(bad());
+            }
+            Ok(hi << 32 | lo)
+        }
+        None => s.parse().map_err(|_| bad()),
+    }
+}
+
+/// The resource's parameters from the query: by name, or `p` in order.
+fn resource_params(cache: &Cache, resource: &str, pairs: Vec<(String, String)>) -> Result<Vec<String>> {
+    let res = cache.resource(resource)?;
+    if pairs.iter().all(|(k, _)| k == "p") {
+        return Ok(pairs.into_iter().map(|(_, v)| v).collect());
+    }
+    let mut params = Vec::with_capacity(res.params.len());
+    for name in &res.params {
+        let mut values = pairs.iter().filter(|(k, _)| k == name);
+        let value = values.next().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "resource {resource:?} takes parameters {}; {name:?} is missing",
+                res.params.join(", ")
+            ))
+        })?;
+        if values.next().is_some() {
+            return Err(Error::InvalidArgument(format!("parameter {name:?} given twice")));
+        }
+        params.push(value.1.clone());
+    }
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !res.params.contains(k)) {
+        return Err(Error::InvalidArgument(format!(
+            "resource {resource:?} has no parameter {k:?} (it takes {})",
+            res.params.join(", ")
+        )));
+    }
+    Ok(params)
+}
+
+fn json_answer(answer: &Answer) -> String {
+    let value = if answer.value.is_empty() { "null" } else { std::str::from_utf8(&answer.value).unwrap_or("null") };
+    format!(r#"{{"found":{},"layer":"{}","value":{value}}}"#, answer.found, layer_name(answer.layer))
+}
+
+async fn get_resource(
+    State(state): State<HttpState>,
+    Path((tenant, resource)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let params = resource_params(&state.cache, &resource, query_pairs(query.as_deref())?)?;
+    let answer = state.cache.get_resource(&tenant, &resource, &params, min_lsn(&headers)?).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json_answer(&answer)).into_response())
+}
+
+async fn delete_resource(
+    State(state): State<HttpState>,
+    Path((tenant, resource)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let (caller, tenant) = state.tenant(&headers, &tenant)?;
+    let params = resource_params(&state.cache, &resource, query_pairs(query.as_deref())?)?;
+    let deleted = state.cache.delete_resource(&tenant, &resource, &params, caller.trusted()).await?;
+    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+async fn get_key(
+    State(state): State<HttpState>,
+    Path((tenant, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let answer = state.cache.get_key(&tenant, &key, min_lsn(&headers)?).await?;
+    let layer = HeaderValue::from_static(layer_name(answer.layer));
+    if !answer.found {
+        let mut response = (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "found": false }))).into_response();
+        if let Ok(token) = HeaderValue::from_str(&answer.fill_token) {
+            response.headers_mut().insert("x-herald-fill-token", token);
+        }
+        response.headers_mut().insert("x-herald-layer", layer);
+        return Ok(response);
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::HeaderName::from_static("x-herald-layer"), layer),
+        ],
+        answer.value,
+    )
+        .into_response())
+}
+
+async fn put_key(
+    State(state): State<HttpState>,
+    Path((tenant, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let mut ttl_ms = 0;
+    let mut tags = Vec::new();
+    let mut fill_token =
+        headers.get("x-herald-fill-token").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    for (k, v) in query_pairs(query.as_deref())? {
+        match k.as_str() {
+            "ttl_ms" => {
+                ttl_ms = v.parse().map_err(|_| Error::InvalidArgument(format!("ttl_ms: {v:?} is not a number")))?
+            }
+            "tag" => tags.push(v),
+            "fill_token" => fill_token = v,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown query parameter {other:?} (ttl_ms, tag, fill_token)"
+                )));
+            }
+        }
+    }
+    let stored = state.cache.set_key(&tenant, &key, body, ttl_ms, tags, &fill_token).await?;
+    let status = if stored { StatusCode::OK } else { StatusCode::CONFLICT };
+    Ok((status, axum::Json(serde_json::json!({ "stored": stored }))).into_response())
+}
+
+async fn delete_key(
+    State(state): State<HttpState>,
+    Path((tenant, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let deleted = state.cache.delete_key(&tenant, &key).await?;
+    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetManyBody {
+    items: Vec<GetItemBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetItemBody {
+    #[serde(default)]
+    resource: Option<String>,
+    #[serde(default)]
+    params: Vec<String>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::InvalidArgument(format!("request body: {e}")))
+}
+
+async fn get_many(
+    State(state): State<HttpState>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let body: GetManyBody = json_body(&body)?;
+    if body.items.len() > MAX_GET_MANY {
+        return Err(Error::InvalidArgument(format!("at most {MAX_GET_MANY} items per request")));
+    }
+    let lsn = min_lsn(&headers)?;
+    let lookups = body.items.into_iter().map(|item| {
+        let (cache, tenant) = (&state.cache, &tenant);
+        async move {
+            match (item.resource, item.key) {
+                (Some(r), None) => cache.get_resource(tenant, &r, &item.params, lsn).await,
+                (None, Some(k)) => cache.get_key(tenant, &k, lsn).await,
+                _ => Err(Error::InvalidArgument("each item names a resource or a key".into())),
+            }
+        }
+    });
+    let mut out = String::from(r#"{"results":["#);
+    for (i, r) in futures::future::join_all(lookups).await.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match r {
+            Ok(a) if a.layer == Layer::None || a.layer == Layer::Unspecified || !is_json(&a) => {
+                let v = serde_json::json!({ "found": a.found, "layer": layer_name(a.layer), "value_base64": base64(&a.value), "fill_token": a.fill_token });
+                out.push_str(&v.to_string());
+            }
+            Ok(a) => out.push_str(&json_answer(&a)),
+            Err(e) => out
+                .push_str(&serde_json::json!({ "error": { "code": e.kind(), "message": e.to_string() } }).to_string()),
+        }
+    }
+    out.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+fn is_json(a: &Answer) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(&a.value).is_ok()
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    resource: String,
+    #[serde(default)]
+    key_prefix: String,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn invalidate(
+    State(state): State<HttpState>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let (caller, tenant) = state.tenant(&headers, &tenant)?;
+    let body: InvalidateBody = json_body(&body)?;
+    let deleted = if !body.tags.is_empty() {
+        if !body.resource.is_empty() || !body.key_prefix.is_empty() || body.all {
+            return Err(Error::InvalidArgument("give tags, or one of resource, key_prefix and all".into()));
+        }
+        state.cache.invalidate_tags(&tenant, body.tags).await?
+    } else {
+        let target = prefix_target(&body.resource, &body.key_prefix, body.all)?;
+        state.cache.invalidate_prefix(&tenant, target, caller.trusted()).await?
+    };
+    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_queries_and_lsns() {
+        let pairs = query_pairs(Some("slug=a%20b&p=x+y&t=%E2%9C%93")).unwrap();
+        assert_eq!(pairs[0], ("slug".into(), "a b".into()));
+        assert_eq!(pairs[1], ("p".into(), "x y".into()));
+        assert_eq!(pairs[2].1, "✓");
+        assert!(query_pairs(Some("a=%zz")).is_err());
+        let mut h = HeaderMap::new();
+        h.insert("x-herald-min-lsn", HeaderValue::from_static("16/B374D848"));
+        assert_eq!(min_lsn(&h).unwrap(), 0x16_B374_D848);
+        h.insert("x-herald-min-lsn", HeaderValue::from_static("nope"));
+        assert!(min_lsn(&h).is_err());
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+}

@@ -1,0 +1,25 @@
+//! `herald-cache-api`: the tenant-aware cache over gRPC and HTTP.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use herald_core::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "Herald's tenant-aware cache over gRPC and HTTP")]
+struct Cli {
+    /// TOML configuration file (environment overrides apply on top).
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
+    let _telemetry = herald_core::telemetry::init("herald-cache-api")?;
+    let listeners = herald_cache_api::Listeners::bind(&config).await?;
+    let shutdown = herald_core::shutdown::on_signal();
+    herald_cache_api::run(config, listeners, herald_cache_api::Options::default(), shutdown).await
+}
