@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::{Sandbox, assert_eventually, http_get};
+use crate::{Sandbox, assert_eventually, http_get, metric};
 
 pub const ACME_TOKEN: &str = "acme-token-0123456789";
 pub const GLOBEX_TOKEN: &str = "globex-token-0123456789";
@@ -150,15 +150,7 @@ impl CacheNode {
 
     /// Sum of every sample of metric `name` whose labels contain `labels`.
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
-        let text = http_get(self.ops_addr, "/metrics").await;
-        text.lines()
-            .filter(|l| {
-                l.starts_with(name)
-                    && (l.as_bytes().get(name.len()) == Some(&b'{') || l.as_bytes().get(name.len()) == Some(&b' '))
-            })
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric(self.ops_addr, name, labels).await
     }
 
     pub async fn client(&self) -> CacheClient<Channel> {

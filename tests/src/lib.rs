@@ -332,6 +332,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     response
 }
 
+/// Sum of every sample of metric `name` served at `addr`'s `/metrics` whose
+/// labels contain `labels`.
+pub async fn metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {
+    let text = http_get(addr, "/metrics").await;
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `admin`'s URL pointing at database `name`.
 pub fn database_url_for(admin: &str, name: &str) -> String {
     let mut config: tokio_postgres::Config = admin.parse().expect("DATABASE_URL");

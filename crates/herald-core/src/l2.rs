@@ -83,8 +83,10 @@ store(KEYS[1], ARGV[1], tonumber(ARGV[2]), sets)
 return 1
 "#;
 
-/// `KEYS[1]` epoch (created when missing), optional `KEYS[2]` lease taken
-/// with `SET NX PX` (ARGV owner, ms). Returns {acquired, epoch, now}.
+/// `KEYS[1]` epoch (created when missing); optionally `KEYS[2]` a lease
+/// taken with `SET NX PX` (ARGV owner, ms) unless the entry `KEYS[3]` is
+/// already there (another node's fill finished first). Returns {acquired,
+/// epoch, now, entry or false}.
 const BEGIN_FILL: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -94,10 +96,12 @@ if not epoch then
   redis.call('SET', KEYS[1], epoch)
 end
 local acquired = 1
+local entry = false
 if #KEYS > 1 then
-  if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then acquired = 0 end
+  entry = redis.call('GET', KEYS[3])
+  if entry or not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then acquired = 0 end
 end
-return {acquired, epoch, now}
+return {acquired, epoch, now, entry}
 "#;
 
 /// Gated store. KEYS: entry, epoch, prefix marks, lease, n tag sets, n tag
@@ -175,11 +179,22 @@ impl FromStr for FillToken {
 /// A fill lease: only its owner's fill reads the source; others wait for
 /// the value to appear in L2.
 pub struct Lease<'a> {
+    /// The entry the fill is for.
+    pub entry: &'a str,
     /// The entry's lease key ([`KeySpace::lease`]).
     pub key: &'a str,
     /// Unique per fill.
     pub owner: &'a str,
     pub ttl: Duration,
+}
+
+/// What [`L2::begin_fill`] found.
+pub struct BegunFill {
+    /// The lease is this fill's (always false without a lease).
+    pub acquired: bool,
+    pub token: FillToken,
+    /// The entry, when another fill stored it already.
+    pub entry: Option<Bytes>,
 }
 
 /// L2 operations of one installation.
@@ -218,19 +233,22 @@ impl L2 {
         Ok(())
     }
 
-    /// Starts a fill in `scope`: the token to pass to [`L2::store_gated`],
-    /// and whether `lease` (when given) was acquired.
-    pub async fn begin_fill(&self, scope: &Scope, lease: Option<&Lease<'_>>) -> Result<(bool, FillToken)> {
+    /// Starts a fill in `scope`: the token to pass to [`L2::store_gated`].
+    /// With a `lease`, also whether it was acquired, or the entry when it
+    /// is already stored (then nobody needs to fill it).
+    pub async fn begin_fill(&self, scope: &Scope, lease: Option<&Lease<'_>>) -> Result<BegunFill> {
         let mut keys = vec![self.keys.fill_epoch(scope)];
         let mut args: Vec<Value> = Vec::new();
         if let Some(lease) = lease {
             keys.push(lease.key.to_string());
+            keys.push(lease.entry.to_string());
             args.push(lease.owner.into());
             args.push(millis(lease.ttl).into());
         }
-        let (acquired, epoch, now): (i64, String, String) = self.redis.next().eval(BEGIN_FILL, keys, args).await?;
+        let (acquired, epoch, now, entry): (i64, String, String, Option<Bytes>) =
+            self.redis.next().eval(BEGIN_FILL, keys, args).await?;
         let token = FillToken { epoch, start_us: now.parse().map_err(|_| Error::invalid("redis time", now))? };
-        Ok((acquired == 1, token))
+        Ok(BegunFill { acquired: acquired == 1, token, entry })
     }
 
     /// Stores the entry unless an invalidation passed `token` (see the module

@@ -286,15 +286,26 @@ impl Cache {
         let deadline = Instant::now() + Duration::from_millis(self.config.fill_wait_ms);
         let mut ticket = Some(ticket);
         loop {
-            let lease = Lease { key: &lease_key, owner: &owner, ttl: Duration::from_millis(self.config.lease_ms) };
-            let (acquired, token) = match self.redis_op(self.l2.begin_fill(scope, Some(&lease))).await {
+            let lease =
+                Lease { entry: key, key: &lease_key, owner: &owner, ttl: Duration::from_millis(self.config.lease_ms) };
+            let begun = match self.redis_op(self.l2.begin_fill(scope, Some(&lease))).await {
                 Ok(begun) => begun,
                 Err(_) => {
                     return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false });
                 }
             };
-            if acquired {
+            if let Some(bytes) = begun.entry {
+                // Another node stored it between our L2 read and now.
                 let ticket = ticket.take().unwrap_or_else(|| self.l1.begin_fill());
+                if let Some(answer) = self.answer_from_l2(ticket, scope, key, bytes) {
+                    self.metrics.hit(&res.name, "l2");
+                    return Ok(Filled { answer, raced: false });
+                }
+                return self.fill_unleased(res, scope, params, key).await;
+            }
+            if begun.acquired {
+                let ticket = ticket.take().unwrap_or_else(|| self.l1.begin_fill());
+                let token = begun.token;
                 return self.fill_from_db(res, scope, params, key, ticket, &token, Some((&lease_key, &owner))).await;
             }
             self.metrics.resource(&self.metrics.lease_waits, &res.name);
@@ -333,7 +344,7 @@ impl Cache {
     async fn fill_unleased(&self, res: &Resource, scope: &Scope, params: &[String], key: &str) -> Result<Filled> {
         let ticket = self.l1.begin_fill();
         match self.redis_op(self.l2.begin_fill(scope, None)).await {
-            Ok((_, token)) => self.fill_from_db(res, scope, params, key, ticket, &token, None).await,
+            Ok(begun) => self.fill_from_db(res, scope, params, key, ticket, &begun.token, None).await,
             Err(_) => self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false }),
         }
     }
@@ -472,7 +483,7 @@ impl Cache {
         }
         self.metrics.miss(KV, "l2");
         let token =
-            self.redis_op(self.l2.begin_fill(&scope, None)).await.map(|(_, t)| t.to_string()).unwrap_or_default();
+            self.redis_op(self.l2.begin_fill(&scope, None)).await.map(|b| b.token.to_string()).unwrap_or_default();
         Ok(Answer { fill_token: token, ..none })
     }
 
