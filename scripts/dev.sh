@@ -14,13 +14,18 @@
 #      127.0.0.1:56379 without persistence and exports REDIS_URL.
 #   3. Applies deploy/demo.sql (table public.res_users + seed rows alice, bob,
 #      carol; idempotent).
-#   4. cargo build --release -p herald-capture -p herald-broadcast
+#   4. cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api
 #      (binaries in ${CARGO_TARGET_DIR:-target}/release).
-#   5. herald-capture install, then herald-capture run and herald-broadcast run
-#      in the background (logs: .dev/capture.log, .dev/broadcast.log), and
+#   5. herald-capture install, then herald-capture run, herald-broadcast run
+#      and herald-cache-api run in the background (logs: .dev/capture.log,
+#      .dev/broadcast.log, .dev/cache-api.log; the cache API on
+#      127.0.0.1:8080 (HTTP) and :50051 (gRPC) with the token in
+#      HERALD_CACHE_TOKEN, default dev-token-0123456789), and
 #      herald-broadcast watch whose output is printed here prefixed with [l1].
 #   6. Every 2 s changes a random demo row (its name, or its slug) and says
-#      what it did, so you see the invalidation arrive on the [l1] lines.
+#      what it did, so you see the invalidation arrive on the [l1] lines, then
+#      reads the row through the cache API ([cache] lines: which layer
+#      answered, and the value — never the old one).
 #   Ctrl-C stops the processes it started and the throwaway servers it started
 #   (never servers it found already running, nor ones given by URL).
 #
@@ -35,8 +40,11 @@
 #   DEV_SKIP_BUILD=1         do not run cargo; use the binaries already built
 #   DEV_INTERVAL=2           seconds between demo writes
 #   RUST_LOG                 log level of the services (default: info)
-#   HERALD_CAPTURE__OPS_ADDR, HERALD_BROADCAST__OPS_ADDR
-#                            ops servers (default 127.0.0.1:9101 / :9102)
+#   HERALD_CAPTURE__OPS_ADDR, HERALD_BROADCAST__OPS_ADDR, HERALD_CACHE__OPS_ADDR
+#                            ops servers (default 127.0.0.1:9101 / :9102 / :9103)
+#   HERALD_CACHE__HTTP_ADDR, HERALD_CACHE__GRPC_ADDR
+#                            cache API (default 127.0.0.1:8080 / :50051)
+#   HERALD_CACHE_TOKEN       the cache API's token (default dev-token-0123456789)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -253,10 +261,10 @@ fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN="$TARGET_DIR/release"
 if [[ ${DEV_SKIP_BUILD:-0} != 1 ]]; then
-    log "cargo build --release -p herald-capture -p herald-broadcast"
-    cargo build --release -p herald-capture -p herald-broadcast
+    log "cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api"
+    cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api
 fi
-for b in herald-capture herald-broadcast; do
+for b in herald-capture herald-broadcast herald-cache-api; do
     [[ -x $BIN/$b ]] || die "$BIN/$b not found (build failed, or CARGO_TARGET_DIR differs)"
 done
 
@@ -267,12 +275,17 @@ export HERALD_ENV=${HERALD_ENV:-dev}
 export RUST_LOG=${RUST_LOG:-info}
 export HERALD_CAPTURE__OPS_ADDR=${HERALD_CAPTURE__OPS_ADDR:-127.0.0.1:9101}
 export HERALD_BROADCAST__OPS_ADDR=${HERALD_BROADCAST__OPS_ADDR:-127.0.0.1:9102}
+export HERALD_CACHE__OPS_ADDR=${HERALD_CACHE__OPS_ADDR:-127.0.0.1:9103}
+export HERALD_CACHE__HTTP_ADDR=${HERALD_CACHE__HTTP_ADDR:-127.0.0.1:8080}
+export HERALD_CACHE__GRPC_ADDR=${HERALD_CACHE__GRPC_ADDR:-127.0.0.1:50051}
+export HERALD_CACHE_TOKEN=${HERALD_CACHE_TOKEN:-dev-token-0123456789}
 CFG=(--config "$CONFIG")
 
 log "binaries:   $BIN"
 log "config:     deploy/herald.toml (env=$HERALD_ENV)"
-log "ops:        capture http://$HERALD_CAPTURE__OPS_ADDR/metrics, broadcast http://$HERALD_BROADCAST__OPS_ADDR/metrics"
-log "logs:       .dev/capture.log .dev/broadcast.log .dev/watch.log"
+log "ops:        capture http://$HERALD_CAPTURE__OPS_ADDR/metrics, broadcast http://$HERALD_BROADCAST__OPS_ADDR/metrics, cache-api http://$HERALD_CACHE__OPS_ADDR/metrics"
+log "cache API:  curl -H 'Authorization: Bearer $HERALD_CACHE_TOKEN' 'http://$HERALD_CACHE__HTTP_ADDR/v1/t/demo/r/user_by_slug?slug=alice'"
+log "logs:       .dev/capture.log .dev/broadcast.log .dev/cache-api.log .dev/watch.log"
 
 log "herald-capture install"
 "$BIN/herald-capture" "${CFG[@]}" install || die "herald-capture install failed"
@@ -287,6 +300,7 @@ start_bg() { # name logfile cmd...
 }
 start_bg capture "$DEV/capture.log" "$BIN/herald-capture" "${CFG[@]}" run
 start_bg broadcast "$DEV/broadcast.log" "$BIN/herald-broadcast" "${CFG[@]}" run
+start_bg cache-api "$DEV/cache-api.log" "$BIN/herald-cache-api" "${CFG[@]}" run
 
 # watch: each invalidation is one JSON line; print it here with an [l1] prefix.
 printf '\n=== watch started %s ===\n' "$(date -Is)" >>"$DEV/watch.log"
@@ -323,22 +337,32 @@ http_ok() ( # host:port path — in a subshell, so a failed redirection cannot e
 ready=0
 for _ in $(seq 60); do
     check_alive
-    if http_ok "$HERALD_CAPTURE__OPS_ADDR" /readyz && http_ok "$HERALD_BROADCAST__OPS_ADDR" /readyz; then
+    if http_ok "$HERALD_CAPTURE__OPS_ADDR" /readyz && http_ok "$HERALD_BROADCAST__OPS_ADDR" /readyz \
+        && http_ok "$HERALD_CACHE__OPS_ADDR" /readyz; then
         ready=1
         break
     fi
     sleep 0.5
 done
 if ((ready)); then
-    log "capture and broadcast are ready"
+    log "capture, broadcast and cache-api are ready"
 else
-    log "warning: capture/broadcast not ready after 30 s; continuing (see .dev/*.log)"
+    log "warning: services not ready after 30 s; continuing (see .dev/*.log)"
 fi
 
 # ---------------------------------------------------------------------------
 # demo writes
 # ---------------------------------------------------------------------------
-log "changing a random res_users row every ${INTERVAL}s; watch the [l1] lines. Ctrl-C to stop."
+# Reads one demo row through the cache API and prints the answer.
+cache_read() { # slug
+    command -v curl >/dev/null 2>&1 || return 0
+    local body
+    body=$(curl -fsS --max-time 2 -H "Authorization: Bearer $HERALD_CACHE_TOKEN" \
+        "http://$HERALD_CACHE__HTTP_ADDR/v1/t/demo/r/user_by_slug?slug=$1" 2>&1) || body="error: $body"
+    printf '[cache] GET user_by_slug?slug=%s -> %s\n' "$1" "$body"
+}
+
+log "changing a random res_users row every ${INTERVAL}s; watch the [l1] and [cache] lines. Ctrl-C to stop."
 n=0
 while true; do
     sleep "$INTERVAL"
@@ -358,6 +382,9 @@ while true; do
         new="${name% \#*} #$n"
         if psql_q -v v="$new" -v id="$id" >/dev/null <<<"UPDATE public.res_users SET name = :'v', updated_at = now() WHERE id = :id"; then
             log "#$n UPDATE res_users id=$id ($slug): name '$name' -> '$new'"
+            sleep 0.2
+            cache_read "$slug"
+            cache_read "$slug"
         else
             log "#$n UPDATE of id=$id failed"
         fi

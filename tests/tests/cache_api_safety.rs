@@ -384,3 +384,68 @@ async fn with_redis_killed_answers_come_from_postgres_and_stay_correct() {
     assert_eventually!(10, async { name_now(&node).await.0 == "after" }, "not coherent after redis came back");
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_unreachable_hits_are_served_and_misses_are_unavailable() {
+    let sb = sandbox().await;
+    let _broadcast = sb.spawn_broadcast().await;
+    sb.sql("INSERT INTO res_users (id, tenant_id, name) VALUES (1, 'acme', 'cached'), (2, 'acme', 'not cached')").await;
+    let node = sb.spawn_cache_api(Options::default()).await;
+    node.get(ACME_TOKEN, "acme", "user_by_id", &["1"]).await.unwrap();
+
+    // Postgres refuses this database: new connections fail, open ones end.
+    let admin = herald_tests::admin_url();
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let db = sb.db_name.clone();
+    client.batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false")).await.unwrap();
+    client.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&db]).await.unwrap();
+
+    let hit = node.get(ACME_TOKEN, "acme", "user_by_id", &["1"]).await.expect("a hit while postgres is down");
+    assert_eq!((name_of(&hit.value), hit.layer()), ("cached".into(), Layer::L1));
+    let miss = node.get(ACME_TOKEN, "acme", "user_by_id", &["2"]).await.unwrap_err();
+    assert_eq!(miss.code(), Code::Unavailable, "{}", miss.message());
+    assert!(miss.message().contains("postgres"), "{}", miss.message());
+    assert_eventually!(5, async { node.readyz().await.contains("postgres: degraded") }, "readyz did not say so");
+
+    client.batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")).await.unwrap();
+    assert_eventually!(
+        20,
+        async {
+            node.get(ACME_TOKEN, "acme", "user_by_id", &["2"]).await.is_ok_and(|a| name_of(&a.value) == "not cached")
+        },
+        "misses did not recover with postgres"
+    );
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_and_reflection_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let sb = sandbox().await;
+    let _broadcast = sb.spawn_broadcast().await;
+    let node = sb.spawn_cache_api(Options::default()).await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", node.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let status = health.check(HealthCheckRequest { service: "herald.v1.Cache".into() }).await.unwrap().into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving);
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("no service list")
+    };
+    assert!(list.service.iter().any(|s| s.name == "herald.v1.Cache"), "{:?}", list.service);
+    sb.cleanup().await;
+}

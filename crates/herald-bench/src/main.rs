@@ -1,6 +1,7 @@
 //! Herald's benchmark programs: each subcommand runs one benchmark against
 //! real Postgres and Redis, prints a table, then a single JSON line last.
 
+mod cache;
 mod invalidation;
 mod report;
 
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Commit → L1 invalidation latency, and what capture costs writers.
     Invalidation(invalidation::Args),
+    /// Cache API Get per layer against direct Redis and Postgres; stampede.
+    Cache(cache::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Invalidation(args) => invalidation::run(args).await,
+            Command::Cache(args) => cache::run(args).await,
         }
     })
 }

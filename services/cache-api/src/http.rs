@@ -43,7 +43,17 @@ pub fn router(state: HttpState, max_value_bytes: usize) -> Router {
         .route("/v1/t/{tenant}/get", post(get_many))
         .route("/v1/t/{tenant}/invalidate", post(invalidate))
         .layer(DefaultBodyLimit::max(max_value_bytes + 64 * 1024))
+        .layer(axum::middleware::from_fn(trace))
         .with_state(state)
+}
+
+/// One span per request, with its method, path and status.
+async fn trace(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), status = tracing::field::Empty);
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
 }
 
 async fn openapi() -> impl IntoResponse {

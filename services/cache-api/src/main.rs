@@ -3,20 +3,29 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use herald_core::config::Config;
 
 #[derive(Parser)]
 #[command(version, about = "Herald's tenant-aware cache over gRPC and HTTP")]
 struct Cli {
     /// TOML configuration file (environment overrides apply on top).
-    #[arg(long, env = "HERALD_CONFIG")]
+    #[arg(long, env = "HERALD_CONFIG", global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the cache API (the default).
+    Run,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let Command::Run = cli.command.unwrap_or(Command::Run);
     let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
     let _telemetry = herald_core::telemetry::init("herald-cache-api")?;
     let listeners = herald_cache_api::Listeners::bind(&config).await?;

@@ -277,7 +277,58 @@ fn check_row_tag(tag: &str, tables: &[TableConfig]) -> std::result::Result<(), S
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::config::Config;
+
+    const TABLE: &str =
+        "[[tables]]\nname = \"res_users\"\nkey_columns = [\"website_slug\"]\ntenant_column = \"tenant_id\"\n";
+
+    fn load(resource: &str) -> std::result::Result<Config, String> {
+        let text = format!("{TABLE}[[cache.resources]]\nname = \"r\"\nshape = \"row\"\n{resource}");
+        Config::load(&text, &BTreeMap::new()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_shipped_config_loads() {
+        let text = include_str!("../../../../deploy/herald.toml");
+        let config = Config::load(text, &BTreeMap::new()).unwrap();
+        assert!(config.cache.resources.iter().any(|r| r.name == "user_by_slug"));
+        assert!(config.cache.tokens.iter().all(|t| t.token.is_none()), "secrets belong in the environment");
+    }
+
+    #[test]
+    fn resources_are_checked_and_errors_name_the_key() {
+        let ok = "sql = \"SELECT id FROM res_users WHERE tenant_id = $tenant AND website_slug = $1\"\nparams = [\"slug\"]\ntags = [\"res_users.website_slug=$1\", \"res_users.id={id}\"]\nttl_ms = 1000\n";
+        load(ok).unwrap();
+        let cases = [
+            (ok.replace("$1\"\nparams", "$2\"\nparams"), "uses $2 but the resource has 1 params"),
+            (ok.replace("[\"slug\"]", "[\"slug\", \"x\"]"), "never uses $2"),
+            (ok.replace("tenant_id = $tenant AND ", ""), "must filter by $tenant"),
+            (ok.replace("ttl_ms = 1000", "ttl_ms = 0"), "needs unlimited_ttl_reason"),
+            (ok.replace("res_users.id={id}", "res_users.name={id}"), "neither the id column nor a key column"),
+            (ok.replace("res_users.id={id}", "orders.id={id}"), "not a watched table"),
+            (ok.replace("tags = [\"res_users.website_slug=$1\", \"res_users.id={id}\"]", "tags = []"), "needs tags"),
+        ];
+        for (text, expected) in cases {
+            let err = load(&text).unwrap_err();
+            assert!(err.contains("cache.resources[0] (r)") && err.contains(expected), "{err}");
+        }
+        let unlimited =
+            ok.replace("ttl_ms = 1000", "ttl_ms = 0\nunlimited_ttl_reason = \"reference data, dropped by events\"");
+        load(&unlimited).unwrap();
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        let load = |t: &str| Config::load(&format!("[[cache.tokens]]\nname = \"a\"\n{t}"), &BTreeMap::new());
+        assert!(load("token = \"short\"\ntenants = [\"acme\"]").unwrap_err().to_string().contains("at least 16"));
+        assert!(load("tenants = [\"acme\"]").unwrap_err().to_string().contains("exactly one of token"));
+        assert!(load("token_env = \"T\"\ntenants = []").unwrap_err().to_string().contains("tenants"));
+        assert!(load("token_env = \"T\"\ntenants = [\"a b\"]").unwrap_err().to_string().contains("tenant id"));
+        load("token_env = \"T\"\ntenants = [\"*\"]").unwrap();
+    }
 
     #[test]
     fn placeholders_and_refs() {
