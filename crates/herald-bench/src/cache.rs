@@ -229,7 +229,7 @@ async fn pg_run(sb: &Sandbox, rows: usize, concurrency: usize, duration: Duratio
     let mut config = sb.config.postgres.clone();
     config.pool_size = concurrency.min(16);
     let pool = herald_core::pg::pool(&config)?;
-    let run = load(concurrency, duration, move |_, n| {
+    load(concurrency, duration, move |_, n| {
         let pool = pool.clone();
         let slug = format!("u{}", (n.wrapping_mul(2_654_435_761) % rows as u64) + 1);
         async move {
@@ -238,8 +238,7 @@ async fn pg_run(sb: &Sandbox, rows: usize, concurrency: usize, duration: Duratio
             Ok(client.query_opt(&stmt, &[&"acme", &slug]).await?.is_some())
         }
     })
-    .await;
-    run
+    .await
 }
 
 /// `stampede` concurrent Gets of one cold key, alternating over two nodes;
