@@ -49,6 +49,7 @@ const DIRECT_SQL: &str = "SELECT id, website_slug, name FROM res_users WHERE ten
 
 struct Node {
     child: Child,
+    pid: u32,
     grpc: SocketAddr,
     ops: SocketAddr,
     config_path: PathBuf,
@@ -60,6 +61,26 @@ impl Node {
         let _ = self.child.wait().await;
         let _ = std::fs::remove_file(&self.config_path);
     }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command (which may contain spaces) start after ')'.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs `run` and returns it with the CPU microseconds per request that
+/// process `pid` (the server) spent meanwhile.
+async fn with_cpu<F: Future<Output = anyhow::Result<Run>>>(pid: u32, run: F) -> anyhow::Result<(Run, f64)> {
+    let before = cpu_seconds(pid);
+    let run = run.await?;
+    let used = cpu_seconds(pid) - before;
+    let per_request = if run.requests > 0 { used * 1e6 / run.requests as f64 } else { 0.0 };
+    Ok((run, per_request))
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
@@ -102,7 +123,8 @@ async fn start_node(config: &Config, l1: L1Config) -> anyhow::Result<Node> {
         .kill_on_drop(true)
         .spawn()
         .context("spawn herald-cache-api")?;
-    let node = Node { child, grpc, ops, config_path };
+    let pid = child.id().context("cache-api pid")?;
+    let node = Node { child, pid, grpc, ops, config_path };
     assert_eventually!(30, async { http_get(node.ops, "/readyz").await.contains("l1: ok") }, "cache-api did not start");
     Ok(node)
 }
@@ -315,6 +337,12 @@ async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonL
     let a = start_node(&sb.config, L1Config::default()).await?;
     let b = start_node(&sb.config, L1Config { max_bytes: 1, ..L1Config::default() }).await?;
     let duration = Duration::from_secs(args.seconds);
+    let info: String = sb.redis.next().info(Some(fred::types::InfoKind::Server)).await?;
+    let redis_pid: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+        .context("redis process_id")?;
 
     // Warm: every row into L2 and a's L1.
     let warm = grpc_run(&a, args.rows, 16, Duration::from_secs(2), Layer::L1).await?;
@@ -323,10 +351,10 @@ async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonL
         Table::new(format!("cache API gRPC Get vs direct Redis GET and direct Postgres ({}s each)", args.seconds));
     table.row("warm-up", describe(&warm));
     for (round, &c) in args.concurrency.iter().enumerate() {
-        let l1 = grpc_run(&a, args.rows, c, duration, Layer::L1).await?;
+        let (l1, l1_cpu) = with_cpu(a.pid, grpc_run(&a, args.rows, c, duration, Layer::L1)).await?;
         let l2 = grpc_run(&b, args.rows, c, duration, Layer::L2).await?;
         let miss = miss_run(&b, c, duration, round).await?;
-        let redis = redis_run(sb, args.rows, c, duration).await?;
+        let (redis, redis_cpu) = with_cpu(redis_pid, redis_run(sb, args.rows, c, duration)).await?;
         let pg = pg_run(sb, args.rows, c, duration).await?;
         table.row(format!("c={c:<3} L1 hit (gRPC)"), describe(&l1));
         table.row(format!("c={c:<3} L2 hit (gRPC)"), describe(&l2));
@@ -334,6 +362,12 @@ async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonL
         table.row(format!("c={c:<3} direct Redis GET"), describe(&redis));
         table.row(format!("c={c:<3} direct Postgres query"), describe(&pg));
         table.row(format!("c={c:<3} L1 hit / Redis GET"), format!("{:.2}×", l1.rps / redis.rps.max(1e-9)));
+        table.row(
+            format!("c={c:<3} server CPU per request"),
+            format!("cache-api L1 hit {l1_cpu:.1} µs, redis-server GET {redis_cpu:.1} µs"),
+        );
+        json.set_f64(format!("l1_hit_server_cpu_us_{c}"), l1_cpu, 1);
+        json.set_f64(format!("redis_get_server_cpu_us_{c}"), redis_cpu, 1);
         for (name, run) in [("l1_hit", &l1), ("l2_hit", &l2), ("miss", &miss), ("redis_get", &redis), ("pg", &pg)] {
             json.set_f64(format!("{name}_rps_{c}"), run.rps, 0);
             json.set_f64(format!("{name}_p50_ms_{c}"), run.latencies.quantile_ms(0.50), 3);
