@@ -257,3 +257,47 @@ pub async fn http_request(
         lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
     HttpResponse { status, headers, body: raw[split + 4..].to_vec() }
 }
+
+/// A keep-alive HTTP/1.1 connection: one request at a time, responses read
+/// by `Content-Length` (what the cache API's HTTP server sends).
+pub struct HttpConn {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+impl HttpConn {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self { stream: tokio::io::BufReader::new(stream) })
+    }
+
+    /// Sends a body-less request and returns (status, body).
+    pub async fn get(&mut self, path: &str, token: &str) -> std::io::Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        let head = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\r\n");
+        self.stream.get_mut().write_all(head.as_bytes()).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("status line"))?;
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line).await? == 0 {
+                return Err(bad("connection closed"));
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().map_err(|_| bad("content-length"))?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok((status, body))
+    }
+}

@@ -5,6 +5,7 @@
 //! sleeping.
 
 pub mod cache_api;
+pub mod coherence;
 pub mod process;
 
 use std::net::SocketAddr;

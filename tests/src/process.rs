@@ -9,21 +9,26 @@ use tokio::process::{Child, Command};
 
 static BUILD: Mutex<()> = Mutex::new(());
 
-/// Path of workspace binary `name` (e.g. `herald-capture`) next to the test
-/// executable, building it first if it is not there yet.
+/// Path of workspace binary `name` (e.g. `herald-capture`) in the target
+/// directory of the running executable (a test in `target/<profile>/deps`,
+/// or a program in `target/<profile>`), building it first if it is not
+/// there yet.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir").to_path_buf();
+    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     if !path.exists() {
-        let package = name;
-        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", package, "--bin", name])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p {package} failed");
+        let mut build = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "-p", name, "--bin", name]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p {name} failed");
     }
     assert!(path.exists(), "{} not found after building", path.display());
     path

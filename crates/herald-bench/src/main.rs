@@ -2,6 +2,7 @@
 //! real Postgres and Redis, prints a table, then a single JSON line last.
 
 mod cache;
+mod coherence;
 mod invalidation;
 mod report;
 
@@ -20,6 +21,8 @@ enum Command {
     Invalidation(invalidation::Args),
     /// Cache API Get per layer against direct Redis and Postgres; stampede.
     Cache(cache::Args),
+    /// Stale reads under writes and faults, per phase.
+    Coherence(coherence::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Invalidation(args) => invalidation::run(args).await,
             Command::Cache(args) => cache::run(args).await,
+            Command::Coherence(args) => coherence::run(args).await,
         }
     })
 }

@@ -1,0 +1,112 @@
+//! `herald-bench coherence`: counts stale reads under writes and faults.
+//!
+//! Starts its own Redis server, capture, broadcast and two cache-api
+//! processes (the release binaries next to this one), then runs the fault
+//! schedule: each phase has writers changing rows through Postgres (values,
+//! slug renames, deletes and re-inserts) and readers reading them through
+//! both nodes by id and by slug over gRPC and HTTP, a fault injected a third
+//! of the way in, then quiesce and a sweep of every layer. See
+//! `herald_tests::coherence` for the definitions.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use herald_tests::coherence::{Fault, PhaseReport, Settings, World};
+
+use crate::report::{JsonLine, Table, cores};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds of the steady-state phase.
+    #[arg(long, default_value_t = 120)]
+    steady_seconds: u64,
+    /// Seconds of each fault phase.
+    #[arg(long, default_value_t = 20)]
+    fault_seconds: u64,
+    /// Phases, in order (steady, capture-killed, broadcast-killed,
+    /// cache-api-killed, redis-clients-killed, redis-restart,
+    /// postgres-terminated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "steady,capture-killed,broadcast-killed,cache-api-killed,redis-clients-killed,redis-restart,postgres-terminated"
+    )]
+    phases: Vec<Fault>,
+    /// A read older than this behind a commit is stale, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    window_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    rows: usize,
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    #[arg(long, default_value_t = 24)]
+    readers: usize,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.rows == 0 || args.writers == 0 || args.readers == 0 || args.phases.is_empty() {
+        bail!("--rows, --writers, --readers and --phases must not be empty or zero");
+    }
+    let settings = Settings {
+        rows: args.rows,
+        writers: args.writers,
+        readers: args.readers,
+        window: Duration::from_millis(args.window_ms),
+        ..Settings::default()
+    };
+    let mut world = World::start(settings).await;
+    let mut reports = Vec::new();
+    for &phase in &args.phases {
+        let seconds = if phase == Fault::Steady { args.steady_seconds } else { args.fault_seconds };
+        eprintln!("phase {} ({seconds} s)…", phase.name());
+        reports.push(world.run_phase(phase, Duration::from_secs(seconds)).await);
+    }
+    world.stop().await;
+
+    let mut json = JsonLine::default();
+    let (mut reads, mut stale, mut after, mut lag_p99) = (0u64, 0u64, 0u64, 0f64);
+    for r in &reports {
+        println!("{}", table(r, args.window_ms).render());
+        reads += r.reads;
+        stale += r.stale_beyond_window;
+        after += r.stale_after_quiesce;
+        lag_p99 = lag_p99.max(r.lag_p99_ms);
+    }
+    json.set("reads", reads).set("stale_beyond_window", stale).set("stale_after_quiesce", after);
+    json.set_f64("lag_p99_ms", lag_p99, 2).set("window_ms", args.window_ms);
+    for r in &reports {
+        let p = r.phase.replace('-', "_");
+        json.set(format!("{p}_reads"), r.reads);
+        json.set(format!("{p}_stale_beyond_window"), r.stale_beyond_window);
+        json.set(format!("{p}_stale_after_quiesce"), r.stale_after_quiesce);
+        json.set_f64(format!("{p}_lag_p99_ms"), r.lag_p99_ms, 2);
+    }
+    json.set("cores", cores() as u64);
+    println!("{}", json.render());
+    Ok(())
+}
+
+fn table(r: &PhaseReport, window_ms: u64) -> Table {
+    let mut t = Table::new(format!("phase {}", r.phase));
+    t.row("reads (errors)", format!("{} ({})", r.reads, r.read_errors));
+    t.row("writes (errors)", format!("{} ({})", r.writes, r.write_errors));
+    t.row(format!("stale beyond {window_ms} ms"), r.stale_beyond_window);
+    if let Some((first, last)) = r.stale_span_ms {
+        t.row(
+            "  of which started",
+            format!("{first:.0} ms to {last:.0} ms after the fault (it lasted {:.0} ms)", r.fault_ms),
+        );
+    }
+    t.row("stale after quiesce", r.stale_after_quiesce);
+    t.row(
+        "commit → every node applied",
+        format!(
+            "p50 {:.2} / p99 {:.2} / max {:.2} ms ({} writes unobserved: a node's feed was down and it flushed)",
+            r.lag_p50_ms, r.lag_p99_ms, r.lag_max_ms, r.lag_unobserved
+        ),
+    );
+    for (i, e) in r.examples.iter().enumerate() {
+        t.row(format!("example {}", i + 1), e);
+    }
+    t
+}

@@ -1,0 +1,25 @@
+//! The coherence checker, slim: a few seconds of steady state and one fault
+//! (broadcast SIGKILLed and restarted) with capture, broadcast and two
+//! cache-api nodes as real processes. Fails on any stale value after
+//! quiesce, in any layer. The full run with every fault is
+//! `cargo run --release -p herald-bench -- coherence`.
+
+use std::time::Duration;
+
+use herald_tests::coherence::{Fault, Settings, World};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stale_value_survives_quiesce_in_steady_state_or_after_a_broadcast_crash() {
+    let settings = Settings { rows: 30, writers: 2, readers: 4, ..Settings::default() };
+    let mut world = World::start(settings).await;
+    let mut reports = Vec::new();
+    for (fault, seconds) in [(Fault::Steady, 3), (Fault::Broadcast, 4)] {
+        reports.push(world.run_phase(fault, Duration::from_secs(seconds)).await);
+    }
+    world.stop().await;
+    for r in &reports {
+        eprintln!("{r:?}");
+        assert!(r.reads > 100 && r.writes > 20, "{}: too little traffic to judge: {r:?}", r.phase);
+        assert_eq!(r.stale_after_quiesce, 0, "{}: stale values after quiesce: {:?}", r.phase, r.examples);
+    }
+}
