@@ -168,6 +168,12 @@ pub struct PhaseReport {
     pub stale_span_ms: Option<(f64, f64)>,
     /// How long the fault lasted (injection to restore), milliseconds.
     pub fault_ms: f64,
+    /// Of the stale reads, the oldest superseding commit, in milliseconds
+    /// before the read started (compare with the slowest invalidation).
+    pub stale_oldest_ms: f64,
+    /// Where the time went: writer statement → stream append (capture) and
+    /// → L1 invalidation published (broadcast), from their histograms.
+    pub pipeline: String,
     /// A few stale reads, explained.
     pub examples: Vec<String>,
 }
@@ -249,6 +255,8 @@ impl World {
             c.broadcast.claim_idle_ms = 1_000;
             c.broadcast.heartbeat_ms = 200;
             c.l1.heartbeat_timeout_ms = 1_000;
+            c.capture.ops_addr = free_addr().to_string();
+            c.broadcast.ops_addr = free_addr().to_string();
             c.cache.resources.push(resource(BY_ID, "id", "id", &["res_users.id=$1"]));
             c.cache.resources.push(resource(
                 BY_SLUG,
@@ -327,6 +335,10 @@ impl World {
             )));
         }
 
+        let capture_before =
+            histogram(self.sb.config.capture.ops_addr.parse().expect("addr"), "herald_capture_lag_seconds").await;
+        let broadcast_before =
+            histogram(self.sb.config.broadcast.ops_addr.parse().expect("addr"), "herald_broadcast_lag_seconds").await;
         tokio::time::sleep(duration / 3).await;
         let fault_at = now_us();
         self.inject(fault).await;
@@ -343,6 +355,10 @@ impl World {
         for r in readers {
             reads.extend(r.await.unwrap_or_default());
         }
+        let capture_after =
+            histogram(self.sb.config.capture.ops_addr.parse().expect("addr"), "herald_capture_lag_seconds").await;
+        let broadcast_after =
+            histogram(self.sb.config.broadcast.ops_addr.parse().expect("addr"), "herald_broadcast_lag_seconds").await;
         self.quiesce().await;
         for w in watchers {
             let _ = w.await;
@@ -357,6 +373,11 @@ impl World {
             let received = received.lock().unwrap_or_else(|p| p.into_inner());
             lags(&commits, &received, &mut report);
         }
+        report.pipeline = format!(
+            "statement → appended {}; → published {} (a process restarted in the phase loses its histogram)",
+            quantiles(&capture_before, &capture_after),
+            quantiles(&broadcast_before, &broadcast_after)
+        );
         report.stale_after_quiesce = self.sweep(&mut report.examples).await;
         report
     }
@@ -833,6 +854,8 @@ fn check_reads(reads: &[Read], histories: &Histories, window: Duration, fault_at
         let j = history.iter().rposition(|(_, s)| *s == read.state);
         let stale = j.is_none_or(|j| j < k);
         if stale {
+            let superseded_at = j.map_or(history[0].0, |j| history[j + 1].0);
+            report.stale_oldest_ms = report.stale_oldest_ms.max((read.started_us - superseded_at) as f64 / 1000.0);
             report.stale_beyond_window += 1;
             let at = (read.started_us - fault_at) as f64 / 1000.0;
             report.stale_span_ms = Some(match report.stale_span_ms {
@@ -872,4 +895,30 @@ fn lags(commits: &HashMap<i64, i64>, received: &[HashMap<i64, i64>], report: &mu
     report.lag_p50_ms = q(0.50);
     report.lag_p99_ms = q(0.99);
     report.lag_max_ms = q(1.0);
+}
+
+/// A Prometheus histogram's cumulative buckets (upper bound → count).
+async fn histogram(addr: SocketAddr, name: &str) -> Vec<(f64, f64)> {
+    let text = http_get(addr, "/metrics").await;
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// p50/p99 (bucket upper bounds, ms) of the observations between two scrapes.
+fn quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> String {
+    let delta: Vec<(f64, f64)> =
+        after.iter().map(|(le, n)| (*le, n - before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, m)| *m))).collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return "n/a".into();
+    }
+    let q = |p: f64| delta.iter().find(|(_, n)| *n >= total * p).map_or(f64::INFINITY, |(le, _)| *le * 1000.0);
+    format!("p50 ≤ {:.1} ms, p99 ≤ {:.1} ms (n={total})", q(0.5), q(0.99))
 }

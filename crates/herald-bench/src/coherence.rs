@@ -97,7 +97,14 @@ fn table(r: &PhaseReport, window_ms: u64) -> Table {
             format!("{first:.0} ms to {last:.0} ms after the fault (it lasted {:.0} ms)", r.fault_ms),
         );
     }
+    if r.stale_beyond_window > 0 {
+        t.row(
+            "  oldest superseding commit",
+            format!("{:.1} ms before its read (slowest invalidation seen: {:.1} ms)", r.stale_oldest_ms, r.lag_max_ms),
+        );
+    }
     t.row("stale after quiesce", r.stale_after_quiesce);
+    t.row("pipeline", &r.pipeline);
     t.row(
         "commit → every node applied",
         format!(
