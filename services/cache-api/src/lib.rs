@@ -140,7 +140,8 @@ pub async fn run(
             .add_service(reflection)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+                // Small replies must not wait for Nagle's algorithm.
+                tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
                 grpc_shutdown.cancelled_owned(),
             ),
     );
@@ -148,7 +149,13 @@ pub async fn run(
     let router = http::router(http::HttpState { cache: cache.clone(), auth }, config.cache.max_value_bytes);
     let http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(listeners.http, router).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
+        use axum::serve::ListenerExt as _;
+        let listener = listeners.http.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, router).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
     });
     tracing::info!(%node, %grpc_addr, %http_addr, resources = ?cache.resource_names(), "cache-api started");
 
