@@ -18,7 +18,8 @@ pub const ACME_TOKEN: &str = "acme-token-0123456789";
 pub const GLOBEX_TOKEN: &str = "globex-token-0123456789";
 pub const BACKEND_TOKEN: &str = "backend-token-0123456789";
 
-fn resource(name: &str, sql: &str, params: &[&str], shape: Shape, tags: &[&str]) -> ResourceConfig {
+/// A resource with the suite's lifetimes (60 s, negative entries too).
+pub fn resource(name: &str, sql: &str, params: &[&str], shape: Shape, tags: &[&str]) -> ResourceConfig {
     ResourceConfig {
         name: name.into(),
         sql: sql.into(),

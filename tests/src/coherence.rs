@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure};
+use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure, resource};
 use crate::process::ChildService;
-use crate::{Sandbox, assert_eventually, http_get};
+use crate::{Sandbox, assert_eventually, http_get, start_redis};
 
 const TENANT: &str = "acme";
 const BY_ID: &str = "coh_by_id";
@@ -209,29 +208,9 @@ fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
 }
 
-fn start_redis(port: u16) -> Child {
-    tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server on PATH")
-}
-
-fn resource(name: &str, filter: &str, param: &str, tags: &[&str]) -> ResourceConfig {
-    ResourceConfig {
-        name: name.into(),
-        sql: format!("SELECT id, website_slug, version FROM res_users WHERE tenant_id = $tenant AND {filter} = $1"),
-        params: vec![param.into()],
-        shape: Shape::Row,
-        tags: tags.iter().map(|s| s.to_string()).collect(),
-        ttl_ms: 60_000,
-        unlimited_ttl_reason: None,
-        negative_ttl_ms: 60_000,
-        ttl_jitter_pct: 10,
-        global: false,
-        allow_secret_columns: Vec::new(),
-    }
+fn row_resource(name: &str, filter: &str, param: &str, tags: &[&str]) -> ResourceConfig {
+    let sql = format!("SELECT id, website_slug, version FROM res_users WHERE tenant_id = $tenant AND {filter} = $1");
+    resource(name, &sql, &[param], Shape::Row, tags)
 }
 
 fn slug_of(id: i64, renamed: bool) -> String {
@@ -257,8 +236,8 @@ impl World {
             c.l1.heartbeat_timeout_ms = 1_000;
             c.capture.ops_addr = free_addr().to_string();
             c.broadcast.ops_addr = free_addr().to_string();
-            c.cache.resources.push(resource(BY_ID, "id", "id", &["res_users.id=$1"]));
-            c.cache.resources.push(resource(
+            c.cache.resources.push(row_resource(BY_ID, "id", "id", &["res_users.id=$1"]));
+            c.cache.resources.push(row_resource(
                 BY_SLUG,
                 "website_slug",
                 "slug",

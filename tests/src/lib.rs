@@ -333,6 +333,22 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     response
 }
 
+/// A free TCP port on 127.0.0.1 (for servers a test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A throwaway `redis-server` on `port` without persistence, killed when
+/// dropped (for tests that kill or restart Redis itself).
+pub fn start_redis(port: u16) -> tokio::process::Child {
+    tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server on PATH")
+}
+
 /// Sum of every sample of metric `name` served at `addr`'s `/metrics` whose
 /// labels contain `labels`.
 pub async fn metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {

@@ -3,7 +3,6 @@
 //! error, secrets are refused at start, and losing Redis degrades to
 //! Postgres without serving anything stale.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,8 +16,8 @@ use herald_proto::v1::{
     DeleteRequest, GetManyRequest, GetRequest, InvalidatePrefixRequest, InvalidateTagsRequest, Layer, ResourceRef,
     SetRequest, WatchRequest, delete_request, get_request,
 };
-use herald_tests::assert_eventually;
 use herald_tests::cache_api::{ACME_TOKEN, BACKEND_TOKEN, CacheNode, GLOBEX_TOKEN, authed, sandbox, sandbox_with};
+use herald_tests::{assert_eventually, free_port, start_redis};
 use tokio::sync::Notify;
 use tonic::Code;
 
@@ -320,19 +319,6 @@ async fn a_resource_selecting_a_secret_is_refused_at_start() {
     let err = sb.start_cache_api(config, Options::default()).await.join().await.unwrap_err().to_string();
     assert!(err.contains("{missing}"), "{err}");
     sb.cleanup().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_redis(port: u16) -> tokio::process::Child {
-    tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server on PATH")
 }
 
 async fn name_now(node: &CacheNode) -> (String, Layer) {

@@ -3,24 +3,9 @@
 //! flush and resubscribe, the stream and consumer group are recreated, and
 //! the system is coherent afterwards.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use herald_tests::{Sandbox, assert_eventually};
-use tokio::process::{Child, Command};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_redis(port: u16) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server on PATH")
-}
+use herald_tests::{Sandbox, assert_eventually, free_port, start_redis};
 
 async fn redis_answers(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
