@@ -55,6 +55,9 @@ pub struct Settings {
     pub write_pause: Duration,
     /// How long a killed process or server stays down.
     pub down: Duration,
+    /// Reads per second over all readers (0: as fast as they can). A steady
+    /// state below saturation measures Herald, not the CPU scheduler.
+    pub read_rate: u64,
 }
 
 impl Default for Settings {
@@ -67,6 +70,7 @@ impl Default for Settings {
             http_every: 4,
             write_pause: Duration::from_millis(5),
             down: Duration::from_secs(1),
+            read_rate: 0,
         }
     }
 }
@@ -619,7 +623,16 @@ async fn read_loop(
     let mut reads = Vec::new();
     let mut errors = 0u64;
     let mut n = reader as u64;
+    let mut pace = (settings.read_rate > 0).then(|| {
+        let period = Duration::from_secs_f64(settings.readers as f64 / settings.read_rate as f64);
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
     while !stop.is_cancelled() {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         n += 1;
         let (id, node, by_slug, renamed) = {
             let mut rng = rand::rng();
