@@ -13,9 +13,22 @@ use crate::error::{Error, Result};
 /// A pool of `postgres.pool_size` connections. Connections are made lazily
 /// and re-made after errors, so a Postgres restart heals by itself.
 pub fn pool(config: &PostgresConfig) -> Result<Pool> {
-    let pg: tokio_postgres::Config = config.url.parse().map_err(|e| Error::Config(format!("postgres.url: {e}")))?;
-    let mut pg = pg;
+    pool_with_settings(config, &[])
+}
+
+/// Like [`pool`], with session settings (`name`, `value`) applied to every
+/// connection at start-up, e.g. `("synchronous_commit", "off")`.
+pub fn pool_with_settings(config: &PostgresConfig, settings: &[(&str, &str)]) -> Result<Pool> {
+    let mut pg: tokio_postgres::Config =
+        config.url.parse().map_err(|e| Error::Config(format!("postgres.url: {e}")))?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+    if !settings.is_empty() {
+        let mut options = pg.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+        for (name, value) in settings {
+            options.push_str(&format!("-c {name}={value} "));
+        }
+        pg.options(options.trim_end());
+    }
     let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(config.pool_size)
