@@ -4,6 +4,7 @@
 //! nothing mocked. [`assert_eventually!`] polls with a deadline instead of
 //! sleeping.
 
+pub mod gateway;
 pub mod process;
 
 use std::net::SocketAddr;

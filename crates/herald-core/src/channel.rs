@@ -43,7 +43,8 @@ impl Channel {
     pub fn parse(s: &str) -> Result<Self> {
         let (namespace, id) =
             s.split_once(':').ok_or_else(|| Error::invalid("channel", "must be namespace:id, e.g. team:42"))?;
-        validate_identifier(namespace).map_err(|reason| Error::InvalidArgument { what: "channel namespace", reason })?;
+        validate_identifier(namespace)
+            .map_err(|reason| Error::InvalidArgument { what: "channel namespace", reason })?;
         validate_channel_id(id)?;
         Ok(Self { name: s.into(), colon: namespace.len() })
     }

@@ -133,7 +133,8 @@ impl Applier {
                     continue;
                 };
                 let key = format!("ev:{}:team:{team}", event.event_id);
-                let idempotency = channel::validate_idempotency_key(&key).ok().map(|_| (key.as_str(), TEAM_IDEMPOTENCY_TTL_S));
+                let idempotency =
+                    channel::validate_idempotency_key(&key).ok().map(|_| (key.as_str(), TEAM_IDEMPOTENCY_TTL_S));
                 channel::publish(&self.redis, &self.keys, &tenant, &channel, history, data.as_bytes(), idempotency)
                     .await
                     .map_err(core_to_redis)?;

@@ -56,7 +56,8 @@ pub async fn run(
     let keys = KeySpace::new(&config.env)?;
     let redis = herald_core::redis::build_pool(&config.redis)?;
     let _connections = redis.connect();
-    let teams = config.gateway.namespace("team").map(|ns| HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s });
+    let teams =
+        config.gateway.namespace("team").map(|ns| HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s });
     let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone())
         .with_team_channels(teams);
     // Time of the last successful read-and-apply, for the heartbeat.

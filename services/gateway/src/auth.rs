@@ -63,9 +63,7 @@ impl Claims {
     /// Whether the token allows subscribing to `channel` (of its tenant).
     pub fn allows(&self, channel: &Channel) -> bool {
         self.channels.iter().any(|p| {
-            p == "*"
-                || p == channel.as_str()
-                || p.strip_suffix(":*").is_some_and(|ns| ns == channel.namespace())
+            p == "*" || p == channel.as_str() || p.strip_suffix(":*").is_some_and(|ns| ns == channel.namespace())
         })
     }
 }

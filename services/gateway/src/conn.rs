@@ -151,11 +151,8 @@ fn recv_error(e: &axum::Error) -> End {
 impl Conn<'_> {
     async fn run(&mut self, ws: &mut WebSocket, request_id: Option<u64>) -> End {
         let limits = &self.ctx.gateway.limits;
-        let connected = ServerFrame::Connected {
-            id: request_id,
-            client: &self.client,
-            ping_interval_ms: limits.ping_interval_ms,
-        };
+        let connected =
+            ServerFrame::Connected { id: request_id, client: &self.client, ping_interval_ms: limits.ping_interval_ms };
         if ws.send(Message::Text(connected.text())).await.is_err() {
             return End::Gone;
         }
@@ -211,22 +208,20 @@ impl Conn<'_> {
     async fn flush(&mut self, ws: &mut WebSocket, batch: &mut VecDeque<Out>) -> Option<End> {
         loop {
             let bytes = match self.outbox.take(batch) {
-                Ok(0) => return None,
-                Ok(n) => n,
-                Err(()) => return Some(End::Close(CloseCode::Slow, "outgoing queue overflowed".into())),
+                Some(0) => return None,
+                Some(n) => n,
+                None => return Some(End::Close(CloseCode::Slow, "outgoing queue overflowed".into())),
             };
             let outbox = self.outbox.clone();
             let write = async {
                 let mut resync = Vec::new();
                 while let Some(out) = batch.pop_front() {
                     match out {
-                        Out::Pub { channel, offset, epoch, frame } => {
-                            match self.accept(&channel, offset, &epoch) {
-                                Accept::Send => ws.feed(Message::Text(frame)).await?,
-                                Accept::Gap => resync.push(channel),
-                                Accept::Skip => {}
-                            }
-                        }
+                        Out::Pub { channel, offset, epoch, frame } => match self.accept(&channel, offset, &epoch) {
+                            Accept::Send => ws.feed(Message::Text(frame)).await?,
+                            Accept::Gap => resync.push(channel),
+                            Accept::Skip => {}
+                        },
                         Out::Resync { channel } => resync.push(channel),
                     }
                 }
@@ -383,7 +378,8 @@ impl Conn<'_> {
             ];
         };
         let epoch = h.epoch.clone().unwrap_or_default();
-        let recovered = recover.as_ref().map(|p| h.epoch.as_deref() == Some(p.epoch.as_str()) && h.complete_after(p.offset));
+        let recovered =
+            recover.as_ref().map(|p| h.epoch.as_deref() == Some(p.epoch.as_str()) && h.complete_after(p.offset));
         if let Some(ok) = recovered {
             let result = if ok { "recovered" } else { "not_recovered" };
             self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result }).inc();
@@ -395,8 +391,16 @@ impl Conn<'_> {
         let missed = if recovered == Some(true) { h.publications.len() } else { 0 };
         let mut replies = Vec::with_capacity(missed + 1);
         replies.push(
-            ServerFrame::Subscribed { id, channel: name, offset: h.offset, epoch: &epoch, recovered, missed, degraded: false }
-                .text(),
+            ServerFrame::Subscribed {
+                id,
+                channel: name,
+                offset: h.offset,
+                epoch: &epoch,
+                recovered,
+                missed,
+                degraded: false,
+            }
+            .text(),
         );
         if recovered == Some(true) {
             for p in &h.publications {

@@ -98,19 +98,19 @@ impl Outbox {
         true
     }
 
-    /// Moves everything queued into `into`; `Err(())` when slow. The bytes
-    /// stay counted until [`Outbox::written`].
-    pub fn take(&self, into: &mut VecDeque<Out>) -> Result<usize, ()> {
+    /// Moves everything queued into `into` and returns its size; `None`
+    /// when slow. The bytes stay counted until [`Outbox::written`].
+    pub fn take(&self, into: &mut VecDeque<Out>) -> Option<usize> {
         let mut s = self.lock();
         if s.slow {
-            return Err(());
+            return None;
         }
         let mut n = 0;
         while let Some(out) = s.queue.pop_front() {
             n += out.len();
             into.push_back(out);
         }
-        Ok(n)
+        Some(n)
     }
 
     pub fn written(&self, bytes: usize) {
@@ -141,7 +141,9 @@ enum Step {
     Deliver,
     Duplicate,
     /// Publications after `since` (of the publication's epoch) are missing.
-    Gap { since: u64 },
+    Gap {
+        since: u64,
+    },
 }
 
 fn classify(last: Option<&(Arc<str>, u64)>, p: &Publication) -> Step {
@@ -307,7 +309,12 @@ impl Hub {
         let frame = publication_frame(&entry.name, p.offset, &p.epoch, data);
         let mut delivered = 0;
         for outbox in entry.subs.values() {
-            let out = Out::Pub { channel: entry.name.clone(), offset: p.offset, epoch: p.epoch.clone(), frame: frame.clone() };
+            let out = Out::Pub {
+                channel: entry.name.clone(),
+                offset: p.offset,
+                epoch: p.epoch.clone(),
+                frame: frame.clone(),
+            };
             if outbox.push(out) {
                 delivered += 1;
             } else {
@@ -441,15 +448,16 @@ mod tests {
     #[test]
     fn outbox_overflow_marks_slow_and_drops_the_queue() {
         let o = Outbox::new(100);
-        let out = || Out::Pub { channel: "c".into(), offset: 1, epoch: "e".into(), frame: Utf8Bytes::from("x".repeat(40)) };
+        let out =
+            || Out::Pub { channel: "c".into(), offset: 1, epoch: "e".into(), frame: Utf8Bytes::from("x".repeat(40)) };
         assert!(o.push(out()) && o.push(out()));
         assert!(!o.push(out()));
         assert!(o.is_slow());
         let mut q = VecDeque::new();
-        assert!(o.take(&mut q).is_err());
+        assert!(o.take(&mut q).is_none());
         let o = Outbox::new(100);
         assert!(o.push(out()));
-        assert_eq!(o.take(&mut q), Ok(40));
+        assert_eq!(o.take(&mut q), Some(40));
         assert!(o.push(out()));
         assert!(!o.push(out()), "bytes being written still count until written()");
         let o = Outbox::new(100);

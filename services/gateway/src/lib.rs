@@ -135,10 +135,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(PublisherServer::new(publisher))
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    async move { shutdown.cancelled().await },
-                ),
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+                    shutdown.cancelled().await
+                }),
         )
     });
     tracing::info!(%http_addr, node = %ctx.node, "gateway started");
@@ -164,12 +163,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 /// `/v1/ws` and `POST /v1/publish`.
 pub fn router(ctx: Arc<Ctx>, publisher: Publisher) -> Router {
     let body_limit = ctx.gateway.limits.max_publication_bytes * 2 + 4096;
-    Router::new()
-        .route("/v1/ws", get(ws_upgrade).with_state(ctx))
-        .route(
-            "/v1/publish",
-            post(publish::http_publish).with_state(publisher).layer(DefaultBodyLimit::max(body_limit)),
-        )
+    Router::new().route("/v1/ws", get(ws_upgrade).with_state(ctx)).route(
+        "/v1/publish",
+        post(publish::http_publish).with_state(publisher).layer(DefaultBodyLimit::max(body_limit)),
+    )
 }
 
 /// Accepts an upgrade within the node's limits: connection slots and the

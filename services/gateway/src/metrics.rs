@@ -44,7 +44,11 @@ impl Metrics {
         r.register("subscriptions", "channel subscriptions of open connections", self.subscriptions.clone());
         r.register("redis_channels", "channels with a Redis subscription on this node", self.redis_channels.clone());
         r.register("deliveries", "publications queued for a socket", self.deliveries.clone());
-        r.register("drops", "publications not queued because the socket's queue was full or closed", self.drops.clone());
+        r.register(
+            "drops",
+            "publications not queued because the socket's queue was full or closed",
+            self.drops.clone(),
+        );
         r.register("slow_closes", "connections closed because their queue overflowed", self.slow_closes.clone());
         r.register("closes", "connections closed by the server, by close code", self.closes.clone());
         r.register("refused_connections", "upgrades refused (limit, rate)", self.refused_connections.clone());
@@ -52,8 +56,16 @@ impl Metrics {
         r.register("publish_errors", "publications that could not be written to Redis", self.publish_errors.clone());
         r.register("recoveries", "subscriptions that asked to recover, by result", self.recoveries.clone());
         r.register("gaps", "offset gaps seen on the live path, by how they were resolved", self.gaps.clone());
-        r.register("rate_limited", "commands, connections and publications refused by a rate limit", self.rate_limited.clone());
-        r.register("rate_limit_fallbacks", "tenant rate checks made locally because Redis failed", self.rate_limit_fallbacks.clone());
+        r.register(
+            "rate_limited",
+            "commands, connections and publications refused by a rate limit",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "rate_limit_fallbacks",
+            "tenant rate checks made locally because Redis failed",
+            self.rate_limit_fallbacks.clone(),
+        );
         r.register("malformed_messages", "pub/sub messages that could not be parsed", self.malformed_messages.clone());
     }
 }

@@ -195,9 +195,10 @@ mod tests {
 
     #[test]
     fn frames_parse_and_render() {
-        let f: ClientFrame =
-            serde_json::from_str(r#"{"type":"subscribe","id":2,"channel":"team:1","recover":{"offset":3,"epoch":"e"}}"#)
-                .unwrap();
+        let f: ClientFrame = serde_json::from_str(
+            r#"{"type":"subscribe","id":2,"channel":"team:1","recover":{"offset":3,"epoch":"e"}}"#,
+        )
+        .unwrap();
         assert!(matches!(f, ClientFrame::Subscribe { id: Some(2), recover: Some(Position { offset: 3, .. }), .. }));
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"launch"}"#).is_err());
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"ping","extra":1}"#).is_err());

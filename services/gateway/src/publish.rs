@@ -154,7 +154,9 @@ impl Publisher {
             return Err(PublishError::RateLimited);
         }
         let history = HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s };
-        match channel::publish(&self.ctx.redis, self.ctx.hub.keys(), &tenant, &channel, history, data, idempotency).await {
+        match channel::publish(&self.ctx.redis, self.ctx.hub.keys(), &tenant, &channel, history, data, idempotency)
+            .await
+        {
             Ok(p) => Ok(Outcome { offset: p.offset, epoch: p.epoch, duplicate: p.duplicate, local_only: false }),
             Err(herald_core::Error::InvalidArgument { what, reason }) => {
                 Err(PublishError::Invalid(format!("invalid {what}: {reason}")))
@@ -218,8 +220,9 @@ impl PublisherRpc for Publisher {
     ) -> Result<tonic::Response<PublishResponse>, tonic::Status> {
         let token = bearer(request.metadata().get("authorization").and_then(|v| v.to_str().ok())).map(String::from);
         let r = request.into_inner();
-        let outcome = Publisher::publish(self, token.as_deref(), &r.tenant, &r.channel, &r.data, Some(&r.idempotency_key))
-            .await?;
+        let outcome =
+            Publisher::publish(self, token.as_deref(), &r.tenant, &r.channel, &r.data, Some(&r.idempotency_key))
+                .await?;
         Ok(tonic::Response::new(PublishResponse {
             offset: outcome.offset,
             epoch: outcome.epoch,

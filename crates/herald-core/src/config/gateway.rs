@@ -91,7 +91,9 @@ impl JwtKey {
             (None, Some(n), None, None) => from_env(n).map(|s| ("HS256", s)),
             (None, None, Some(p), None) => Ok(("RS256", p.clone())),
             (None, None, None, Some(n)) => from_env(n).map(|p| ("RS256", p)),
-            _ => Err("set exactly one of hs256_secret, hs256_secret_env, rs256_public_pem, rs256_public_pem_env".into()),
+            _ => {
+                Err("set exactly one of hs256_secret, hs256_secret_env, rs256_public_pem, rs256_public_pem_env".into())
+            }
         }
     }
 }
@@ -308,9 +310,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = load("[[gateway.namespaces]]\nname = \"a\"\n[[gateway.namespaces]]\nname = \"b\"\nhistory_size = 2000000\n")
-            .unwrap_err()
-            .to_string();
+        let e = load(
+            "[[gateway.namespaces]]\nname = \"a\"\n[[gateway.namespaces]]\nname = \"b\"\nhistory_size = 2000000\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("gateway.namespaces[1].history_size"), "{e}");
         let e = load("[[gateway.namespaces]]\nname = \"Team!\"\n").unwrap_err().to_string();
         assert!(e.contains("gateway.namespaces[0].name"), "{e}");
@@ -328,11 +332,9 @@ mod tests {
 
     #[test]
     fn keys_come_from_the_environment() {
-        let env: std::collections::BTreeMap<String, String> = [(
-            "HERALD_GATEWAY__JWT_KEYS".to_string(),
-            "[{kid = \"k1\", hs256_secret_env = \"K1\"}]".to_string(),
-        )]
-        .into();
+        let env: std::collections::BTreeMap<String, String> =
+            [("HERALD_GATEWAY__JWT_KEYS".to_string(), "[{kid = \"k1\", hs256_secret_env = \"K1\"}]".to_string())]
+                .into();
         let c = Config::load("", &env).unwrap();
         let material = c.gateway.jwt_keys[0].material(|n| (n == "K1").then(|| "s".repeat(32)));
         assert_eq!(material, Ok(("HS256", "s".repeat(32))));
