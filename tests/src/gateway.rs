@@ -153,10 +153,11 @@ impl Sandbox {
         let listeners = herald_gateway::Listeners { http, grpc: Some(grpc), ops };
         let task = tokio::spawn(herald_gateway::run(config, listeners, token.clone()));
         let handle = GatewayHandle { http: addrs.0, grpc: addrs.1, ops: addrs.2, token, task };
+        // Ready: its Redis subscription connection is live.
         crate::assert_eventually!(
             10,
-            async { crate::http_get(handle.ops, "/healthz").await.contains("ok") },
-            "gateway did not start"
+            async { crate::http_get(handle.ops, "/readyz").await.starts_with("HTTP/1.1 200") },
+            "gateway did not become ready"
         );
         handle
     }
@@ -258,8 +259,12 @@ impl WsClient {
         loop {
             let frame =
                 self.next_frame().await.unwrap_or_else(|closed| panic!("closed waiting for a publication: {closed:?}"));
-            if frame["type"] == "pub" {
-                return frame;
+            match frame["type"].as_str() {
+                Some("pub") => return frame,
+                // A frame that ends the subscription or reports an error
+                // means no publication is coming: say so now.
+                Some("unsubscribed" | "error" | "disconnect") => panic!("waiting for a publication, got {frame}"),
+                _ => {}
             }
         }
     }

@@ -169,7 +169,10 @@ pub struct Hub {
     /// The set of wanted channels changed.
     pub dirty: Notify,
     active_gen: watch::Sender<u64>,
-    redis_up: AtomicBool,
+    redis_up: Arc<AtomicBool>,
+    /// Redis has been up at least once (before that, a subscribe waits for
+    /// it rather than answering degraded at once).
+    redis_seen: AtomicBool,
     keys: KeySpace,
     metrics: Metrics,
 }
@@ -180,7 +183,8 @@ impl Hub {
             channels: Mutex::default(),
             dirty: Notify::new(),
             active_gen: watch::Sender::new(0),
-            redis_up: AtomicBool::new(false),
+            redis_up: Arc::new(AtomicBool::new(false)),
+            redis_seen: AtomicBool::new(false),
             keys,
             metrics,
         }
@@ -242,7 +246,8 @@ impl Hub {
     }
 
     /// Waits until the node's Redis subscription of the channel is
-    /// confirmed; false when Redis is down or `timeout` passes.
+    /// confirmed; false when Redis is down (after having been up) or
+    /// `timeout` passes.
     pub async fn wait_active(&self, pubsub: &str, timeout: Duration) -> bool {
         let mut generation = self.active_gen.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -252,7 +257,8 @@ impl Hub {
                 Some(_) => {}
                 None => return false,
             }
-            if !self.redis_up() {
+            if !self.redis_up() && self.redis_seen.load(Ordering::Relaxed) {
+                // An outage: answer degraded at once.
                 return false;
             }
             if tokio::time::timeout_at(deadline, generation.changed()).await.is_err() {
@@ -261,13 +267,21 @@ impl Hub {
         }
     }
 
+    /// The flag behind [`Hub::redis_up`], for components that skip Redis
+    /// while it is down.
+    pub fn redis_flag(&self) -> Arc<AtomicBool> {
+        self.redis_up.clone()
+    }
+
     pub fn redis_up(&self) -> bool {
         self.redis_up.load(Ordering::Relaxed)
     }
 
     pub fn set_redis_up(&self, up: bool) {
         self.redis_up.store(up, Ordering::Relaxed);
-        if !up {
+        if up {
+            self.redis_seen.store(true, Ordering::Relaxed);
+        } else {
             for entry in self.lock().values_mut() {
                 entry.active = false;
             }

@@ -97,8 +97,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let ctx = Arc::new(Ctx {
         hub: hub.clone(),
         verifier,
-        tenant_limiter: TenantLimiter::new(redis.clone(), keys.clone(), limits.tenant_ops_per_s, metrics.clone()),
-        presence: Arc::new(Presence::new(redis.clone(), gateway.presence_ttl_ms)),
+        tenant_limiter: TenantLimiter::new(
+            redis.clone(),
+            keys.clone(),
+            limits.tenant_ops_per_s,
+            metrics.clone(),
+            hub.redis_flag(),
+        ),
+        presence: Arc::new(Presence::new(redis.clone(), gateway.presence_ttl_ms, hub.redis_flag())),
         metrics: metrics.clone(),
         redis: redis.clone(),
         shutdown: shutdown.clone(),

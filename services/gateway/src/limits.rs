@@ -4,7 +4,8 @@
 //! size while Redis is down.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fred::prelude::*;
@@ -68,21 +69,28 @@ pub struct TenantLimiter {
     rate: f64,
     fallback: Mutex<HashMap<TenantId, Bucket>>,
     metrics: Metrics,
+    /// Whether Redis is reachable; while it is not, the local bucket
+    /// answers at once instead of waiting for a command timeout.
+    redis_up: Arc<AtomicBool>,
 }
 
 /// Local fallback buckets kept at most; beyond this the map starts over.
 const MAX_FALLBACK_TENANTS: usize = 10_000;
 
 impl TenantLimiter {
-    pub fn new(redis: Pool, keys: KeySpace, per_s: u32, metrics: Metrics) -> Self {
-        Self { redis, keys, rate: per_s as f64, fallback: Mutex::new(HashMap::new()), metrics }
+    pub fn new(redis: Pool, keys: KeySpace, per_s: u32, metrics: Metrics, redis_up: Arc<AtomicBool>) -> Self {
+        Self { redis, keys, rate: per_s as f64, fallback: Mutex::new(HashMap::new()), metrics, redis_up }
     }
 
     /// Takes one token from `tenant`'s bucket.
     pub async fn take(&self, tenant: &TenantId) -> bool {
         let key = self.keys.entry(&Scope::Tenant(tenant.clone()), "rl", "gateway").expect("valid key");
         let args = vec![self.rate.to_string(), self.rate.to_string()];
-        let taken: Result<i64, _> = self.redis.next().eval(TAKE, vec![key], args).await;
+        let taken: Result<i64, fred::error::Error> = if self.redis_up.load(Ordering::Relaxed) {
+            self.redis.next().eval(TAKE, vec![key], args).await
+        } else {
+            Err(fred::error::Error::new(fred::error::ErrorKind::IO, "redis is down"))
+        };
         match taken {
             Ok(ok) => ok == 1,
             Err(error) => {

@@ -4,6 +4,7 @@
 //! node that died expire by themselves.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub struct Presence {
     ttl_ms: u64,
     /// (presence key, member) of this node's subscriptions.
     members: Mutex<HashSet<(String, String)>>,
+    /// While Redis is down, joins and leaves only change the local set (the
+    /// heartbeat writes it once Redis is back; leaves expire).
+    redis_up: Arc<AtomicBool>,
 }
 
 fn now_ms() -> i64 {
@@ -26,8 +30,12 @@ fn now_ms() -> i64 {
 }
 
 impl Presence {
-    pub fn new(redis: Pool, ttl_ms: u64) -> Self {
-        Self { redis, ttl_ms, members: Mutex::default() }
+    pub fn new(redis: Pool, ttl_ms: u64, redis_up: Arc<AtomicBool>) -> Self {
+        Self { redis, ttl_ms, members: Mutex::default(), redis_up }
+    }
+
+    fn redis_up(&self) -> bool {
+        self.redis_up.load(Ordering::Relaxed)
     }
 
     pub fn member(client: &str, user: &str) -> String {
@@ -38,6 +46,9 @@ impl Presence {
     /// adds it again when Redis is back).
     pub async fn join(&self, key: &str, member: String) {
         self.members.lock().unwrap_or_else(|p| p.into_inner()).insert((key.to_string(), member.clone()));
+        if !self.redis_up() {
+            return;
+        }
         if let Err(error) = self.refresh(&[(key.to_string(), member)]).await {
             tracing::debug!(%error, "presence join not written");
         }
@@ -45,6 +56,9 @@ impl Presence {
 
     pub async fn leave(&self, key: &str, member: String) {
         self.members.lock().unwrap_or_else(|p| p.into_inner()).remove(&(key.to_string(), member.clone()));
+        if !self.redis_up() {
+            return;
+        }
         let removed: Result<i64, _> = self.redis.next().zrem(key, member).await;
         if let Err(error) = removed {
             tracing::debug!(%error, "presence leave not written");
@@ -79,6 +93,9 @@ impl Presence {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
+            }
+            if !self.redis_up() {
+                continue;
             }
             let members: Vec<(String, String)> =
                 self.members.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
