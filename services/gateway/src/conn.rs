@@ -23,6 +23,10 @@ use crate::protocol::{ClientFrame, CloseCode, Position, ServerFrame, publication
 /// answers in degraded mode.
 const ACTIVE_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a connection closed as slow may take to accept its close frame
+/// (its subscriptions and queue are released before).
+const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(15);
+
 /// One subscription of a connection.
 struct Sub {
     pubsub: String,
@@ -104,7 +108,10 @@ async fn close(ws: &mut WebSocket, ctx: &Ctx, code: CloseCode, reason: &str) {
         let _ = ws.feed(Message::Close(Some(CloseFrame { code: code as u16, reason: Utf8Bytes::from(short) }))).await;
         let _ = ws.flush().await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), sent).await;
+    // A slow client gets longer: its socket is full of publications that it
+    // has to read before it sees why it was closed.
+    let wait = if code == CloseCode::Slow { SLOW_CLOSE_WAIT } else { Duration::from_secs(2) };
+    let _ = tokio::time::timeout(wait, sent).await;
 }
 
 /// Reads the `connect` frame and verifies its token.

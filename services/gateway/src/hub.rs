@@ -131,8 +131,20 @@ struct Entry {
     subs: HashMap<ConnId, Arc<Outbox>>,
     /// The Redis subscription is confirmed.
     active: bool,
-    /// Epoch and offset of the last publication delivered.
-    last: Option<(Arc<str>, u64)>,
+    /// Where the channel was when this node last knew.
+    last: Last,
+}
+
+/// A channel's position as the hub knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Last {
+    /// Not read yet (the Redis subscription is not confirmed).
+    Unknown,
+    /// The channel had no state when the subscription was confirmed: its
+    /// next publication starts an epoch at offset 1.
+    Empty,
+    /// Epoch and offset of the last publication delivered (or read).
+    At(Arc<str>, u64),
 }
 
 /// What to do with a publication from Redis.
@@ -146,10 +158,12 @@ enum Step {
     },
 }
 
-fn classify(last: Option<&(Arc<str>, u64)>, p: &Publication) -> Step {
+fn classify(last: &Last, p: &Publication) -> Step {
     match last {
-        None => Step::Deliver,
-        Some((epoch, offset)) if **epoch == *p.epoch => {
+        Last::Unknown => Step::Deliver,
+        Last::Empty if p.offset == 1 => Step::Deliver,
+        Last::Empty => Step::Gap { since: 0 },
+        Last::At(epoch, offset) if **epoch == *p.epoch => {
             if p.offset <= *offset {
                 Step::Duplicate
             } else if p.offset == offset + 1 {
@@ -159,8 +173,8 @@ fn classify(last: Option<&(Arc<str>, u64)>, p: &Publication) -> Step {
             }
         }
         // A new epoch starts at 1; anything later means we missed its start.
-        Some(_) if p.offset == 1 => Step::Deliver,
-        Some(_) => Step::Gap { since: 0 },
+        Last::At(..) if p.offset == 1 => Step::Deliver,
+        Last::At(..) => Step::Gap { since: 0 },
     }
 }
 
@@ -218,7 +232,7 @@ impl Hub {
             history,
             subs: HashMap::new(),
             active: false,
-            last: None,
+            last: Last::Unknown,
         });
         if entry.subs.insert(conn, outbox).is_none() {
             self.metrics.subscriptions.inc();
@@ -294,6 +308,29 @@ impl Hub {
         self.lock().keys().cloned().collect()
     }
 
+    /// The channels (of `names`) whose position is not known yet, with
+    /// what is needed to read it.
+    pub fn unknown_positions(&self, names: &[String]) -> Vec<(String, TenantId, Channel)> {
+        let channels = self.lock();
+        names
+            .iter()
+            .filter_map(|n| {
+                let e = channels.get(n)?;
+                (e.last == Last::Unknown).then(|| (n.clone(), e.tenant.clone(), e.channel.clone()))
+            })
+            .collect()
+    }
+
+    /// Sets a channel's position read right after its Redis subscription
+    /// was confirmed (unless a publication set it meanwhile).
+    pub fn set_position(&self, pubsub: &str, last: Last) {
+        if let Some(entry) = self.lock().get_mut(pubsub)
+            && entry.last == Last::Unknown
+        {
+            entry.last = last;
+        }
+    }
+
     /// Marks the channels in `subscribed` as having a live Redis subscription.
     pub fn mark_active(&self, subscribed: &HashSet<String>) {
         let mut changed = false;
@@ -318,7 +355,7 @@ impl Hub {
             return 0;
         };
         if p.offset > 0 {
-            entry.last = Some((p.epoch.clone(), p.offset));
+            entry.last = Last::At(p.epoch.clone(), p.offset);
         }
         let frame = publication_frame(&entry.name, p.offset, &p.epoch, data);
         let mut delivered = 0;
@@ -345,7 +382,7 @@ impl Hub {
         let (step, tenant, channel) = {
             let channels = self.lock();
             let Some(entry) = channels.get(pubsub) else { return };
-            (classify(entry.last.as_ref(), &p), entry.tenant.clone(), entry.channel.clone())
+            (classify(&entry.last, &p), entry.tenant.clone(), entry.channel.clone())
         };
         match step {
             Step::Duplicate => {}
@@ -396,25 +433,28 @@ impl Hub {
     /// After the subscription connection was lost (or lagged): reads what
     /// every channel missed from history and delivers it.
     pub async fn catch_up_all(&self, redis: &Pool) {
-        let known: Vec<(String, TenantId, Channel, HistoryOptions, Arc<str>, u64)> = self
+        let known: Vec<(String, TenantId, Channel, HistoryOptions, Last)> = self
             .lock()
             .iter()
-            .filter_map(|(name, e)| {
-                let (epoch, offset) = e.last.clone()?;
-                Some((name.clone(), e.tenant.clone(), e.channel.clone(), e.history, epoch, offset))
-            })
+            .filter(|(_, e)| e.last != Last::Unknown)
+            .map(|(name, e)| (name.clone(), e.tenant.clone(), e.channel.clone(), e.history, e.last.clone()))
             .collect();
-        for (pubsub, tenant, channel, history, epoch, offset) in known {
+        for (pubsub, tenant, channel, history, last) in known {
             let limit = history.size.max(1);
-            match channel::history_since(redis, &self.keys, &tenant, &channel, offset, limit).await {
-                Ok(h) if h.epoch.as_deref() == Some(&*epoch) && h.complete_after(offset) => {
+            let (epoch, since) = match &last {
+                Last::At(epoch, offset) => (Some(epoch.clone()), *offset),
+                _ => (None, 0),
+            };
+            match channel::history_since(redis, &self.keys, &tenant, &channel, since, limit).await {
+                // Nothing was published meanwhile (or the state expired).
+                Ok(h) if h.epoch.is_none() => {}
+                Ok(h) if h.epoch.as_deref() == epoch.as_deref() && h.complete_after(since) => {
                     for p in &h.publications {
                         self.on_publication(redis, &pubsub, p.clone()).await;
                     }
                 }
-                // The channel's state expired (or never moved): nothing missed.
-                Ok(h) if h.epoch.is_none() => {}
-                Ok(h) if h.epoch.as_deref() != Some(&*epoch) && h.complete_after(0) => {
+                // A new epoch (or the first one): everything of it is needed.
+                Ok(h) if h.epoch.as_deref() != epoch.as_deref() && h.complete_after(0) => {
                     for p in &h.publications {
                         self.on_publication(redis, &pubsub, p.clone()).await;
                     }
@@ -450,13 +490,15 @@ mod tests {
 
     #[test]
     fn classify_orders_and_gaps() {
-        let last: (Arc<str>, u64) = ("e".into(), 5);
-        assert_eq!(classify(None, &p(9, "e")), Step::Deliver);
-        assert_eq!(classify(Some(&last), &p(6, "e")), Step::Deliver);
-        assert_eq!(classify(Some(&last), &p(5, "e")), Step::Duplicate);
-        assert_eq!(classify(Some(&last), &p(8, "e")), Step::Gap { since: 5 });
-        assert_eq!(classify(Some(&last), &p(1, "f")), Step::Deliver);
-        assert_eq!(classify(Some(&last), &p(3, "f")), Step::Gap { since: 0 });
+        let last = Last::At("e".into(), 5);
+        assert_eq!(classify(&Last::Unknown, &p(9, "e")), Step::Deliver);
+        assert_eq!(classify(&Last::Empty, &p(1, "e")), Step::Deliver);
+        assert_eq!(classify(&Last::Empty, &p(2, "e")), Step::Gap { since: 0 });
+        assert_eq!(classify(&last, &p(6, "e")), Step::Deliver);
+        assert_eq!(classify(&last, &p(5, "e")), Step::Duplicate);
+        assert_eq!(classify(&last, &p(8, "e")), Step::Gap { since: 5 });
+        assert_eq!(classify(&last, &p(1, "f")), Step::Deliver);
+        assert_eq!(classify(&last, &p(3, "f")), Step::Gap { since: 0 });
     }
 
     #[test]

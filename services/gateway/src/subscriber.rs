@@ -15,7 +15,7 @@ use herald_core::ops::ReadyFlag;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Last};
 use crate::metrics::Metrics;
 
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
@@ -59,7 +59,7 @@ async fn session(
     let mut connection = client.init().await?;
     let result = async {
         let mut subscribed = HashSet::new();
-        reconcile(&client, hub, &mut subscribed, metrics).await?;
+        reconcile(&client, pool, hub, &mut subscribed, metrics).await?;
         hub.set_redis_up(true);
         ready.set(true);
         backoff.reset();
@@ -74,7 +74,7 @@ async fn session(
                     tracing::warn!(?ended, "gateway redis subscription connection ended");
                     return Ok(());
                 }
-                _ = hub.dirty.notified() => reconcile(&client, hub, &mut subscribed, metrics).await?,
+                _ = hub.dirty.notified() => reconcile(&client, pool, hub, &mut subscribed, metrics).await?,
                 message = messages.recv() => match message {
                     Ok(message) => {
                         let parsed = message.value.as_bytes().and_then(Publication::decode_pubsub);
@@ -102,6 +102,7 @@ async fn session(
 /// Subscribes to wanted channels and unsubscribes from unwanted ones.
 async fn reconcile(
     client: &SubscriberClient,
+    pool: &Pool,
     hub: &Hub,
     subscribed: &mut HashSet<String>,
     metrics: &Metrics,
@@ -112,6 +113,14 @@ async fn reconcile(
     for chunk in add.chunks(BATCH) {
         client.subscribe(chunk.to_vec()).await?;
         subscribed.extend(chunk.iter().cloned());
+        // Each new channel's position, read after the subscription is
+        // confirmed: from here on a jump in offsets is a detectable gap.
+        for (pubsub, tenant, channel) in hub.unknown_positions(chunk) {
+            match herald_core::channel::history_since(pool, hub.keys(), &tenant, &channel, 0, 0).await {
+                Ok(h) => hub.set_position(&pubsub, h.epoch.map_or(Last::Empty, |e| Last::At(e.into(), h.offset))),
+                Err(error) => tracing::debug!(%error, %channel, "position not read; the first publication sets it"),
+            }
+        }
     }
     for chunk in remove.chunks(BATCH) {
         client.unsubscribe(chunk.to_vec()).await?;
