@@ -300,7 +300,10 @@ async fn a_slow_client_is_closed_while_a_fast_one_gets_everything() {
         received.wait_for(|n| n + 4 >= sent).await.expect("fast reader alive");
         channel::publish(&sb.redis, &sb.keys, &tenant, &ch, history, payload.as_bytes(), None).await.unwrap();
         sent += 1;
-        if slow_seen_at.is_none() && sent.is_multiple_of(25) && gw.metric("herald_gateway_slow_closes_total").await >= 1.0 {
+        if slow_seen_at.is_none()
+            && sent.is_multiple_of(25)
+            && gw.metric("herald_gateway_slow_closes_total").await >= 1.0
+        {
             slow_seen_at = Some(sent);
         }
         // Twenty more after the slow close: the fast one is unaffected.

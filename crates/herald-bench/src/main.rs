@@ -3,6 +3,7 @@
 
 mod invalidation;
 mod report;
+mod ws;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,10 @@ struct Cli {
 enum Command {
     /// Commit → L1 invalidation latency, and what capture costs writers.
     Invalidation(invalidation::Args),
+    /// WebSocket fan-out: sockets held, memory per socket, deliveries/s, broadcast latency.
+    Ws(ws::Args),
+    #[command(hide = true)]
+    WsNode(ws::NodeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +35,8 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Invalidation(args) => invalidation::run(args).await,
+            Command::Ws(args) => ws::run(args).await,
+            Command::WsNode(args) => ws::node(args).await,
         }
     })
 }
