@@ -173,7 +173,9 @@ impl Conn<'_> {
             tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => return End::Close(CloseCode::Shutdown, "node shutting down".into()),
                 _ = self.outbox.ready.notified() => {
-                    if let Some(end) = self.flush(ws, &mut batch).await {
+                    // Boxed like the command path: only a socket with
+                    // something to write pays for the writing state.
+                    if let Some(end) = Box::pin(self.flush(ws, &mut batch)).await {
                         return end;
                     }
                 }

@@ -26,6 +26,7 @@ use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use fred::prelude::*;
 use herald_core::config::{Config, GatewayConfig};
 use herald_core::keys::KeySpace;
@@ -132,8 +133,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let http_addr = listeners.http.local_addr()?;
     let http = {
         let shutdown = shutdown.clone();
+        // Small frames go out at once (no Nagle delay behind an unacked one).
+        let listener = listeners.http.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY not set");
+            }
+        });
         tokio::spawn(async move {
-            axum::serve(listeners.http, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+            axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
         })
     };
     let grpc = listeners.grpc.map(|listener| {
