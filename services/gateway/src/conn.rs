@@ -169,10 +169,18 @@ impl Conn<'_> {
         ping.reset();
         let mut last_seen = Instant::now();
         let mut batch = VecDeque::new();
+        // Both futures live across iterations: re-registering with the
+        // node-wide shutdown token on every wake-up would make thousands of
+        // sockets contend for its lock during a broadcast.
+        let shutdown = self.ctx.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
+        let outbox = self.outbox.clone();
+        let mut ready = std::pin::pin!(outbox.ready.notified());
         loop {
             tokio::select! {
-                _ = self.ctx.shutdown.cancelled() => return End::Close(CloseCode::Shutdown, "node shutting down".into()),
-                _ = self.outbox.ready.notified() => {
+                _ = &mut shutdown => return End::Close(CloseCode::Shutdown, "node shutting down".into()),
+                _ = &mut ready => {
+                    ready.set(outbox.ready.notified());
                     // Boxed like the command path: only a socket with
                     // something to write pays for the writing state.
                     if let Some(end) = Box::pin(self.flush(ws, &mut batch)).await {
