@@ -34,6 +34,10 @@ struct Sub {
     /// at subscribe time); `None` until known.
     position: Option<(Arc<str>, u64)>,
     presence: Option<String>,
+    /// Subscribed while Redis was down: no position. The first publication
+    /// from Redis (it is back) ends the subscription with `resubscribe`, so
+    /// the client recovers what it missed instead of silently skipping it.
+    degraded: bool,
 }
 
 /// Why the session ended.
@@ -278,6 +282,9 @@ impl Conn<'_> {
         if offset == 0 {
             return Accept::Send;
         }
+        if sub.degraded {
+            return Accept::Gap;
+        }
         match &sub.position {
             None => {}
             Some((e, last)) if *e == *epoch => {
@@ -358,7 +365,7 @@ impl Conn<'_> {
         let tenant = self.claims.tenant.clone();
         let pubsub = self.ctx.hub.join(self.id, self.outbox.clone(), &tenant, &channel, history);
         let key: Arc<str> = name.into();
-        self.subs.insert(key.clone(), Sub { pubsub: pubsub.clone(), position: None, presence: None });
+        self.subs.insert(key.clone(), Sub { pubsub: pubsub.clone(), position: None, presence: None, degraded: false });
 
         let active = self.ctx.hub.wait_active(&pubsub, ACTIVE_WAIT).await;
         let limit = if recover.is_some() { history.size } else { 0 };
@@ -378,6 +385,9 @@ impl Conn<'_> {
         }
         let Some(h) = read else {
             // Redis is unreachable: live delivery from this node only.
+            if let Some(sub) = self.subs.get_mut(name) {
+                sub.degraded = true;
+            }
             if recover.is_some() {
                 self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result: "degraded" }).inc();
             }

@@ -287,6 +287,11 @@ impl Hub {
         self.redis_up.clone()
     }
 
+    /// Redis was up and is down now (an outage, not the start).
+    pub fn redis_outage(&self) -> bool {
+        !self.redis_up() && self.redis_seen.load(Ordering::Relaxed)
+    }
+
     pub fn redis_up(&self) -> bool {
         self.redis_up.load(Ordering::Relaxed)
     }

@@ -154,6 +154,10 @@ impl Publisher {
             return Err(PublishError::RateLimited);
         }
         let history = HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s };
+        if self.ctx.hub.redis_outage() {
+            // Known down: do not wait for a command timeout.
+            return Ok(self.publish_local(&tenant, &channel, data, "redis is down"));
+        }
         match channel::publish(&self.ctx.redis, self.ctx.hub.keys(), &tenant, &channel, history, data, idempotency)
             .await
         {
@@ -161,14 +165,17 @@ impl Publisher {
             Err(herald_core::Error::InvalidArgument { what, reason }) => {
                 Err(PublishError::Invalid(format!("invalid {what}: {reason}")))
             }
-            Err(error) => {
-                // Graceful degradation: this node's sockets still get it.
-                self.ctx.metrics.publish_errors.inc();
-                tracing::warn!(%error, "publish to redis failed; delivering locally only");
-                self.ctx.hub.deliver_local(&tenant, &channel, data);
-                Ok(Outcome { offset: 0, epoch: String::new(), duplicate: false, local_only: true })
-            }
+            Err(error) => Ok(self.publish_local(&tenant, &channel, data, &error.to_string())),
         }
+    }
+
+    /// Graceful degradation: this node's sockets still get the publication
+    /// (offset 0, not in history).
+    fn publish_local(&self, tenant: &TenantId, channel: &Channel, data: &[u8], error: &str) -> Outcome {
+        self.ctx.metrics.publish_errors.inc();
+        tracing::warn!(%error, "publish to redis failed; delivering locally only");
+        self.ctx.hub.deliver_local(tenant, channel, data);
+        Outcome { offset: 0, epoch: String::new(), duplicate: false, local_only: true }
     }
 }
 
