@@ -462,3 +462,48 @@ async fn node_limits_refuse_connections_and_commands() {
     assert_eq!(first.closed().await.0.code, 4003);
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_after_the_ping_timeout() {
+    let sb = sandbox().await;
+    let gw = sb
+        .spawn_gateway_with(|c| {
+            c.gateway.limits.ping_interval_ms = 100;
+            c.gateway.limits.ping_timeout_ms = 300;
+        })
+        .await;
+    let mut silent = WsClient::connect(&gw, &team_token("acme", "silent")).await;
+    // Not reading means not answering pings.
+    assert_eventually!(
+        10,
+        async { gw.metric("herald_gateway_closes_total{code=\"4002\"}").await >= 1.0 },
+        "silent socket not closed"
+    );
+    // The client library answers the queued pings as it reads them, into a
+    // socket the server has closed: it may see a broken pipe before the
+    // close frame. Either way the socket is gone.
+    let (closed, _) = silent.closed().await;
+    assert!([4002, 1006].contains(&closed.code), "{closed:?}");
+    assert_eventually!(5, async { gw.metric("herald_gateway_sockets").await == 0.0 }, "socket still counted");
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_are_rate_limited_per_node() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway_with(|c| c.gateway.limits.connections_per_s = 1).await;
+    let _first = WsClient::connect(&gw, &team_token("acme", "a")).await;
+    // The bucket holds one connection per second: of a few more attempts in
+    // a row, some are refused with 429 (however slow this machine is).
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        match tokio_tungstenite::connect_async(gw.ws_url()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => statuses.push(response.status().as_u16()),
+            Ok(_) => statuses.push(101),
+            Err(other) => panic!("unexpected: {other}"),
+        }
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(gw.metric("herald_gateway_refused_connections_total").await >= 1.0);
+    sb.cleanup().await;
+}
