@@ -372,6 +372,16 @@ mod tests {
     }
 
     proptest! {
+        // What the publish script sends (`<offset> <epoch> <data>`) parses
+        // back, whatever the data holds; any other bytes never panic.
+        #[test]
+        fn pubsub_payloads_round_trip(offset in 1u64.., epoch in "[0-9a-f]{8}", data in "\\PC{0,64}", junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let message = format!("{offset} {epoch} {data}");
+            let p = Publication::decode_pubsub(message.as_bytes()).unwrap();
+            prop_assert_eq!((p.offset, &*p.epoch, &p.data[..]), (offset, epoch.as_str(), data.as_bytes()));
+            let _ = Publication::decode_pubsub(&junk);
+        }
+
         // Distinct (tenant, channel) pairs never share a Redis key, and the
         // tenant's hash tag stays the only one.
         #[test]

@@ -210,6 +210,19 @@ mod tests {
         assert!(!CloseCode::TokenExpired.reconnect());
     }
 
+    proptest::proptest! {
+        // Frames from outside never panic the parser, and a publication
+        // frame built from checked data is always valid JSON.
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,200}", data in "\\PC{0,64}") {
+            let _ = serde_json::from_str::<ClientFrame>(&text);
+            if let Ok(data) = check_data(data.as_bytes(), 1024) {
+                let frame = publication_frame("team:1", 1, "ab", data);
+                proptest::prop_assert!(serde_json::from_str::<serde_json::Value>(&frame).is_ok());
+            }
+        }
+    }
+
     #[test]
     fn data_is_checked() {
         assert!(check_data(b"{\"a\":1}", 100).is_ok());
