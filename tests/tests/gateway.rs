@@ -507,3 +507,40 @@ async fn new_connections_are_rate_limited_per_node() {
     assert!(gw.metric("herald_gateway_refused_connections_total").await >= 1.0);
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_event_publishes_its_team_change_once() {
+    use herald_proto::Message as _;
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway().await;
+    let mut client = WsClient::connect(&gw, &team_token("acme", "alice")).await;
+    client.subscribe("team:77").await;
+    let event = herald_proto::v1::InvalidationEvent {
+        event_id: "db:42".into(),
+        tenant: "acme".into(),
+        table: "res_users".into(),
+        operation: herald_proto::v1::Operation::Update as i32,
+        ids: vec!["5".into()],
+        tags: vec!["res_users.id=5".into(), "res_users".into()],
+        teams: vec!["77".into()],
+        ..Default::default()
+    };
+    let entry =
+        || herald_core::stream::Entry { id: "1-1".into(), payload: Some(bytes::Bytes::from(event.encode_to_vec())) };
+    let applier = herald_broadcast::apply::Applier::new(
+        sb.redis.clone(),
+        sb.keys.clone(),
+        "broadcast".into(),
+        herald_broadcast::metrics::Metrics::default(),
+    )
+    .with_team_channels(Some(HistoryOptions { size: 100, ttl_s: 300 }));
+    // Applied, then applied again as after a crash before the XACK.
+    applier.apply(vec![entry()]).await.unwrap();
+    applier.apply(vec![entry()]).await.unwrap();
+    publish(&gw, "acme", "team:77", json!({"after": true})).await;
+    let first = client.next_pub().await;
+    assert_eq!(first["data"], json!({"type": "change", "table": "res_users", "op": "update", "ids": ["5"]}));
+    let second = client.next_pub().await;
+    assert_eq!((second["offset"].as_u64(), &second["data"]), (Some(2), &json!({"after": true})), "published twice");
+    sb.cleanup().await;
+}
