@@ -283,16 +283,18 @@ async fn a_slow_client_is_closed_while_a_fast_one_gets_everything() {
     let history = HistoryOptions { size: 10, ttl_s: 300 };
     let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(16 * 1024));
     let (received_tx, mut received) = tokio::sync::watch::channel(0u64);
-    let (total_tx, total_rx) = tokio::sync::watch::channel(u64::MAX);
+    // The fast client reads in order until the end marker.
     let reader = tokio::spawn(async move {
         let mut expected = 1;
-        while expected <= *total_rx.borrow() {
+        loop {
             let p = fast.next_pub().await;
             assert_eq!(p["offset"].as_u64(), Some(expected), "fast client missed or reordered");
+            if p["data"]["end"] == json!(true) {
+                return expected;
+            }
             received_tx.send_replace(expected);
             expected += 1;
         }
-        expected - 1
     });
     let mut sent = 0u64;
     let mut slow_seen_at = None;
@@ -312,8 +314,8 @@ async fn a_slow_client_is_closed_while_a_fast_one_gets_everything() {
         }
     }
     assert!(slow_seen_at.is_some(), "the slow client was never closed ({sent} publications)");
-    total_tx.send_replace(sent);
-    assert_eq!(reader.await.expect("fast client got everything in order"), sent);
+    channel::publish(&sb.redis, &sb.keys, &tenant, &ch, history, br#"{"end":true}"#, None).await.unwrap();
+    assert_eq!(reader.await.expect("fast client got everything in order"), sent + 1);
     let (closed, disconnect) = slow.closed().await;
     assert_eq!(closed.code, 4001, "{closed:?}");
     assert_eq!(disconnect.map(|d| d["reconnect"].clone()), Some(json!(true)));
