@@ -450,7 +450,7 @@ impl Hub {
                 Last::At(epoch, offset) => (Some(epoch.clone()), *offset),
                 _ => (None, 0),
             };
-            match channel::history_since(redis, &self.keys, &tenant, &channel, since, limit).await {
+            match read_with_retries(redis, &self.keys, &tenant, &channel, since, limit).await {
                 // Nothing was published meanwhile (or the state expired).
                 Ok(h) if h.epoch.is_none() => {}
                 Ok(h) if h.epoch.as_deref() == epoch.as_deref() && h.complete_after(since) => {
@@ -482,6 +482,32 @@ impl Hub {
         let pubsub = ChannelKeys::new(&self.keys, tenant, channel).pubsub;
         let p = Publication { offset: 0, epoch: "".into(), data: bytes::Bytes::copy_from_slice(data) };
         self.fan_out(&pubsub, &p)
+    }
+}
+
+/// Reads history, retrying for a few seconds: right after the subscription
+/// connection is back, the command pool may still be reconnecting, and a
+/// failed read would needlessly make every subscriber resubscribe.
+async fn read_with_retries(
+    redis: &Pool,
+    keys: &KeySpace,
+    tenant: &TenantId,
+    channel: &Channel,
+    since: u64,
+    limit: u64,
+) -> herald_core::Result<channel::HistorySince> {
+    let mut delay = Duration::from_millis(50);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match channel::history_since(redis, keys, tenant, channel, since, limit).await {
+            Ok(h) => return Ok(h),
+            Err(error) if tokio::time::Instant::now() + delay > deadline => return Err(error),
+            Err(error) => {
+                tracing::debug!(%error, %channel, "history read failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }
 

@@ -61,11 +61,12 @@ async fn session(
         let mut subscribed = HashSet::new();
         reconcile(&client, pool, hub, &mut subscribed, metrics).await?;
         hub.set_redis_up(true);
+        // Publications made while this node was not subscribed, before
+        // saying it is ready (new ones wait in the subscription's buffer).
+        hub.catch_up_all(pool).await;
         ready.set(true);
         backoff.reset();
         tracing::info!(channels = subscribed.len(), "gateway redis subscription live");
-        // Publications made while this node was not subscribed.
-        hub.catch_up_all(pool).await;
         loop {
             tokio::select! {
                 biased;
