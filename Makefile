@@ -25,7 +25,7 @@ check-deploy: ## static checks of docker-compose.yml and the kustomize manifests
 	scripts/check-deploy.sh
 
 build: ## release binaries
-	cargo build --release -p herald-capture -p herald-broadcast
+	cargo build --release -p herald-capture -p herald-broadcast -p herald-gateway
 
 clean-dev: ## remove the throwaway dev servers' data
 	rm -rf .dev

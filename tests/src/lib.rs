@@ -6,6 +6,7 @@
 
 pub mod cache_api;
 pub mod coherence;
+pub mod gateway;
 pub mod process;
 
 use std::net::SocketAddr;

@@ -5,6 +5,7 @@ mod cache;
 mod coherence;
 mod invalidation;
 mod report;
+mod ws;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,10 @@ enum Command {
     Cache(cache::Args),
     /// Stale reads under writes and faults, per phase.
     Coherence(coherence::Args),
+    /// WebSocket fan-out: sockets held, memory per socket, deliveries/s, broadcast latency.
+    Ws(ws::Args),
+    #[command(hide = true)]
+    WsNode(ws::NodeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +43,8 @@ fn main() -> anyhow::Result<()> {
             Command::Invalidation(args) => invalidation::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Coherence(args) => coherence::run(args).await,
+            Command::Ws(args) => ws::run(args).await,
+            Command::WsNode(args) => ws::node(args).await,
         }
     })
 }

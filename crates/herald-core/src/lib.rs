@@ -3,6 +3,7 @@
 //! endpoints and the L1 cache with its invalidation subscriber.
 
 pub mod backoff;
+pub mod channel;
 pub mod config;
 pub mod error;
 pub mod hash;

@@ -19,8 +19,7 @@ pub fn pool(config: &PostgresConfig) -> Result<Pool> {
 /// Like [`pool`], with session settings (`name`, `value`) applied to every
 /// connection at start-up, e.g. `("synchronous_commit", "off")`.
 pub fn pool_with_settings(config: &PostgresConfig, settings: &[(&str, &str)]) -> Result<Pool> {
-    let mut pg: tokio_postgres::Config =
-        config.url.parse().map_err(|e| Error::Config(format!("postgres.url: {e}")))?;
+    let mut pg: tokio_postgres::Config = config.url.parse().map_err(|e| Error::Config(format!("postgres.url: {e}")))?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
     if !settings.is_empty() {
         let mut options = pg.get_options().map(|o| format!("{o} ")).unwrap_or_default();

@@ -1,9 +1,12 @@
 //! Applying stream entries: decode, delete the L2 entries the tags name,
-//! publish the invalidations on the L1 channel, and only then acknowledge.
+//! publish the invalidations on the L1 channel, publish row changes of
+//! tables with a team column on the `team:{id}` channels, and only then
+//! acknowledge.
 
 use bytes::Bytes;
 use fred::prelude::*;
-use herald_core::keys::{KeySpace, Scope};
+use herald_core::channel::{self, Channel, HistoryOptions};
+use herald_core::keys::{KeySpace, Scope, TenantId};
 use herald_core::l2::L2;
 use herald_core::time::now_us;
 use herald_proto::Message as _;
@@ -22,12 +25,26 @@ pub struct Applier {
     l2: L2,
     group: String,
     metrics: Metrics,
+    /// History options of the `team` namespace, when the gateway has one.
+    teams: Option<HistoryOptions>,
 }
+
+/// Team publications are idempotent per event and team for this long: a
+/// redelivered event (applied again after a crash before XACK) publishes
+/// nothing twice.
+const TEAM_IDEMPOTENCY_TTL_S: u64 = 600;
 
 impl Applier {
     pub fn new(redis: Pool, keys: KeySpace, group: String, metrics: Metrics) -> Self {
         let l2 = L2::new(redis.clone(), keys.clone());
-        Self { redis, keys, l2, group, metrics }
+        Self { redis, keys, l2, group, metrics, teams: None }
+    }
+
+    /// Also publish row changes of tables with a team column on `team:{id}`
+    /// channels, with the `team` namespace's history options.
+    pub fn with_team_channels(mut self, history: Option<HistoryOptions>) -> Self {
+        self.teams = history;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -65,6 +82,7 @@ impl Applier {
             self.metrics.l2_entries_deleted.inc_by(deleted);
         }
         self.publish(&events).await?;
+        self.publish_teams(&events).await?;
         let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
         let now = now_us();
         for event in &events {
@@ -89,6 +107,39 @@ impl Applier {
         }
         if !batch.is_empty() {
             self.publish_batch(&channel, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// One publication per event and team on `team:{id}` of the event's
+    /// tenant: `{"type":"change","table","op","ids"}`. Idempotent per event
+    /// and team, so the at-least-once redelivery of an event does not
+    /// publish twice.
+    async fn publish_teams(&self, events: &[InvalidationEvent]) -> Result<(), fred::error::Error> {
+        let Some(history) = self.teams else { return Ok(()) };
+        for event in events {
+            if event.teams.is_empty() {
+                continue;
+            }
+            let Ok(tenant) = TenantId::new(&event.tenant) else {
+                // Team channels live inside a tenant; a global table has none.
+                self.metrics.team_publications_skipped.inc();
+                continue;
+            };
+            let data = team_change_json(event);
+            for team in &event.teams {
+                let Ok(channel) = Channel::parse(&format!("team:{team}")) else {
+                    self.metrics.team_publications_skipped.inc();
+                    continue;
+                };
+                let key = format!("ev:{}:team:{team}", event.event_id);
+                let idempotency =
+                    channel::validate_idempotency_key(&key).ok().map(|_| (key.as_str(), TEAM_IDEMPOTENCY_TTL_S));
+                channel::publish(&self.redis, &self.keys, &tenant, &channel, history, data.as_bytes(), idempotency)
+                    .await
+                    .map_err(core_to_redis)?;
+                self.metrics.team_publications.inc();
+            }
         }
         Ok(())
     }
@@ -133,6 +184,12 @@ fn decode(entry: &Entry) -> Result<InvalidationEvent, String> {
         return Err("event has no tags".into());
     }
     Ok(event)
+}
+
+/// The payload of a team publication.
+fn team_change_json(event: &InvalidationEvent) -> String {
+    let op = event.operation().as_str_name().trim_start_matches("OPERATION_").to_lowercase();
+    serde_json::json!({"type": "change", "table": event.table, "op": op, "ids": event.ids}).to_string()
 }
 
 pub(crate) fn core_to_redis(error: herald_core::Error) -> fred::error::Error {

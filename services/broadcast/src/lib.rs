@@ -1,8 +1,10 @@
 //! Broadcast: Herald's event log into effects.
 //!
 //! Reads the event stream in a consumer group (instances share the work);
-//! for each event deletes the L2 entries its tags name and publishes the
-//! invalidation on the L1 channel, then acknowledges. Pending entries of
+//! for each event deletes the L2 entries its tags name, publishes the
+//! invalidation on the L1 channel and, for tables with a team column, a
+//! change publication on each touched `team:{id}` channel (when the gateway
+//! config has a `team` namespace), then acknowledges. Pending entries of
 //! consumers that died are claimed (`XAUTOCLAIM`) and applied. A heartbeat
 //! on the L1 channel tells L1 holders that invalidations are flowing; it
 //! stops when this instance cannot apply, so holders flush rather than serve
@@ -19,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::prelude::*;
 use herald_core::backoff::Backoff;
+use herald_core::channel::HistoryOptions;
 use herald_core::config::{Config, ms};
 use herald_core::keys::KeySpace;
 use herald_core::ops::{self, ReadyFlag};
@@ -53,7 +56,10 @@ pub async fn run(
     let keys = KeySpace::new(&config.env)?;
     let redis = herald_core::redis::build_pool(&config.redis)?;
     let _connections = redis.connect();
-    let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone());
+    let teams =
+        config.gateway.namespace("team").map(|ns| HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s });
+    let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone())
+        .with_team_channels(teams);
     // Time of the last successful read-and-apply, for the heartbeat.
     let last_ok = Arc::new(AtomicI64::new(0));
     let ready = readiness.flag("redis");

@@ -14,6 +14,11 @@ pub struct Metrics {
     pub errors: Counter,
     pub heartbeats: Counter,
     pub pending: Gauge,
+    /// Change publications on `team:{id}` channels.
+    pub team_publications: Counter,
+    /// Team changes that could not become a publication (global table,
+    /// team id that is not a valid channel id).
+    pub team_publications_skipped: Counter,
     /// Writer's statement → L1 invalidation published, seconds.
     pub lag: Histogram,
 }
@@ -28,6 +33,8 @@ impl Default for Metrics {
             errors: Counter::default(),
             heartbeats: Counter::default(),
             pending: Gauge::default(),
+            team_publications: Counter::default(),
+            team_publications_skipped: Counter::default(),
             lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         }
     }
@@ -51,6 +58,12 @@ impl Metrics {
         r.register("errors", "apply attempts that failed and will be retried", self.errors.clone());
         r.register("heartbeats", "heartbeats published on the L1 channel", self.heartbeats.clone());
         r.register("pending", "entries read but not yet acknowledged by the group (sampled)", self.pending.clone());
+        r.register("team_publications", "row changes published on team:{id} channels", self.team_publications.clone());
+        r.register(
+            "team_publications_skipped",
+            "team changes not published (global table or team id not a valid channel id)",
+            self.team_publications_skipped.clone(),
+        );
         r.register("lag_seconds", "writer statement to L1 invalidation published", self.lag.clone());
     }
 }
