@@ -4,7 +4,7 @@
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-dev: ## run capture + broadcast on local Postgres/Redis (throwaway ones unless DATABASE_URL/REDIS_URL are set) and watch invalidations
+dev: ## run Herald (capture, broadcast, cache API, gateway) on local Postgres/Redis (throwaway ones unless DATABASE_URL/REDIS_URL are set) and watch invalidations
 	scripts/dev.sh
 
 test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults)
@@ -18,14 +18,17 @@ lint: ## formatting and clippy, as CI runs them
 fmt: ## format the code
 	cargo fmt --all
 
-bench: ## the invalidation benchmark (latency commit → L1, writer cost of capture)
+bench: ## every benchmark: invalidation, cache, coherence, ws (each prints a table and a JSON line)
 	cargo run --release -p herald-bench -- invalidation
+	cargo run --release -p herald-bench -- cache
+	cargo run --release -p herald-bench -- coherence
+	cargo run --release -p herald-bench -- ws
 
 check-deploy: ## static checks of docker-compose.yml and the kustomize manifests
 	scripts/check-deploy.sh
 
 build: ## release binaries
-	cargo build --release -p herald-capture -p herald-broadcast -p herald-gateway
+	cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway
 
 clean-dev: ## remove the throwaway dev servers' data
 	rm -rf .dev

@@ -14,13 +14,17 @@
 #      127.0.0.1:56379 without persistence and exports REDIS_URL.
 #   3. Applies deploy/demo.sql (table public.res_users + seed rows alice, bob,
 #      carol; idempotent).
-#   4. cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api
+#   4. cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway
 #      (binaries in ${CARGO_TARGET_DIR:-target}/release).
 #   5. herald-capture install, then herald-capture run, herald-broadcast run
 #      and herald-cache-api run in the background (logs: .dev/capture.log,
 #      .dev/broadcast.log, .dev/cache-api.log; the cache API on
 #      127.0.0.1:8080 (HTTP) and :50051 (gRPC) with the token in
 #      HERALD_CACHE_TOKEN, default dev-token-0123456789), and
+#      herald-gateway run (WebSocket ws://127.0.0.1:8081/v1/ws, publish API
+#      with the token in HERALD_GATEWAY_SERVICE_TOKEN, client JWTs signed
+#      with HERALD_GATEWAY_JWT_SECRET; dev defaults below; log
+#      .dev/gateway.log), and
 #      herald-broadcast watch whose output is printed here prefixed with [l1].
 #   6. Every 2 s changes a random demo row (its name, or its slug) and says
 #      what it did, so you see the invalidation arrive on the [l1] lines, then
@@ -45,6 +49,9 @@
 #   HERALD_CACHE__HTTP_ADDR, HERALD_CACHE__GRPC_ADDR
 #                            cache API (default 127.0.0.1:8080 / :50051)
 #   HERALD_CACHE_TOKEN       the cache API's token (default dev-token-0123456789)
+#   HERALD_GATEWAY_JWT_SECRET, HERALD_GATEWAY_SERVICE_TOKEN
+#                            the gateway's client-token key and publish token
+#                            (dev defaults; never use them elsewhere)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -261,10 +268,10 @@ fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN="$TARGET_DIR/release"
 if [[ ${DEV_SKIP_BUILD:-0} != 1 ]]; then
-    log "cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api"
-    cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api
+    log "cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway"
+    cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway
 fi
-for b in herald-capture herald-broadcast herald-cache-api; do
+for b in herald-capture herald-broadcast herald-cache-api herald-gateway; do
     [[ -x $BIN/$b ]] || die "$BIN/$b not found (build failed, or CARGO_TARGET_DIR differs)"
 done
 
@@ -279,13 +286,19 @@ export HERALD_CACHE__OPS_ADDR=${HERALD_CACHE__OPS_ADDR:-127.0.0.1:9103}
 export HERALD_CACHE__HTTP_ADDR=${HERALD_CACHE__HTTP_ADDR:-127.0.0.1:8080}
 export HERALD_CACHE__GRPC_ADDR=${HERALD_CACHE__GRPC_ADDR:-127.0.0.1:50051}
 export HERALD_CACHE_TOKEN=${HERALD_CACHE_TOKEN:-dev-token-0123456789}
+export HERALD_GATEWAY__LISTEN_ADDR=${HERALD_GATEWAY__LISTEN_ADDR:-127.0.0.1:8081}
+export HERALD_GATEWAY__GRPC_ADDR=${HERALD_GATEWAY__GRPC_ADDR:-127.0.0.1:50052}
+export HERALD_GATEWAY__OPS_ADDR=${HERALD_GATEWAY__OPS_ADDR:-127.0.0.1:9104}
+export HERALD_GATEWAY_JWT_SECRET=${HERALD_GATEWAY_JWT_SECRET:-dev-jwt-secret-0123456789-0123456789}
+export HERALD_GATEWAY_SERVICE_TOKEN=${HERALD_GATEWAY_SERVICE_TOKEN:-dev-service-token-0123456789}
 CFG=(--config "$CONFIG")
 
 log "binaries:   $BIN"
 log "config:     deploy/herald.toml (env=$HERALD_ENV)"
 log "ops:        capture http://$HERALD_CAPTURE__OPS_ADDR/metrics, broadcast http://$HERALD_BROADCAST__OPS_ADDR/metrics, cache-api http://$HERALD_CACHE__OPS_ADDR/metrics"
 log "cache API:  curl -H 'Authorization: Bearer $HERALD_CACHE_TOKEN' 'http://$HERALD_CACHE__HTTP_ADDR/v1/t/demo/r/user_by_slug?slug=alice'"
-log "logs:       .dev/capture.log .dev/broadcast.log .dev/cache-api.log .dev/watch.log"
+log "gateway:    ws://$HERALD_GATEWAY__LISTEN_ADDR/v1/ws (docs/gateway-protocol.md); publish: curl -H 'Authorization: Bearer $HERALD_GATEWAY_SERVICE_TOKEN' -d '{\"tenant\":\"demo\",\"channel\":\"team:1\",\"data\":{}}' http://$HERALD_GATEWAY__LISTEN_ADDR/v1/publish"
+log "logs:       .dev/capture.log .dev/broadcast.log .dev/cache-api.log .dev/gateway.log .dev/watch.log"
 
 log "herald-capture install"
 "$BIN/herald-capture" "${CFG[@]}" install || die "herald-capture install failed"
@@ -301,6 +314,7 @@ start_bg() { # name logfile cmd...
 start_bg capture "$DEV/capture.log" "$BIN/herald-capture" "${CFG[@]}" run
 start_bg broadcast "$DEV/broadcast.log" "$BIN/herald-broadcast" "${CFG[@]}" run
 start_bg cache-api "$DEV/cache-api.log" "$BIN/herald-cache-api" "${CFG[@]}" run
+start_bg gateway "$DEV/gateway.log" "$BIN/herald-gateway" "${CFG[@]}" run
 
 # watch: each invalidation is one JSON line; print it here with an [l1] prefix.
 printf '\n=== watch started %s ===\n' "$(date -Is)" >>"$DEV/watch.log"
@@ -338,14 +352,14 @@ ready=0
 for _ in $(seq 60); do
     check_alive
     if http_ok "$HERALD_CAPTURE__OPS_ADDR" /readyz && http_ok "$HERALD_BROADCAST__OPS_ADDR" /readyz \
-        && http_ok "$HERALD_CACHE__OPS_ADDR" /readyz; then
+        && http_ok "$HERALD_CACHE__OPS_ADDR" /readyz && http_ok "$HERALD_GATEWAY__OPS_ADDR" /readyz; then
         ready=1
         break
     fi
     sleep 0.5
 done
 if ((ready)); then
-    log "capture, broadcast and cache-api are ready"
+    log "capture, broadcast, cache-api and gateway are ready"
 else
     log "warning: services not ready after 30 s; continuing (see .dev/*.log)"
 fi

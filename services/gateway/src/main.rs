@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use herald_core::config::Config;
 use tokio::net::TcpListener;
 
@@ -11,8 +11,16 @@ use tokio::net::TcpListener;
 #[command(version, about = "Herald's WebSocket gateway: team channels with auth, history, recovery and a publish API")]
 struct Cli {
     /// TOML configuration file (environment overrides apply on top).
-    #[arg(long, env = "HERALD_CONFIG")]
+    #[arg(long, env = "HERALD_CONFIG", global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve WebSocket clients and the publish API (the default).
+    Run,
 }
 
 async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
@@ -22,6 +30,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let Command::Run = cli.command.unwrap_or(Command::Run);
     let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
     let _telemetry = herald_core::telemetry::init("herald-gateway")?;
     let g = &config.gateway;
