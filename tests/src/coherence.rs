@@ -171,6 +171,11 @@ pub struct PhaseReport {
     pub stale_span_ms: Option<(f64, f64)>,
     /// How long the fault lasted (injection to restore), milliseconds.
     pub fault_ms: f64,
+    /// Stale reads that started before the fault, between its injection and
+    /// 3 s after its restore (recovery), and later.
+    pub stale_before: u64,
+    pub stale_during: u64,
+    pub stale_after: u64,
     /// Of the stale reads, the oldest superseding commit, in milliseconds
     /// before the read started (compare with the slowest invalidation).
     pub stale_oldest_ms: f64,
@@ -350,8 +355,8 @@ impl World {
         let mut report = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
         {
             let histories = histories.lock().unwrap_or_else(|p| p.into_inner());
-            check_reads(&reads, &histories, self.settings.window, fault_at, &mut report);
             report.fault_ms = fault_ms;
+            check_reads(&reads, &histories, self.settings.window, fault_at, &mut report);
             let commits = commits.lock().unwrap_or_else(|p| p.into_inner());
             let received = received.lock().unwrap_or_else(|p| p.into_inner());
             lags(&commits, &received, &mut report);
@@ -850,6 +855,13 @@ fn check_reads(reads: &[Read], histories: &Histories, window: Duration, fault_at
             report.stale_oldest_ms = report.stale_oldest_ms.max((read.started_us - superseded_at) as f64 / 1000.0);
             report.stale_beyond_window += 1;
             let at = (read.started_us - fault_at) as f64 / 1000.0;
+            if at < 0.0 {
+                report.stale_before += 1;
+            } else if at <= report.fault_ms + 3_000.0 {
+                report.stale_during += 1;
+            } else {
+                report.stale_after += 1;
+            }
             report.stale_span_ms = Some(match report.stale_span_ms {
                 None => (at, at),
                 Some((first, last)) => (first.min(at), last.max(at)),

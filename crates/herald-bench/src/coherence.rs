@@ -85,6 +85,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         json.set(format!("{p}_reads"), r.reads);
         json.set(format!("{p}_stale_beyond_window"), r.stale_beyond_window);
         json.set(format!("{p}_stale_after_quiesce"), r.stale_after_quiesce);
+        json.set(format!("{p}_stale_during_fault"), r.stale_during);
         json.set_f64(format!("{p}_lag_p99_ms"), r.lag_p99_ms, 2);
     }
     json.set("cores", cores() as u64);
