@@ -449,9 +449,18 @@ impl Cache {
     async fn query(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Fetched> {
         let _permit = self.fills.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         let started = Instant::now();
-        let db = self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: {e}")))?;
         self.metrics.resource(&self.metrics.db_queries, &res.name);
-        let fetched = res.fetch(&db, scope, params).await?;
+        let db = self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: {e}")))?;
+        let fetched = match res.fetch(&db, scope, params).await {
+            // A pooled connection that died (terminated, server restarted)
+            // fails once; a fresh one answers if Postgres does.
+            Err(Error::Unavailable(_)) if db.is_closed() => {
+                drop(db);
+                let db = self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: {e}")))?;
+                res.fetch(&db, scope, params).await?
+            }
+            result => result?,
+        };
         self.metrics
             .fill_seconds
             .get_or_create(&crate::metrics::ResourceLabel { resource: res.name.clone() })

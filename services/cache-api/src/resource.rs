@@ -287,9 +287,28 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
+/// Whether a query failed because its connection did (closed, terminated by
+/// an administrator, server shutting down or out of connections): another
+/// connection may work, and the caller's request was not at fault.
+pub fn connection_failed(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true,
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+        }
+    }
+}
+
 /// A failed resource query: bad parameter text is the caller's error; a lost
 /// connection means Postgres is unavailable.
 fn query_error(resource: &str, e: &tokio_postgres::Error) -> Error {
+    if connection_failed(e) {
+        return Error::Unavailable(format!("postgres: {}", db_message(e)));
+    }
     match e.code() {
         Some(code)
             if *code == SqlState::INVALID_TEXT_REPRESENTATION
@@ -301,8 +320,7 @@ fn query_error(resource: &str, e: &tokio_postgres::Error) -> Error {
         {
             Error::InvalidArgument(format!("resource {resource:?}: bad parameter: {}", db_message(e)))
         }
-        Some(_) => Error::Internal(format!("resource {resource:?}: {}", db_message(e))),
-        None => Error::Unavailable(format!("postgres: {e}")),
+        _ => Error::Internal(format!("resource {resource:?}: {}", db_message(e))),
     }
 }
 
