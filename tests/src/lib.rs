@@ -161,9 +161,18 @@ impl Sandbox {
         herald_capture::install::install(&mut client, &self.config).await.expect("install");
     }
 
-    /// Runs SQL on the sandbox database.
+    /// Runs SQL on the sandbox database. A pooled connection that a fault
+    /// test terminated fails once; the statement is then run on a fresh one.
     pub async fn sql(&self, sql: &str) {
-        self.pool.get().await.expect("pg").batch_execute(sql).await.unwrap_or_else(|e| {
+        let first = self.pool.get().await.expect("pg");
+        let result = match first.batch_execute(sql).await {
+            Err(e) if first.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN) => {
+                drop(deadpool_postgres::Object::take(first));
+                self.pool.get().await.expect("pg").batch_execute(sql).await
+            }
+            result => result,
+        };
+        result.unwrap_or_else(|e| {
             let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
             panic!("{sql}: {detail}")
         });
