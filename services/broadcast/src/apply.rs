@@ -67,8 +67,11 @@ impl Applier {
             }
             ids.push(entry.id);
         }
-        for event in &events {
-            let deleted = if event.all_tenants {
+        // All of a batch's L2 invalidations in flight at once (the pool
+        // pipelines them): deletes and stamps commute, and every one has
+        // finished before anything is published or acknowledged.
+        let invalidations = events.iter().map(|event| async move {
+            if event.all_tenants {
                 self.l2.invalidate_all_scopes(&event.table).await
             } else {
                 match Scope::from_event_tenant(&event.tenant) {
@@ -77,10 +80,10 @@ impl Applier {
                     // one names no key Herald could have written.
                     Err(_) => Ok(0),
                 }
-            };
-            let deleted = deleted.map_err(core_to_redis)?;
-            self.metrics.l2_entries_deleted.inc_by(deleted);
-        }
+            }
+        });
+        let deleted = futures::future::try_join_all(invalidations).await.map_err(core_to_redis)?;
+        self.metrics.l2_entries_deleted.inc_by(deleted.iter().sum());
         self.publish(&events).await?;
         self.publish_teams(&events).await?;
         let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
