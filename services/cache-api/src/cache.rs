@@ -268,7 +268,7 @@ impl Cache {
     async fn fill_resource(&self, res: &Resource, scope: &Scope, params: &[String], key: &str) -> Result<Filled> {
         let ticket = self.l1.begin_fill();
         if !self.redis_usable() {
-            return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false });
+            return self.fill_direct(res, scope, params).await;
         }
         match self.redis_op(self.l2.get(key)).await {
             Ok(Some(bytes)) => {
@@ -279,7 +279,7 @@ impl Cache {
                 return self.fill_unleased(res, scope, params, key).await;
             }
             Ok(None) => self.metrics.miss(&res.name, "l2"),
-            Err(_) => return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false }),
+            Err(_) => return self.fill_direct(res, scope, params).await,
         }
         let owner = format!("{}:{}", self.node, self.seq.fetch_add(1, Ordering::Relaxed));
         let lease_key = self.keys.lease(key);
@@ -291,7 +291,7 @@ impl Cache {
             let begun = match self.redis_op(self.l2.begin_fill(scope, Some(&lease))).await {
                 Ok(begun) => begun,
                 Err(_) => {
-                    return self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false });
+                    return self.fill_direct(res, scope, params).await;
                 }
             };
             if let Some(bytes) = begun.entry {
@@ -325,10 +325,7 @@ impl Cache {
                     }
                     Ok(None) => {}
                     Err(_) => {
-                        return self
-                            .read_direct(res, scope, params)
-                            .await
-                            .map(|answer| Filled { answer, raced: false });
+                        return self.fill_direct(res, scope, params).await;
                     }
                 }
                 // The holder gave up (failed, or its store was refused): try
@@ -345,7 +342,7 @@ impl Cache {
         let ticket = self.l1.begin_fill();
         match self.redis_op(self.l2.begin_fill(scope, None)).await {
             Ok(begun) => self.fill_from_db(res, scope, params, key, ticket, &begun.token, None).await,
-            Err(_) => self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false }),
+            Err(_) => self.fill_direct(res, scope, params).await,
         }
     }
 
@@ -401,10 +398,7 @@ impl Cache {
                 Ok(Filled { answer, raced: false })
             }
             Ok(false) => {
-                self.metrics
-                    .rejected_stale_fills
-                    .get_or_create(&crate::metrics::LayerLabel { resource: res.name.clone(), layer: "l2" })
-                    .inc();
+                self.metrics.rejected(&res.name, "l2");
                 Ok(Filled { answer, raced: true })
             }
             // Not stored in L2 and Redis is failing: L1 stays out of it too.
@@ -438,6 +432,11 @@ impl Cache {
     fn self_tag(&self, scope: &Scope, key: &str) -> String {
         let root = self.keys.scope_root(scope);
         format!("@{}", key.strip_prefix(&root).unwrap_or(key))
+    }
+
+    /// A fill that reads Postgres and stores nothing (Redis is failing).
+    async fn fill_direct(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Filled> {
+        self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false })
     }
 
     /// Reads Postgres and stores nothing.
@@ -556,10 +555,7 @@ impl Cache {
         if stored {
             self.publish(&scope, vec![self_tag], Vec::new()).await?;
         } else {
-            self.metrics
-                .rejected_stale_fills
-                .get_or_create(&crate::metrics::LayerLabel { resource: KV.into(), layer: "l2" })
-                .inc();
+            self.metrics.rejected(KV, "l2");
         }
         Ok(stored)
     }

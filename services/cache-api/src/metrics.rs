@@ -92,6 +92,10 @@ impl Metrics {
         self.misses.get_or_create(&LayerLabel { resource: resource.into(), layer }).inc();
     }
 
+    pub fn rejected(&self, resource: &str, layer: &'static str) {
+        self.rejected_stale_fills.get_or_create(&LayerLabel { resource: resource.into(), layer }).inc();
+    }
+
     pub fn error(&self, resource: &str, kind: &'static str) {
         self.errors.get_or_create(&ErrorLabel { resource: resource.into(), kind }).inc();
     }
