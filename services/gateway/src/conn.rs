@@ -1,23 +1,29 @@
-//! One WebSocket connection: the `connect` handshake, commands, delivery
-//! from the connection's bounded queue (in order, without duplicates, gaps
-//! turned into a resubscribe request), pings, and the close with its code.
+//! One WebSocket connection: the `connect` handshake, commands, the
+//! subscriptions' answers, pings, draining what the socket did not take at
+//! once, and the close with its code. Publications do not pass through
+//! here: the hub writes them to the socket (see [`crate::socket`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::SinkExt as _;
+use bytes::BytesMut;
+use futures::{SinkExt as _, StreamExt as _};
 use herald_core::channel::{self, Channel, ChannelKeys, HistoryOptions};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior, interval};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument as _;
 
 use crate::Ctx;
 use crate::auth::Claims;
-use crate::hub::{ConnId, Out, Outbox};
+use crate::hub::{ConnId, SubLink};
 use crate::limits::Bucket;
 use crate::metrics::{CodeLabel, ResultLabel};
 use crate::protocol::{ClientFrame, CloseCode, Position, ServerFrame, publication_frame};
+use crate::socket::{self, ConnIo, Writer};
 
 /// How long a subscribe waits for the node's Redis subscription before it
 /// answers in degraded mode.
@@ -27,17 +33,13 @@ const ACTIVE_WAIT: Duration = Duration::from_secs(3);
 /// (its subscriptions and queue are released before).
 const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(15);
 
+type Ws = WebSocketStream<ConnIo>;
+
 /// One subscription of a connection.
 struct Sub {
     pubsub: String,
-    /// Epoch and offset of the last publication sent (or of the position
-    /// at subscribe time); `None` until known.
-    position: Option<(Arc<str>, u64)>,
+    link: Arc<SubLink>,
     presence: Option<String>,
-    /// Subscribed while Redis was down: no position. The first publication
-    /// from Redis (it is back) ends the subscription with `resubscribe`, so
-    /// the client recovers what it missed instead of silently skipping it.
-    degraded: bool,
 }
 
 /// Why the session ended.
@@ -52,29 +54,39 @@ struct Conn<'a> {
     id: ConnId,
     client: String,
     claims: Claims,
-    outbox: Arc<Outbox>,
+    writer: Arc<Writer>,
     subs: HashMap<Arc<str>, Sub>,
     commands: Bucket,
 }
 
-/// Serves one upgraded socket until it closes.
-pub async fn serve(mut ws: WebSocket, ctx: Arc<Ctx>) {
+/// Serves one upgraded socket (and the bytes the client sent after its
+/// upgrade request) until it closes.
+pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
     let id = ctx.next_conn_id();
     let client = format!("{}-{id}", ctx.node);
     let span = tracing::info_span!("ws", client = %client, tenant = tracing::field::Empty);
     ctx.metrics.sockets.inc();
     async {
+        let limits = &ctx.gateway.limits;
+        let (read_half, write_half) = tcp.into_split();
+        let writer = Arc::new(Writer::new(write_half, limits.max_queue_bytes));
+        let config = WebSocketConfig::default()
+            .read_buffer_size(2048)
+            .write_buffer_size(0)
+            .max_message_size(Some(limits.max_frame_bytes))
+            .max_frame_size(Some(limits.max_frame_bytes));
+        let io = ConnIo::new(read_half, writer.clone());
+        let mut ws = WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await;
         let end = match handshake(&mut ws, &ctx).await {
             Ok((claims, request_id)) => {
                 tracing::Span::current().record("tenant", claims.tenant.as_str());
-                let limits = &ctx.gateway.limits;
                 let rate = limits.connection_commands_per_s as f64;
                 let mut conn = Conn {
                     ctx: &ctx,
                     id,
                     client,
                     claims,
-                    outbox: Arc::new(Outbox::new(limits.max_queue_bytes)),
+                    writer: writer.clone(),
                     subs: HashMap::new(),
                     commands: Bucket::new(rate, rate * 2.0),
                 };
@@ -90,7 +102,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<Ctx>) {
                 ctx.metrics.slow_closes.inc();
             }
             tracing::debug!(code = code as u16, %reason, "closing websocket");
-            close(&mut ws, &ctx, code, &reason).await;
+            close(&writer, &ctx, code, &reason).await;
         }
     }
     .instrument(span)
@@ -99,36 +111,31 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<Ctx>) {
 }
 
 /// Sends the `disconnect` frame and the close frame, bounded in time.
-async fn close(ws: &mut WebSocket, ctx: &Ctx, code: CloseCode, reason: &str) {
+async fn close(writer: &Writer, ctx: &Ctx, code: CloseCode, reason: &str) {
     let reconnect_after_ms = (code == CloseCode::Shutdown)
         .then(|| rand::random_range(0..ctx.gateway.reconnect_jitter_ms.max(1)))
         .or_else(|| code.reconnect().then_some(1_000));
     let frame = ServerFrame::Disconnect { code: code as u16, reason, reconnect: code.reconnect(), reconnect_after_ms };
-    let mut short = reason.to_string();
-    short.truncate(120);
-    let sent = async {
-        // A slow client's socket may not take even this: ignore errors.
-        let _ = ws.feed(Message::Text(frame.text())).await;
-        let _ = ws.feed(Message::Close(Some(CloseFrame { code: code as u16, reason: Utf8Bytes::from(short) }))).await;
-        let _ = ws.flush().await;
-    };
+    let mut frames = BytesMut::new();
+    socket::put_text(&mut frames, &frame.text());
+    socket::put_close(&mut frames, code as u16, reason);
     // A slow client gets longer: its socket is full of publications that it
     // has to read before it sees why it was closed.
     let wait = if code == CloseCode::Slow { SLOW_CLOSE_WAIT } else { Duration::from_secs(2) };
-    let _ = tokio::time::timeout(wait, sent).await;
+    writer.finish(frames.freeze(), wait).await;
 }
 
 /// Reads the `connect` frame and verifies its token.
-async fn handshake(ws: &mut WebSocket, ctx: &Ctx) -> Result<(Claims, Option<u64>), End> {
+async fn handshake(ws: &mut Ws, ctx: &Ctx) -> Result<(Claims, Option<u64>), End> {
     let deadline = Duration::from_millis(ctx.gateway.connect_timeout_ms);
     let first = loop {
-        match tokio::time::timeout(deadline, ws.recv()).await {
+        match tokio::time::timeout(deadline, ws.next()).await {
             Err(_) => return Err(End::Close(CloseCode::ConnectTimeout, "no connect frame".into())),
             Ok(None) => return Err(End::Gone),
-            Ok(Some(Err(e))) => return Err(recv_error(&e)),
+            Ok(Some(Err(e))) => return Err(recv_error(e)),
             Ok(Some(Ok(Message::Text(text)))) => break text,
-            Ok(Some(Ok(Message::Close(_)))) => return Err(End::Gone),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Close(_)))) => return Err(closed_by_client(ws).await),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
             Ok(Some(Ok(Message::Binary(_)))) => {
                 return Err(End::Close(CloseCode::BadRequest, "frames are JSON text".into()));
             }
@@ -150,56 +157,74 @@ async fn handshake(ws: &mut WebSocket, ctx: &Ctx) -> Result<(Claims, Option<u64>
     Ok((claims, id))
 }
 
-fn recv_error(e: &axum::Error) -> End {
-    let text = e.to_string();
-    if text.contains("Space limit") || text.contains("too long") || text.contains("too big") {
-        End::Close(CloseCode::MessageTooBig, "frame over the size limit".into())
-    } else {
-        End::Gone
+/// The client closed: tungstenite has queued the close reply; write it.
+async fn closed_by_client(ws: &mut Ws) -> End {
+    let _ = ws.flush().await;
+    End::Gone
+}
+
+fn recv_error(e: WsError) -> End {
+    match e {
+        WsError::Capacity(_) => End::Close(CloseCode::MessageTooBig, "frame over the size limit".into()),
+        WsError::Utf8(_) => End::Close(CloseCode::BadRequest, "text frames must be UTF-8".into()),
+        _ => End::Gone,
     }
 }
 
 impl Conn<'_> {
-    async fn run(&mut self, ws: &mut WebSocket, request_id: Option<u64>) -> End {
+    /// Writes a reply frame; an end when the connection is slow or gone.
+    fn reply(&self, text: &str) -> Option<End> {
+        if self.writer.send(socket::text(text)) { None } else { Some(self.writer_end()) }
+    }
+
+    /// Why the writer refused: the connection is slow, or its socket failed.
+    fn writer_end(&self) -> End {
+        if self.writer.is_slow() { End::Close(CloseCode::Slow, "outgoing queue overflowed".into()) } else { End::Gone }
+    }
+
+    async fn run(&mut self, ws: &mut Ws, request_id: Option<u64>) -> End {
         let limits = &self.ctx.gateway.limits;
         let connected =
             ServerFrame::Connected { id: request_id, client: &self.client, ping_interval_ms: limits.ping_interval_ms };
-        if ws.send(Message::Text(connected.text())).await.is_err() {
-            return End::Gone;
+        if let Some(end) = self.reply(&connected.text()) {
+            return end;
         }
         let ping_timeout = Duration::from_millis(limits.ping_timeout_ms);
         let mut ping = interval(Duration::from_millis(limits.ping_interval_ms));
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ping.reset();
         let mut last_seen = Instant::now();
-        let mut batch = VecDeque::new();
         // Both futures live across iterations: re-registering with the
         // node-wide shutdown token on every wake-up would make thousands of
         // sockets contend for its lock during a broadcast.
         let shutdown = self.ctx.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
-        let outbox = self.outbox.clone();
-        let mut ready = std::pin::pin!(outbox.ready.notified());
+        let writer = self.writer.clone();
+        let mut wake = std::pin::pin!(writer.wake.notified());
         loop {
+            let pending = writer.has_pending();
             tokio::select! {
                 _ = &mut shutdown => return End::Close(CloseCode::Shutdown, "node shutting down".into()),
-                _ = &mut ready => {
-                    ready.set(outbox.ready.notified());
-                    // Boxed like the command path: only a socket with
-                    // something to write pays for the writing state.
-                    if let Some(end) = Box::pin(self.flush(ws, &mut batch)).await {
+                _ = &mut wake => {
+                    wake.set(writer.wake.notified());
+                    if let Some(end) = Box::pin(self.on_wake()).await {
                         return end;
                     }
                 }
-                message = ws.recv() => {
+                writable = writer.writable(), if pending => {
+                    if writable.is_err() || writer.flush_pending().is_err() {
+                        return End::Gone;
+                    }
+                }
+                message = ws.next() => {
                     last_seen = Instant::now();
                     let text = match message {
                         None => return End::Gone,
-                        Some(Err(e)) => return recv_error(&e),
+                        Some(Err(e)) => return recv_error(e),
                         Some(Ok(Message::Text(text))) => text,
                         Some(Ok(Message::Binary(_))) => return End::Close(CloseCode::BadRequest, "frames are JSON text".into()),
-                        Some(Ok(Message::Close(_))) => return End::Gone,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Close(_))) => return closed_by_client(ws).await,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     };
                     if !self.commands.take() {
                         self.ctx.metrics.rate_limited.inc();
@@ -207,7 +232,7 @@ impl Conn<'_> {
                     }
                     // Boxed: the command path is large and rare, the idle
                     // connection's future stays small.
-                    if let Some(end) = Box::pin(self.command(ws, &text)).await {
+                    if let Some(end) = Box::pin(self.command(&text)).await {
                         return end;
                     }
                 }
@@ -215,126 +240,67 @@ impl Conn<'_> {
                     if last_seen.elapsed() > ping_timeout {
                         return End::Close(CloseCode::PingTimeout, "no frame within the ping timeout".into());
                     }
-                    if ws.send(Message::Ping(Default::default())).await.is_err() {
-                        return End::Gone;
+                    if !writer.send(socket::ping()) {
+                        return self.writer_end();
                     }
                 }
             }
         }
     }
 
-    /// Writes what is queued. Returns an end when the connection is slow
-    /// (its queue overflowed, or the socket does not take writes while the
-    /// queue fills) or gone.
-    async fn flush(&mut self, ws: &mut WebSocket, batch: &mut VecDeque<Out>) -> Option<End> {
-        loop {
-            let bytes = match self.outbox.take(batch) {
-                Some(0) => return None,
-                Some(n) => n,
-                None => return Some(End::Close(CloseCode::Slow, "outgoing queue overflowed".into())),
-            };
-            let outbox = self.outbox.clone();
-            let write = async {
-                let mut resync = Vec::new();
-                while let Some(out) = batch.pop_front() {
-                    match out {
-                        Out::Pub { channel, offset, epoch, frame } => match self.accept(&channel, offset, &epoch) {
-                            Accept::Send => ws.feed(Message::Text(frame)).await?,
-                            Accept::Gap => resync.push(channel),
-                            Accept::Skip => {}
-                        },
-                        Out::Resync { channel } => resync.push(channel),
-                    }
-                }
-                ws.flush().await?;
-                Ok::<_, axum::Error>(resync)
-            };
-            let resync = tokio::select! {
-                written = write => match written {
-                    Ok(resync) => resync,
-                    Err(_) => return Some(End::Gone),
-                },
-                _ = outbox.slow.notified() => {
-                    return Some(End::Close(CloseCode::Slow, "outgoing queue overflowed".into()));
-                }
-            };
-            self.outbox.written(bytes);
-            for channel in resync {
-                if self.end_subscription(&channel).await {
-                    let frame = ServerFrame::Unsubscribed {
-                        id: None,
-                        channel: &channel,
-                        reason: Some("insufficient_state"),
-                        resubscribe: true,
-                    };
-                    if ws.send(Message::Text(frame.text())).await.is_err() {
-                        return Some(End::Gone);
-                    }
+    /// The writer has news: the connection became slow or its socket
+    /// failed, subscriptions ended on a gap, or bytes wait to be written.
+    async fn on_wake(&mut self) -> Option<End> {
+        if self.writer.is_slow() {
+            return Some(End::Close(CloseCode::Slow, "outgoing queue overflowed".into()));
+        }
+        if self.writer.is_closed() {
+            return Some(End::Gone);
+        }
+        for channel in self.writer.take_resync() {
+            if self.end_subscription(&channel).await {
+                let frame = ServerFrame::Unsubscribed {
+                    id: None,
+                    channel: &channel,
+                    reason: Some("insufficient_state"),
+                    resubscribe: true,
+                };
+                if let Some(end) = self.reply(&frame.text()) {
+                    return Some(end);
                 }
             }
         }
-    }
-
-    /// Whether a publication is the next one of a subscription (and moves
-    /// its position), an old one, or one after a gap.
-    fn accept(&mut self, channel: &str, offset: u64, epoch: &Arc<str>) -> Accept {
-        let Some(sub) = self.subs.get_mut(channel) else { return Accept::Skip };
-        if offset == 0 {
-            return Accept::Send;
-        }
-        if sub.degraded {
-            return Accept::Gap;
-        }
-        match &sub.position {
-            None => {}
-            Some((e, last)) if *e == *epoch => {
-                if offset <= *last {
-                    return Accept::Skip;
-                }
-                if offset > last + 1 {
-                    return Accept::Gap;
-                }
-            }
-            Some(_) if offset != 1 => return Accept::Gap,
-            Some(_) => {}
-        }
-        sub.position = Some((epoch.clone(), offset));
-        Accept::Send
-    }
-
-    /// Handles one client frame; returns an end when the connection must
-    /// close.
-    async fn command(&mut self, ws: &mut WebSocket, text: &str) -> Option<End> {
-        let frame = match serde_json::from_str::<ClientFrame>(text) {
-            Ok(frame) => frame,
-            Err(e) => return Some(End::Close(CloseCode::BadRequest, format!("malformed frame: {e}"))),
-        };
-        let replies = match frame {
-            ClientFrame::Connect { id, .. } => vec![error(id, 400, "already connected")],
-            ClientFrame::Ping { id } => vec![ServerFrame::Pong { id }.text()],
-            ClientFrame::Subscribe { id, channel, recover } => self.subscribe(id, &channel, recover).await,
-            ClientFrame::Unsubscribe { id, channel } => {
-                if self.end_subscription(&channel).await {
-                    vec![ServerFrame::Unsubscribed { id, channel: &channel, reason: None, resubscribe: false }.text()]
-                } else {
-                    vec![error(id, 404, "not subscribed")]
-                }
-            }
-            ClientFrame::Presence { id, channel } => vec![self.presence(id, &channel).await],
-        };
-        for reply in replies {
-            if ws.feed(Message::Text(reply)).await.is_err() {
-                return Some(End::Gone);
-            }
-        }
-        if ws.flush().await.is_err() {
+        if self.writer.flush_pending().is_err() {
             return Some(End::Gone);
         }
         None
     }
 
+    /// Handles one client frame; returns an end when the connection must
+    /// close.
+    async fn command(&mut self, text: &str) -> Option<End> {
+        let frame = match serde_json::from_str::<ClientFrame>(text) {
+            Ok(frame) => frame,
+            Err(e) => return Some(End::Close(CloseCode::BadRequest, format!("malformed frame: {e}"))),
+        };
+        let reply = match frame {
+            ClientFrame::Connect { id, .. } => error(id, 400, "already connected"),
+            ClientFrame::Ping { id } => ServerFrame::Pong { id }.text(),
+            ClientFrame::Subscribe { id, channel, recover } => return self.subscribe(id, &channel, recover).await,
+            ClientFrame::Unsubscribe { id, channel } => {
+                if self.end_subscription(&channel).await {
+                    ServerFrame::Unsubscribed { id, channel: &channel, reason: None, resubscribe: false }.text()
+                } else {
+                    error(id, 404, "not subscribed")
+                }
+            }
+            ClientFrame::Presence { id, channel } => self.presence(id, &channel).await,
+        };
+        self.reply(&reply)
+    }
+
     /// Checks a channel name against the namespaces and the token.
-    fn permitted(&self, id: Option<u64>, name: &str) -> Result<(Channel, HistoryOptions, bool), Utf8Bytes> {
+    fn permitted(&self, id: Option<u64>, name: &str) -> Result<(Channel, HistoryOptions, bool), String> {
         let channel = Channel::parse(name).map_err(|e| error(id, 400, &e.to_string()))?;
         let ns = self
             .ctx
@@ -347,25 +313,31 @@ impl Conn<'_> {
         Ok((channel, HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s }, ns.presence))
     }
 
-    async fn subscribe(&mut self, id: Option<u64>, name: &str, recover: Option<Position>) -> Vec<Utf8Bytes> {
+    /// Subscribes: joins the hub (publications from here on are held),
+    /// reads the channel's position (and what the client missed, when it
+    /// recovers), then answers and goes live in one step, so the client sees
+    /// `subscribed`, then recovered publications, then new ones, in order and
+    /// without duplicates.
+    async fn subscribe(&mut self, id: Option<u64>, name: &str, recover: Option<Position>) -> Option<End> {
         let (channel, history, presence) = match self.permitted(id, name) {
             Ok(p) => p,
-            Err(reply) => return vec![reply],
+            Err(reply) => return self.reply(&reply),
         };
         if self.subs.contains_key(name) {
-            return vec![error(id, 409, "already subscribed")];
+            return self.reply(&error(id, 409, "already subscribed"));
         }
         if self.subs.len() >= self.ctx.gateway.limits.max_subscriptions_per_connection {
-            return vec![error(id, 429, "too many subscriptions on this connection")];
+            return self.reply(&error(id, 429, "too many subscriptions on this connection"));
         }
         if !self.ctx.tenant_limiter.take(&self.claims.tenant).await {
             self.ctx.metrics.rate_limited.inc();
-            return vec![error(id, 429, "tenant rate limit")];
+            return self.reply(&error(id, 429, "tenant rate limit"));
         }
         let tenant = self.claims.tenant.clone();
-        let pubsub = self.ctx.hub.join(self.id, self.outbox.clone(), &tenant, &channel, history);
         let key: Arc<str> = name.into();
-        self.subs.insert(key.clone(), Sub { pubsub: pubsub.clone(), position: None, presence: None, degraded: false });
+        let link = Arc::new(SubLink::new(self.writer.clone(), key.clone(), self.ctx.gateway.limits.max_queue_bytes));
+        let pubsub = self.ctx.hub.join(self.id, link.clone(), &tenant, &channel, history);
+        self.subs.insert(key, Sub { pubsub: pubsub.clone(), link: link.clone(), presence: None });
 
         let active = self.ctx.hub.wait_active(&pubsub, ACTIVE_WAIT).await;
         let limit = if recover.is_some() { history.size } else { 0 };
@@ -383,26 +355,23 @@ impl Conn<'_> {
                 sub.presence = Some(member);
             }
         }
+        let mut replies = BytesMut::new();
         let Some(h) = read else {
             // Redis is unreachable: live delivery from this node only.
-            if let Some(sub) = self.subs.get_mut(name) {
-                sub.degraded = true;
-            }
             if recover.is_some() {
                 self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result: "degraded" }).inc();
             }
-            return vec![
-                ServerFrame::Subscribed {
-                    id,
-                    channel: name,
-                    offset: 0,
-                    epoch: "",
-                    recovered: recover.map(|_| false),
-                    missed: 0,
-                    degraded: true,
-                }
-                .text(),
-            ];
+            let frame = ServerFrame::Subscribed {
+                id,
+                channel: name,
+                offset: 0,
+                epoch: "",
+                recovered: recover.map(|_| false),
+                missed: 0,
+                degraded: true,
+            };
+            socket::put_text(&mut replies, &frame.text());
+            return if link.go_live(None, true, replies.freeze()) { None } else { Some(self.writer_end()) };
         };
         let epoch = h.epoch.clone().unwrap_or_default();
         let recovered =
@@ -411,35 +380,29 @@ impl Conn<'_> {
             let result = if ok { "recovered" } else { "not_recovered" };
             self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result }).inc();
         }
-        let epoch_arc: Arc<str> = epoch.as_str().into();
-        if let Some(sub) = self.subs.get_mut(name) {
-            sub.position = h.epoch.as_ref().map(|_| (epoch_arc.clone(), h.offset));
-        }
+        let position = h.epoch.as_ref().map(|_| (Arc::<str>::from(epoch.as_str()), h.offset));
         let missed = if recovered == Some(true) { h.publications.len() } else { 0 };
-        let mut replies = Vec::with_capacity(missed + 1);
-        replies.push(
-            ServerFrame::Subscribed {
-                id,
-                channel: name,
-                offset: h.offset,
-                epoch: &epoch,
-                recovered,
-                missed,
-                degraded: false,
-            }
-            .text(),
-        );
+        let frame = ServerFrame::Subscribed {
+            id,
+            channel: name,
+            offset: h.offset,
+            epoch: &epoch,
+            recovered,
+            missed,
+            degraded: false,
+        };
+        socket::put_text(&mut replies, &frame.text());
         if recovered == Some(true) {
             for p in &h.publications {
                 if let Ok(data) = std::str::from_utf8(&p.data) {
-                    replies.push(publication_frame(name, p.offset, &epoch, data));
+                    socket::put_text(&mut replies, &publication_frame(name, p.offset, &epoch, data));
                 }
             }
         }
-        replies
+        if link.go_live(position, false, replies.freeze()) { None } else { Some(self.writer_end()) }
     }
 
-    async fn presence(&mut self, id: Option<u64>, name: &str) -> Utf8Bytes {
+    async fn presence(&mut self, id: Option<u64>, name: &str) -> String {
         let (channel, _, presence) = match self.permitted(id, name) {
             Ok(p) => p,
             Err(reply) => return reply,
@@ -458,6 +421,7 @@ impl Conn<'_> {
     /// was none.
     async fn end_subscription(&mut self, channel: &str) -> bool {
         let Some(sub) = self.subs.remove(channel) else { return false };
+        sub.link.end();
         self.ctx.hub.leave(self.id, &sub.pubsub);
         if let Some(member) = sub.presence {
             self.ctx.presence.leave(&format!("{}:pres", sub.pubsub), member).await;
@@ -474,13 +438,6 @@ impl Conn<'_> {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Accept {
-    Send,
-    Skip,
-    Gap,
-}
-
-fn error(id: Option<u64>, code: u16, message: &str) -> Utf8Bytes {
+fn error(id: Option<u64>, code: u16, message: &str) -> String {
     ServerFrame::Error { id, code, message }.text()
 }

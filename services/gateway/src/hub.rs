@@ -9,12 +9,13 @@
 //! delivers them first. When history cannot fill the gap, every subscriber of
 //! the channel is told to resubscribe with recovery — a loss is never silent.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::{Bytes, BytesMut};
 use fred::prelude::Pool;
 use herald_core::channel::{self, Channel, ChannelKeys, HistoryOptions, Publication};
 use herald_core::keys::{KeySpace, TenantId};
@@ -22,105 +23,216 @@ use tokio::sync::{Notify, watch};
 
 use crate::metrics::{Metrics, ResultLabel};
 use crate::protocol::publication_frame;
+use crate::socket::{self, Writer};
 
 /// A connection's id, unique within the node.
 pub type ConnId = u64;
 
-/// What the hub queues for a connection.
-#[derive(Debug)]
-pub enum Out {
-    /// A publication; `offset` 0 means delivered locally while Redis was
-    /// down (no position).
-    Pub { channel: Arc<str>, offset: u64, epoch: Arc<str>, frame: Utf8Bytes },
-    /// The server ended this subscription: a gap it could not fill.
-    Resync { channel: Arc<str> },
+/// Publications of one channel, in order, their frames encoded once for
+/// every subscriber and laid end to end, so that a socket takes a run of
+/// them in one write.
+pub struct Batch {
+    pubs: Vec<(u64, Arc<str>, Range<usize>)>,
+    frames: Bytes,
 }
 
-impl Out {
-    fn len(&self) -> usize {
-        match self {
-            Out::Pub { frame, .. } => frame.len(),
-            Out::Resync { channel } => 64 + channel.len(),
-        }
+impl Batch {
+    /// Frames for `pubs` (whose data is JSON text) on channel `name`.
+    fn new<'a>(name: &str, pubs: impl IntoIterator<Item = (u64, &'a Arc<str>, &'a str)>) -> Self {
+        let mut frames = BytesMut::new();
+        let pubs = pubs
+            .into_iter()
+            .map(|(offset, epoch, data)| {
+                let start = frames.len();
+                socket::put_text(&mut frames, &publication_frame(name, offset, epoch, data));
+                (offset, epoch.clone(), start..frames.len())
+            })
+            .collect();
+        Self { pubs, frames: frames.freeze() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pubs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pubs.is_empty()
     }
 }
 
-/// A connection's outgoing queue, bounded in bytes (queued plus being
-/// written). When a push would pass the bound the connection is marked slow:
-/// the queue is dropped and the connection closes with the slow code.
-pub struct Outbox {
-    state: Mutex<OutState>,
-    /// Something was queued.
-    pub ready: Notify,
-    /// The connection became slow.
-    pub slow: Notify,
-    max_bytes: usize,
+/// Where one connection's subscription to one channel stands.
+enum Phase {
+    /// The subscribe is being answered: publications wait in `held` so
+    /// that none reaches the client before its `subscribed` reply.
+    Joining,
+    /// Publications go to the socket, in order, without duplicates.
+    Live,
+    /// Subscribed while Redis was down: local deliveries (offset 0) pass;
+    /// the first one with a position (Redis is back) ends the subscription
+    /// with a resubscribe, so the client recovers what it missed.
+    Degraded,
+    /// Ended by the connection or by a gap; nothing more is written.
+    Ended,
 }
 
-#[derive(Default)]
-struct OutState {
-    queue: VecDeque<Out>,
-    bytes: usize,
-    slow: bool,
+struct SubState {
+    phase: Phase,
+    /// Epoch and offset of the last publication sent (or of the position
+    /// at subscribe time); `None` until known.
+    position: Option<(Arc<str>, u64)>,
+    held: Vec<(u64, Arc<str>, Bytes)>,
+    held_bytes: usize,
 }
 
-impl Outbox {
-    pub fn new(max_bytes: usize) -> Self {
-        Self { state: Mutex::default(), ready: Notify::new(), slow: Notify::new(), max_bytes }
+/// One connection's subscription to one channel, shared by the connection
+/// (which answers the subscribe and ends it) and the hub (which writes
+/// publications to it).
+pub struct SubLink {
+    writer: Arc<Writer>,
+    /// The channel's name as the client knows it.
+    channel: Arc<str>,
+    state: Mutex<SubState>,
+    max_held_bytes: usize,
+}
+
+/// What a subscription does with a publication.
+#[derive(Debug, PartialEq, Eq)]
+enum Accept {
+    Send,
+    Skip,
+    Gap,
+}
+
+impl SubLink {
+    pub fn new(writer: Arc<Writer>, channel: Arc<str>, max_held_bytes: usize) -> Self {
+        let state = SubState { phase: Phase::Joining, position: None, held: Vec::new(), held_bytes: 0 };
+        Self { writer, channel, state: Mutex::new(state), max_held_bytes }
     }
 
-    fn lock(&self) -> MutexGuard<'_, OutState> {
+    fn lock(&self) -> MutexGuard<'_, SubState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `out`; false when the connection is (now) slow.
-    pub fn push(&self, out: Out) -> bool {
-        let len = out.len();
-        let mut s = self.lock();
-        if s.slow {
-            return false;
+    /// Writes `batch` (or holds it while joining); returns how many
+    /// publications were delivered, and false when the connection was slow.
+    fn deliver(&self, batch: &Batch) -> (usize, bool) {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Ended => (0, true),
+            Phase::Joining => {
+                for (offset, epoch, range) in &batch.pubs {
+                    st.held_bytes += range.len();
+                    st.held.push((*offset, epoch.clone(), batch.frames.slice(range.clone())));
+                }
+                if st.held_bytes > self.max_held_bytes {
+                    st.phase = Phase::Ended;
+                    st.held = Vec::new();
+                    self.writer.make_slow();
+                    return (0, false);
+                }
+                (batch.pubs.len(), true)
+            }
+            Phase::Live | Phase::Degraded => {
+                // Runs of consecutive sends go out as one slice of the batch.
+                let (mut run, mut sent, mut ok) = (None::<Range<usize>>, 0, true);
+                for (offset, epoch, range) in &batch.pubs {
+                    match accept(&mut st, *offset, epoch) {
+                        Accept::Send => {
+                            sent += 1;
+                            run = Some(run.map_or(range.clone(), |r| r.start..range.end));
+                        }
+                        Accept::Skip => {
+                            if let Some(r) = run.take() {
+                                ok &= self.writer.send(batch.frames.slice(r));
+                            }
+                        }
+                        Accept::Gap => {
+                            self.end_for_resync(&mut st);
+                            break;
+                        }
+                    }
+                }
+                if let Some(r) = run {
+                    ok &= self.writer.send(batch.frames.slice(r));
+                }
+                (if ok { sent } else { 0 }, ok)
+            }
         }
-        if s.bytes + len > self.max_bytes {
-            s.slow = true;
-            s.queue = VecDeque::new();
-            drop(s);
-            self.slow.notify_one();
-            self.ready.notify_one();
-            return false;
-        }
-        s.bytes += len;
-        s.queue.push_back(out);
-        let first = s.queue.len() == 1;
-        drop(s);
-        if first {
-            self.ready.notify_one();
-        }
-        true
     }
 
-    /// Moves everything queued into `into` and returns its size; `None`
-    /// when slow. The bytes stay counted until [`Outbox::written`].
-    pub fn take(&self, into: &mut VecDeque<Out>) -> Option<usize> {
-        let mut s = self.lock();
-        if s.slow {
-            return None;
+    fn end_for_resync(&self, st: &mut SubState) {
+        if !matches!(st.phase, Phase::Ended) {
+            st.phase = Phase::Ended;
+            st.held = Vec::new();
+            self.writer.resync(self.channel.clone());
         }
-        let mut n = 0;
-        while let Some(out) = s.queue.pop_front() {
-            n += out.len();
-            into.push_back(out);
-        }
-        Some(n)
     }
 
-    pub fn written(&self, bytes: usize) {
-        let mut s = self.lock();
-        s.bytes = s.bytes.saturating_sub(bytes);
+    /// Ends the subscription and asks the connection to tell its client to
+    /// resubscribe (a gap the hub could not fill).
+    fn resync(&self) {
+        let mut st = self.lock();
+        self.end_for_resync(&mut st);
     }
 
-    pub fn is_slow(&self) -> bool {
-        self.lock().slow
+    /// Answers the subscribe: writes `replies` (the `subscribed` frame and
+    /// any recovered publications), then what arrived meanwhile that is
+    /// newer than `position`, and goes live. False when the connection is
+    /// slow.
+    pub fn go_live(&self, position: Option<(Arc<str>, u64)>, degraded: bool, replies: Bytes) -> bool {
+        let mut st = self.lock();
+        if !matches!(st.phase, Phase::Joining) {
+            return self.writer.send(replies);
+        }
+        st.position = position;
+        st.phase = if degraded { Phase::Degraded } else { Phase::Live };
+        let mut ok = self.writer.send(replies);
+        for (offset, epoch, frame) in std::mem::take(&mut st.held) {
+            match accept(&mut st, offset, &epoch) {
+                Accept::Send => ok &= self.writer.send(frame),
+                Accept::Skip => {}
+                Accept::Gap => {
+                    self.end_for_resync(&mut st);
+                    break;
+                }
+            }
+        }
+        st.held_bytes = 0;
+        ok
     }
+
+    /// The connection ended the subscription: nothing more is written.
+    pub fn end(&self) {
+        let mut st = self.lock();
+        st.phase = Phase::Ended;
+        st.held = Vec::new();
+    }
+}
+
+/// Whether a publication is the next one of a subscription (and moves its
+/// position), an old one, or one after a gap.
+fn accept(st: &mut SubState, offset: u64, epoch: &Arc<str>) -> Accept {
+    if offset == 0 {
+        return Accept::Send;
+    }
+    if matches!(st.phase, Phase::Degraded) {
+        return Accept::Gap;
+    }
+    match &st.position {
+        None => {}
+        Some((e, last)) if *e == *epoch => {
+            if offset <= *last {
+                return Accept::Skip;
+            }
+            if offset > last + 1 {
+                return Accept::Gap;
+            }
+        }
+        Some(_) if offset != 1 => return Accept::Gap,
+        Some(_) => {}
+    }
+    st.position = Some((epoch.clone(), offset));
+    Accept::Send
 }
 
 struct Entry {
@@ -128,7 +240,10 @@ struct Entry {
     channel: Channel,
     name: Arc<str>,
     history: HistoryOptions,
-    subs: HashMap<ConnId, Arc<Outbox>>,
+    subs: HashMap<ConnId, Arc<SubLink>>,
+    /// `subs` as a list, rebuilt after they change: a fan-out walks it
+    /// without holding the hub's lock.
+    snapshot: Option<Arc<[Arc<SubLink>]>>,
     /// The Redis subscription is confirmed.
     active: bool,
     /// Where the channel was when this node last knew.
@@ -217,7 +332,7 @@ impl Hub {
     pub fn join(
         &self,
         conn: ConnId,
-        outbox: Arc<Outbox>,
+        link: Arc<SubLink>,
         tenant: &TenantId,
         channel: &Channel,
         history: HistoryOptions,
@@ -231,12 +346,14 @@ impl Hub {
             name: channel.as_str().into(),
             history,
             subs: HashMap::new(),
+            snapshot: None,
             active: false,
             last: Last::Unknown,
         });
-        if entry.subs.insert(conn, outbox).is_none() {
+        if entry.subs.insert(conn, link).is_none() {
             self.metrics.subscriptions.inc();
         }
+        entry.snapshot = None;
         drop(channels);
         if created {
             self.dirty.notify_one();
@@ -251,6 +368,7 @@ impl Hub {
         let Some(entry) = channels.get_mut(pubsub) else { return };
         if entry.subs.remove(&conn).is_some() {
             self.metrics.subscriptions.dec();
+            entry.snapshot = None;
         }
         if entry.subs.is_empty() {
             channels.remove(pubsub);
@@ -350,88 +468,117 @@ impl Hub {
         }
     }
 
-    /// Queues `p` for every subscriber of the channel and remembers its
-    /// position. Returns how many sockets it was queued for.
-    fn fan_out(&self, pubsub: &str, p: &Publication) -> usize {
-        let mut channels = self.lock();
-        let Some(entry) = channels.get_mut(pubsub) else { return 0 };
-        let Ok(data) = std::str::from_utf8(&p.data) else {
-            self.metrics.malformed_messages.inc();
-            return 0;
+    /// Writes publications (of one channel, in order) to every subscriber
+    /// and remembers the channel's position. Returns how many sockets the
+    /// last one reached.
+    fn fan_out(&self, pubsub: &str, pubs: &[Publication]) -> usize {
+        let (links, batch) = {
+            let mut channels = self.lock();
+            let Some(entry) = channels.get_mut(pubsub) else { return 0 };
+            let mut texts = Vec::with_capacity(pubs.len());
+            for p in pubs {
+                match std::str::from_utf8(&p.data) {
+                    Ok(data) => texts.push((p.offset, &p.epoch, data)),
+                    Err(_) => {
+                        self.metrics.malformed_messages.inc();
+                    }
+                }
+            }
+            if let Some(p) = pubs.iter().rev().find(|p| p.offset > 0) {
+                entry.last = Last::At(p.epoch.clone(), p.offset);
+            }
+            let batch = Batch::new(&entry.name, texts);
+            let links = entry.snapshot.get_or_insert_with(|| entry.subs.values().cloned().collect()).clone();
+            (links, batch)
         };
-        if p.offset > 0 {
-            entry.last = Last::At(p.epoch.clone(), p.offset);
+        if batch.is_empty() {
+            return 0;
         }
-        let frame = publication_frame(&entry.name, p.offset, &p.epoch, data);
-        let mut delivered = 0;
-        for outbox in entry.subs.values() {
-            let out = Out::Pub {
-                channel: entry.name.clone(),
-                offset: p.offset,
-                epoch: p.epoch.clone(),
-                frame: frame.clone(),
-            };
-            if outbox.push(out) {
-                delivered += 1;
-            } else {
+        let (mut delivered, mut reached) = (0, 0);
+        for link in links.iter() {
+            let (sent, ok) = link.deliver(&batch);
+            delivered += sent;
+            if sent == batch.len() {
+                reached += 1;
+            }
+            if !ok {
                 self.metrics.drops.inc();
             }
         }
         self.metrics.deliveries.inc_by(delivered as u64);
-        delivered
+        reached
     }
 
-    /// Delivers a publication that came from Redis, filling a gap before it
-    /// from history when its offset jumps.
-    pub async fn on_publication(&self, redis: &Pool, pubsub: &str, p: Publication) {
-        let (step, tenant, channel) = {
+    /// Delivers publications of one channel that came from Redis, in order:
+    /// duplicates dropped, a gap before one filled from history first.
+    pub async fn on_publications(&self, redis: &Pool, pubsub: &str, pubs: Vec<Publication>) {
+        let (mut last, tenant, channel) = {
             let channels = self.lock();
             let Some(entry) = channels.get(pubsub) else { return };
-            (classify(&entry.last, &p), entry.tenant.clone(), entry.channel.clone())
+            (entry.last.clone(), entry.tenant.clone(), entry.channel.clone())
         };
-        match step {
-            Step::Duplicate => {}
-            Step::Deliver => {
-                self.fan_out(pubsub, &p);
-            }
-            Step::Gap { since } => {
-                let missing = p.offset - since - 1;
-                let filled = match channel::history_since(redis, &self.keys, &tenant, &channel, since, missing).await {
-                    Ok(h) if h.epoch.as_deref() == Some(&*p.epoch) => {
-                        let wanted: Vec<_> = h.publications.into_iter().filter(|x| x.offset < p.offset).collect();
-                        let contiguous = wanted.len() as u64 == missing
-                            && wanted.iter().zip(since + 1..).all(|(x, expected)| x.offset == expected);
-                        if contiguous {
-                            for x in &wanted {
-                                self.fan_out(pubsub, x);
-                            }
-                        }
-                        contiguous
-                    }
-                    Ok(_) => false,
-                    Err(error) => {
-                        tracing::warn!(%error, channel = %channel, "history read for a gap failed");
-                        false
-                    }
-                };
-                tracing::info!(channel = %channel, tenant = %tenant, since, offset = p.offset, filled, "gap on the live path");
-                if filled {
-                    self.metrics.gaps.get_or_create(&ResultLabel { result: "filled" }).inc();
-                } else {
-                    self.metrics.gaps.get_or_create(&ResultLabel { result: "resync" }).inc();
-                    self.resync(pubsub);
+        let mut run: Vec<Publication> = Vec::with_capacity(pubs.len());
+        for p in pubs {
+            match classify(&last, &p) {
+                Step::Duplicate => continue,
+                Step::Deliver => {}
+                Step::Gap { since } => {
+                    self.fan_out(pubsub, &std::mem::take(&mut run));
+                    self.fill_gap(redis, pubsub, &tenant, &channel, since, &p).await;
                 }
-                self.fan_out(pubsub, &p);
             }
+            last = Last::At(p.epoch.clone(), p.offset);
+            run.push(p);
+        }
+        self.fan_out(pubsub, &run);
+    }
+
+    /// Delivers what is missing between `since` and `p` from history, or
+    /// tells every subscriber to resubscribe with recovery when history
+    /// cannot fill it.
+    async fn fill_gap(
+        &self,
+        redis: &Pool,
+        pubsub: &str,
+        tenant: &TenantId,
+        channel: &Channel,
+        since: u64,
+        p: &Publication,
+    ) {
+        let missing = p.offset - since - 1;
+        let filled = match channel::history_since(redis, &self.keys, tenant, channel, since, missing).await {
+            Ok(h) if h.epoch.as_deref() == Some(&*p.epoch) => {
+                let wanted: Vec<_> = h.publications.into_iter().filter(|x| x.offset < p.offset).collect();
+                let contiguous = wanted.len() as u64 == missing
+                    && wanted.iter().zip(since + 1..).all(|(x, expected)| x.offset == expected);
+                if contiguous {
+                    self.fan_out(pubsub, &wanted);
+                }
+                contiguous
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(%error, channel = %channel, "history read for a gap failed");
+                false
+            }
+        };
+        tracing::info!(channel = %channel, tenant = %tenant, since, offset = p.offset, filled, "gap on the live path");
+        if filled {
+            self.metrics.gaps.get_or_create(&ResultLabel { result: "filled" }).inc();
+        } else {
+            self.metrics.gaps.get_or_create(&ResultLabel { result: "resync" }).inc();
+            self.resync(pubsub);
         }
     }
 
     /// Tells every subscriber of the channel to resubscribe with recovery.
     fn resync(&self, pubsub: &str) {
-        let channels = self.lock();
-        let Some(entry) = channels.get(pubsub) else { return };
-        for outbox in entry.subs.values() {
-            outbox.push(Out::Resync { channel: entry.name.clone() });
+        let links: Vec<Arc<SubLink>> = match self.lock().get(pubsub) {
+            Some(entry) => entry.subs.values().cloned().collect(),
+            None => return,
+        };
+        for link in links {
+            link.resync();
         }
     }
 
@@ -454,15 +601,11 @@ impl Hub {
                 // Nothing was published meanwhile (or the state expired).
                 Ok(h) if h.epoch.is_none() => {}
                 Ok(h) if h.epoch.as_deref() == epoch.as_deref() && h.complete_after(since) => {
-                    for p in &h.publications {
-                        self.on_publication(redis, &pubsub, p.clone()).await;
-                    }
+                    self.on_publications(redis, &pubsub, h.publications).await;
                 }
                 // A new epoch (or the first one): everything of it is needed.
                 Ok(h) if h.epoch.as_deref() != epoch.as_deref() && h.complete_after(0) => {
-                    for p in &h.publications {
-                        self.on_publication(redis, &pubsub, p.clone()).await;
-                    }
+                    self.on_publications(redis, &pubsub, h.publications).await;
                 }
                 Ok(_) => {
                     self.metrics.gaps.get_or_create(&ResultLabel { result: "resync" }).inc();
@@ -480,8 +623,8 @@ impl Hub {
     /// history.
     pub fn deliver_local(&self, tenant: &TenantId, channel: &Channel, data: &[u8]) -> usize {
         let pubsub = ChannelKeys::new(&self.keys, tenant, channel).pubsub;
-        let p = Publication { offset: 0, epoch: "".into(), data: bytes::Bytes::copy_from_slice(data) };
-        self.fan_out(&pubsub, &p)
+        let p = Publication { offset: 0, epoch: "".into(), data: Bytes::copy_from_slice(data) };
+        self.fan_out(&pubsub, &[p])
     }
 }
 
@@ -532,25 +675,70 @@ mod tests {
         assert_eq!(classify(&last, &p(3, "f")), Step::Gap { since: 0 });
     }
 
-    #[test]
-    fn outbox_overflow_marks_slow_and_drops_the_queue() {
-        let o = Outbox::new(100);
-        let out =
-            || Out::Pub { channel: "c".into(), offset: 1, epoch: "e".into(), frame: Utf8Bytes::from("x".repeat(40)) };
-        assert!(o.push(out()) && o.push(out()));
-        assert!(!o.push(out()));
-        assert!(o.is_slow());
-        let mut q = VecDeque::new();
-        assert!(o.take(&mut q).is_none());
-        let o = Outbox::new(100);
-        assert!(o.push(out()));
-        assert_eq!(o.take(&mut q), Some(40));
-        assert!(o.push(out()));
-        assert!(!o.push(out()), "bytes being written still count until written()");
-        let o = Outbox::new(100);
-        o.push(out());
-        o.take(&mut q).unwrap();
-        o.written(40);
-        assert!(o.push(out()) && o.push(out()));
+    /// A writer on a real socket, and the client end to read it from.
+    async fn socket_pair() -> (Arc<Writer>, tokio::net::tcp::OwnedReadHalf, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (read, write) = server.into_split();
+        (Arc::new(Writer::new(write, 1 << 20)), read, client)
+    }
+
+    /// The text frames written so far (server frames: unmasked).
+    async fn read_texts(client: &mut tokio::net::TcpStream) -> Vec<String> {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = vec![0; 1 << 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
+        let mut at = 0;
+        let mut texts = Vec::new();
+        while at < n {
+            let len = usize::from(buf[at + 1] & 0x7F);
+            assert!(len < 126, "short frames only here");
+            texts.push(String::from_utf8(buf[at + 2..at + 2 + len].to_vec()).unwrap());
+            at += 2 + len;
+        }
+        texts
+    }
+
+    fn batch(offsets: &[u64], epoch: &Arc<str>) -> Batch {
+        let data: Vec<String> = offsets.iter().map(|o| format!("{o}")).collect();
+        Batch::new("team:1", offsets.iter().zip(&data).map(|(o, d)| (*o, epoch, d.as_str())))
+    }
+
+    #[tokio::test]
+    async fn a_subscription_answers_first_then_sends_in_order_without_duplicates() {
+        let (writer, _read, mut client) = socket_pair().await;
+        let link = SubLink::new(writer, "team:1".into(), 1 << 20);
+        let e: Arc<str> = "e".into();
+        // Publications 4..=6 arrive while the subscribe is answered; the
+        // position read says 5: only 6 follows the reply.
+        assert_eq!(link.deliver(&batch(&[4, 5, 6], &e)), (3, true));
+        assert!(link.go_live(Some((e.clone(), 5)), false, socket::text("subscribed")));
+        assert_eq!(link.deliver(&batch(&[6, 7, 8], &e)), (2, true));
+        let texts = read_texts(&mut client).await;
+        let offsets: Vec<&str> =
+            texts.iter().map(|t| t.split(r#""offset":"#).nth(1).map_or(&t[..], |r| &r[..1])).collect();
+        assert_eq!(offsets, ["subscribed", "6", "7", "8"]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_ends_the_subscription_and_asks_for_a_resubscribe() {
+        let (writer, _read, mut client) = socket_pair().await;
+        let link = SubLink::new(writer.clone(), "team:1".into(), 1 << 20);
+        let e: Arc<str> = "e".into();
+        assert!(link.go_live(Some((e.clone(), 1)), false, socket::text("subscribed")));
+        assert_eq!(link.deliver(&batch(&[2, 4], &e)), (1, true));
+        assert_eq!(writer.take_resync(), [Arc::<str>::from("team:1")]);
+        assert_eq!(link.deliver(&batch(&[5], &e)), (0, true), "nothing after the gap");
+        assert_eq!(read_texts(&mut client).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn publications_held_past_the_bound_make_the_connection_slow() {
+        let (writer, _read, _client) = socket_pair().await;
+        let link = SubLink::new(writer.clone(), "team:1".into(), 100);
+        let e: Arc<str> = "e".into();
+        let (_, ok) = link.deliver(&batch(&[1, 2, 3, 4], &e));
+        assert!(!ok && writer.is_slow());
     }
 }

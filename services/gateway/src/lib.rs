@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod presence;
 pub mod protocol;
 pub mod publish;
+pub mod socket;
 pub mod subscriber;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -184,7 +185,11 @@ pub fn router(ctx: Arc<Ctx>, publisher: Publisher) -> Router {
 
 /// Accepts an upgrade within the node's limits: connection slots and the
 /// rate of new connections.
-async fn ws_upgrade(State(ctx): State<Arc<Ctx>>, ws: WebSocketUpgrade) -> Response {
+async fn ws_upgrade(State(ctx): State<Arc<Ctx>>, request: Request) -> Response {
+    let upgrade = match socket::Upgrade::from_request(request) {
+        Ok(upgrade) => upgrade,
+        Err(refused) => return refused.into_response(),
+    };
     let refuse = |result: &'static str, status: StatusCode, message: &'static str| {
         ctx.metrics.refused_connections.get_or_create(&ResultLabel { result }).inc();
         (status, message).into_response()
@@ -198,18 +203,14 @@ async fn ws_upgrade(State(ctx): State<Arc<Ctx>>, ws: WebSocketUpgrade) -> Respon
     let Ok(slot) = ctx.connection_slots.clone().try_acquire_owned() else {
         return refuse("full", StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n");
     };
-    let limits = &ctx.gateway.limits;
+    let (response, socket) = upgrade.accept();
     let task_ctx = ctx.clone();
-    ws.read_buffer_size(2048)
-        .write_buffer_size(8192)
-        .max_write_buffer_size(limits.max_queue_bytes + 64 * 1024)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| {
-            let tracker = task_ctx.tracker.clone();
-            tracker.track_future(async move {
-                conn::serve(socket, task_ctx).await;
-                drop(slot);
-            })
-        })
+    ctx.tracker.spawn(async move {
+        match socket.await {
+            Ok((tcp, read)) => conn::serve(tcp, read, task_ctx).await,
+            Err(error) => tracing::debug!(%error, "websocket upgrade failed"),
+        }
+        drop(slot);
+    });
+    response
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Close codes. 4000–4499: the client should reconnect (with backoff);
@@ -161,8 +160,8 @@ pub enum ServerFrame<'a> {
 }
 
 impl ServerFrame<'_> {
-    pub fn text(&self) -> Utf8Bytes {
-        Utf8Bytes::from(serde_json::to_string(self).expect("server frames serialize"))
+    pub fn text(&self) -> String {
+        serde_json::to_string(self).expect("server frames serialize")
     }
 }
 
@@ -170,10 +169,8 @@ impl ServerFrame<'_> {
 /// subscriber: `{"type":"pub","channel":…,"offset":…,"epoch":…,"data":…}`.
 /// `data` must be JSON text; channel and epoch contain no characters that
 /// need escaping (they are validated).
-pub fn publication_frame(channel: &str, offset: u64, epoch: &str, data: &str) -> Utf8Bytes {
-    Utf8Bytes::from(format!(
-        r#"{{"type":"pub","channel":"{channel}","offset":{offset},"epoch":"{epoch}","data":{data}}}"#
-    ))
+pub fn publication_frame(channel: &str, offset: u64, epoch: &str, data: &str) -> String {
+    format!(r#"{{"type":"pub","channel":"{channel}","offset":{offset},"epoch":"{epoch}","data":{data}}}"#)
 }
 
 /// Checks that `data` is one JSON value and at most `max` bytes.

@@ -12,7 +12,7 @@ use herald_core::backoff::Backoff;
 use herald_core::channel::Publication;
 use herald_core::config::RedisConfig;
 use herald_core::ops::ReadyFlag;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Hub, Last};
@@ -20,6 +20,31 @@ use crate::metrics::Metrics;
 
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
 const BATCH: usize = 1000;
+
+/// Publications handed to the hub together at most.
+const MAX_BATCH: usize = 512;
+
+/// Publications that arrived together, by channel, each channel's in order.
+#[derive(Default)]
+struct Batch {
+    channels: Vec<(String, Vec<Publication>)>,
+    count: usize,
+}
+
+impl Batch {
+    fn add(&mut self, message: fred::types::Message, metrics: &Metrics) {
+        let Some(p) = message.value.as_bytes().and_then(Publication::decode_pubsub) else {
+            metrics.malformed_messages.inc();
+            return;
+        };
+        self.count += 1;
+        let channel = message.channel.to_string();
+        match self.channels.iter_mut().find(|(c, _)| *c == channel) {
+            Some((_, pubs)) => pubs.push(p),
+            None => self.channels.push((channel, vec![p])),
+        }
+    }
+}
 
 /// Runs until `shutdown` fires, reconnecting with backoff.
 pub async fn run(
@@ -78,12 +103,27 @@ async fn session(
                 _ = hub.dirty.notified() => reconcile(&client, pool, hub, &mut subscribed, metrics).await?,
                 message = messages.recv() => match message {
                     Ok(message) => {
-                        let parsed = message.value.as_bytes().and_then(Publication::decode_pubsub);
-                        match parsed {
-                            Some(p) => hub.on_publication(pool, &message.channel, p).await,
-                            None => {
-                                metrics.malformed_messages.inc();
+                        // Whatever else has arrived goes out with it: a
+                        // socket then takes a run of publications in one write.
+                        let mut batch = Batch::default();
+                        batch.add(message, metrics);
+                        let mut lagged = None;
+                        while batch.count < MAX_BATCH {
+                            match messages.try_recv() {
+                                Ok(message) => batch.add(message, metrics),
+                                Err(TryRecvError::Lagged(missed)) => {
+                                    lagged = Some(missed);
+                                    break;
+                                }
+                                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
                             }
+                        }
+                        for (channel, pubs) in batch.channels {
+                            hub.on_publications(pool, &channel, pubs).await;
+                        }
+                        if let Some(missed) = lagged {
+                            tracing::warn!(missed, "gateway subscriber lagged; catching up from history");
+                            hub.catch_up_all(pool).await;
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
