@@ -38,9 +38,8 @@ use herald_core::time::now_us;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::report::{JsonLine, Latencies, Table, cores};
 
@@ -460,14 +459,15 @@ fn pairs(counts: &Counts) -> Vec<[u64; 2]> {
 /// Sockets connecting at once per client process.
 const CONNECTING: usize = 256;
 
+/// Connects and subscribes the process's sockets (tokio and tungstenite),
+/// then reads publications on a plain `mio` loop: the client processes
+/// share the two cores with the gateways, and a task wake-up plus a
+/// tungstenite read per delivery would take a noticeable part of them.
 async fn client(c: Client) -> anyhow::Result<()> {
-    let stats = Arc::new(Mutex::new(Stats::default()));
-    let received = Arc::new(AtomicU64::new(0));
-    let ready = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let progress = Arc::new(Notify::new());
     let connecting = Arc::new(Semaphore::new(CONNECTING));
     let mut on_channel = [0u64; 2];
+    let mut opening = tokio::task::JoinSet::new();
     for i in c.first..c.first + c.count {
         let channel = if i < c.big {
             on_channel[0] += 1;
@@ -479,39 +479,33 @@ async fn client(c: Client) -> anyhow::Result<()> {
             format!("team:c{}", i % c.channels)
         };
         let gateway = c.gateways[i % c.gateways.len()];
-        let (token, stats, received, ready, failed, progress, connecting) = (
-            c.token.clone(),
-            stats.clone(),
-            received.clone(),
-            ready.clone(),
-            failed.clone(),
-            progress.clone(),
-            connecting.clone(),
-        );
-        let source = c.source;
-        tokio::spawn(async move {
-            let permit = connecting.acquire_owned().await;
-            let socket = match open(gateway, source, &token, &channel).await {
-                Ok(socket) => socket,
+        let (token, failed, connecting, source) = (c.token.clone(), failed.clone(), connecting.clone(), c.source);
+        opening.spawn(async move {
+            let _permit = connecting.acquire_owned().await;
+            match open(gateway, source, &token, &channel).await {
+                Ok(socket) => socket.into_inner().into_std().ok(),
                 Err(error) => {
                     eprintln!("socket {i}: {error:#}");
                     failed.fetch_add(1, Ordering::Relaxed);
-                    ready.fetch_add(1, Ordering::Relaxed);
-                    progress.notify_one();
-                    return;
+                    None
                 }
-            };
-            drop(permit);
-            ready.fetch_add(1, Ordering::Relaxed);
-            progress.notify_one();
-            read_loop(socket, stats, received).await;
+            }
         });
     }
-    while ready.load(Ordering::Relaxed) < c.count {
-        let _ = tokio::time::timeout(Duration::from_millis(200), progress.notified()).await;
+    let mut sockets = Vec::with_capacity(c.count);
+    while let Some(opened) = opening.join_next().await {
+        sockets.extend(opened?);
     }
-    println!("READY {}", c.count - failed.load(Ordering::Relaxed));
+    println!("READY {}", sockets.len());
     std::io::stdout().flush()?;
+
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stats, received, stop) = (stats.clone(), received.clone(), stop.clone());
+        std::thread::spawn(move || read_loop(sockets, &stats, &received, &stop))
+    };
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let done = stdin.next_line().await?.context("no DONE line")?;
@@ -522,6 +516,8 @@ async fn client(c: Client) -> anyhow::Result<()> {
     while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
     let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
     let result = json!({
         "lat_big": pairs(&stats.lat_big),
@@ -545,11 +541,8 @@ async fn open(gateway: SocketAddr, source: Ipv4Addr, token: &str, channel: &str)
     tcp.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
     let stream = tcp.connect(gateway).await.context("tcp connect")?;
     stream.set_nodelay(true)?;
-    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
     let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(format!("ws://{gateway}/v1/ws"), stream, Some(config))
-            .await
-            .context("websocket upgrade")?;
+        tokio_tungstenite::client_async(format!("ws://{gateway}/v1/ws"), stream).await.context("websocket upgrade")?;
     ws.send(Message::text(json!({"type": "connect", "token": token}).to_string())).await?;
     expect_frame(&mut ws, "connected").await?;
     ws.send(Message::text(json!({"type": "subscribe", "id": 1, "channel": channel}).to_string())).await?;
@@ -575,26 +568,95 @@ async fn expect_frame(ws: &mut Socket, kind: &str) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(60), read).await.with_context(|| format!("no {kind} frame"))?
 }
 
-/// Records the latency of every publication; parses only what it needs.
-async fn read_loop(mut ws: Socket, stats: Arc<Mutex<Stats>>, received: Arc<AtomicU64>) {
-    while let Some(Ok(message)) = ws.next().await {
-        let Message::Text(text) = message else { continue };
-        let now = now_us();
-        let Some((sent, phase)) = parse_pub(&text) else { continue };
-        let latency = (now - sent).max(0) as u64;
-        {
-            let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-            match phase {
-                0 => *s.lat_big.entry(latency / 10 * 10).or_default() += 1,
-                1 => *s.lat_small.entry(latency / 10 * 10).or_default() += 1,
-                _ => {
-                    s.burst += 1;
-                    s.burst_last_us = s.burst_last_us.max(now);
+/// A pong with an empty, zero-masked payload (client frames are masked).
+const PONG: [u8; 6] = [0x8A, 0x80, 0, 0, 0, 0];
+
+/// Reads every socket until `stop`, recording the latency of each
+/// publication; answers pings.
+fn read_loop(
+    sockets: Vec<std::net::TcpStream>,
+    stats: &Mutex<Stats>,
+    received: &AtomicU64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let mut poll = mio::Poll::new()?;
+    let mut streams = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let mut stream = mio::net::TcpStream::from_std(socket);
+        poll.registry().register(&mut stream, mio::Token(i), mio::Interest::READABLE)?;
+        streams.push((stream, Vec::<u8>::new(), true));
+    }
+    let mut events = mio::Events::with_capacity(1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+        for event in &events {
+            let (stream, pending, open) = &mut streams[event.token().0];
+            while *open {
+                match stream.read(&mut chunk) {
+                    Ok(0) => *open = false,
+                    Ok(n) => {
+                        pending.extend_from_slice(&chunk[..n]);
+                        let now = now_us();
+                        let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                        let (used, pings) = frames(pending, |text| {
+                            let Some((sent, phase)) = parse_pub(text) else { return };
+                            let latency = (now - sent).max(0) as u64;
+                            match phase {
+                                0 => *s.lat_big.entry(latency / 10 * 10).or_default() += 1,
+                                1 => *s.lat_small.entry(latency / 10 * 10).or_default() += 1,
+                                _ => {
+                                    s.burst += 1;
+                                    s.burst_last_us = s.burst_last_us.max(now);
+                                }
+                            }
+                            received.fetch_add(1, Ordering::Relaxed);
+                        });
+                        drop(s);
+                        pending.drain(..used);
+                        for _ in 0..pings {
+                            let _ = std::io::Write::write_all(stream, &PONG);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => *open = false,
                 }
             }
         }
-        received.fetch_add(1, Ordering::Relaxed);
     }
+    Ok(())
+}
+
+/// Calls `text` with each whole text frame (server frames are unmasked) at
+/// the start of `buf`; returns the bytes used and how many pings were seen.
+fn frames(buf: &[u8], mut text: impl FnMut(&str)) -> (usize, usize) {
+    let (mut at, mut pings) = (0, 0);
+    loop {
+        let rest = &buf[at..];
+        if rest.len() < 2 {
+            break;
+        }
+        let (opcode, short) = (rest[0] & 0x0F, usize::from(rest[1] & 0x7F));
+        let (header, len) = match short {
+            126 if rest.len() >= 4 => (4, usize::from(u16::from_be_bytes([rest[2], rest[3]]))),
+            127 if rest.len() >= 10 => (10, u64::from_be_bytes(rest[2..10].try_into().expect("eight bytes")) as usize),
+            126 | 127 => break,
+            n => (2, n),
+        };
+        if rest.len() < header + len {
+            break;
+        }
+        let payload = &rest[header..header + len];
+        match opcode {
+            0x1 => text(std::str::from_utf8(payload).unwrap_or_default()),
+            0x9 => pings += 1,
+            _ => {}
+        }
+        at += header + len;
+    }
+    (at, pings)
 }
 
 /// `(t, p)` of a publication frame whose data is `{"t":…,"p":…}`.
@@ -614,5 +676,20 @@ mod tests {
             r#"{"type":"pub","channel":"team:big","offset":3,"epoch":"ab","data":{"t":1700000000123456,"p":2}}"#;
         assert_eq!(super::parse_pub(frame), Some((1_700_000_000_123_456, 2)));
         assert_eq!(super::parse_pub(r#"{"type":"subscribed"}"#), None);
+    }
+
+    #[test]
+    fn splits_server_frames() {
+        let mut buf = Vec::new();
+        for body in ["a".repeat(5), "b".repeat(300)] {
+            use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+            use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+            Frame::message(body.into_bytes(), OpCode::Data(Data::Text), true).format(&mut buf).unwrap();
+        }
+        let mut seen = Vec::new();
+        let whole = buf.len();
+        buf.extend_from_slice(&[0x81, 126, 1]);
+        assert_eq!(super::frames(&buf, |t| seen.push(t.len())), (whole, 0));
+        assert_eq!(seen, [5, 300]);
     }
 }
