@@ -130,6 +130,18 @@ struct State {
     resync: Vec<Arc<str>>,
 }
 
+impl State {
+    /// The connection is slow: what it had queued is dropped, except the
+    /// rest of a frame the socket took part of (the stream stays whole).
+    fn overflow(&mut self) {
+        self.slow = true;
+        let keep = if self.front_started { self.pending.pop_front() } else { None };
+        self.pending.clear();
+        self.bytes = keep.as_ref().map_or(0, Bytes::len);
+        self.pending.extend(keep);
+    }
+}
+
 impl Writer {
     pub fn new(io: OwnedWriteHalf, max_bytes: usize) -> Self {
         Self { io, state: Mutex::default(), wake: Notify::new(), max_bytes }
@@ -167,11 +179,7 @@ impl Writer {
         s.bytes += rest.len();
         s.pending.push_back(rest);
         if s.bytes > self.max_bytes {
-            s.slow = true;
-            let keep = if s.front_started { s.pending.pop_front() } else { None };
-            s.pending.clear();
-            s.bytes = keep.as_ref().map_or(0, Bytes::len);
-            s.pending.extend(keep);
+            s.overflow();
             drop(s);
             self.wake.notify_one();
             return false;
@@ -243,11 +251,7 @@ impl Writer {
     pub fn make_slow(&self) {
         let mut s = self.lock();
         if !s.slow {
-            s.slow = true;
-            let keep = if s.front_started { s.pending.pop_front() } else { None };
-            s.pending.clear();
-            s.bytes = keep.as_ref().map_or(0, Bytes::len);
-            s.pending.extend(keep);
+            s.overflow();
         }
         drop(s);
         self.wake.notify_one();
