@@ -469,9 +469,12 @@ impl Hub {
     }
 
     /// Writes publications (of one channel, in order) to every subscriber
-    /// and remembers the channel's position. Returns how many sockets the
-    /// last one reached.
-    fn fan_out(&self, pubsub: &str, pubs: &[Publication]) -> usize {
+    /// and remembers the channel's position; returns once every socket has
+    /// them (or has them queued), so the next publication cannot overtake.
+    /// A channel with many subscribers is split into shards written on the
+    /// runtime's workers side by side. Returns how many sockets the
+    /// publications reached.
+    async fn fan_out(&self, pubsub: &str, pubs: &[Publication]) -> usize {
         let (links, batch) = {
             let mut channels = self.lock();
             let Some(entry) = channels.get_mut(pubsub) else { return 0 };
@@ -494,19 +497,29 @@ impl Hub {
         if batch.is_empty() {
             return 0;
         }
-        let (mut delivered, mut reached) = (0, 0);
-        for link in links.iter() {
-            let (sent, ok) = link.deliver(&batch);
-            delivered += sent;
-            if sent == batch.len() {
-                reached += 1;
+        let shards = shards(links.len());
+        let total = if shards == 1 {
+            deliver_all(&links, &batch)
+        } else {
+            let batch = Arc::new(batch);
+            let size = links.len().div_ceil(shards);
+            let mut writing = tokio::task::JoinSet::new();
+            for start in (0..links.len()).step_by(size) {
+                let (links, batch) = (links.clone(), batch.clone());
+                writing.spawn(async move { deliver_all(&links[start..(start + size).min(links.len())], &batch) });
             }
-            if !ok {
-                self.metrics.drops.inc();
+            let mut total = Delivered::default();
+            while let Some(part) = writing.join_next().await {
+                match part {
+                    Ok(part) => total.add(part),
+                    Err(error) => tracing::error!(%error, "a fan-out shard failed"),
+                }
             }
-        }
-        self.metrics.deliveries.inc_by(delivered as u64);
-        reached
+            total
+        };
+        self.metrics.drops.inc_by(total.slow as u64);
+        self.metrics.deliveries.inc_by(total.publications as u64);
+        total.sockets
     }
 
     /// Delivers publications of one channel that came from Redis, in order:
@@ -523,14 +536,14 @@ impl Hub {
                 Step::Duplicate => continue,
                 Step::Deliver => {}
                 Step::Gap { since } => {
-                    self.fan_out(pubsub, &std::mem::take(&mut run));
+                    self.fan_out(pubsub, &std::mem::take(&mut run)).await;
                     self.fill_gap(redis, pubsub, &tenant, &channel, since, &p).await;
                 }
             }
             last = Last::At(p.epoch.clone(), p.offset);
             run.push(p);
         }
-        self.fan_out(pubsub, &run);
+        self.fan_out(pubsub, &run).await;
     }
 
     /// Delivers what is missing between `since` and `p` from history, or
@@ -552,7 +565,7 @@ impl Hub {
                 let contiguous = wanted.len() as u64 == missing
                     && wanted.iter().zip(since + 1..).all(|(x, expected)| x.offset == expected);
                 if contiguous {
-                    self.fan_out(pubsub, &wanted);
+                    self.fan_out(pubsub, &wanted).await;
                 }
                 contiguous
             }
@@ -621,11 +634,52 @@ impl Hub {
 
     /// Delivers to this node's sockets only (Redis is down): offset 0, no
     /// history.
-    pub fn deliver_local(&self, tenant: &TenantId, channel: &Channel, data: &[u8]) -> usize {
+    pub async fn deliver_local(&self, tenant: &TenantId, channel: &Channel, data: &[u8]) -> usize {
         let pubsub = ChannelKeys::new(&self.keys, tenant, channel).pubsub;
         let p = Publication { offset: 0, epoch: "".into(), data: Bytes::copy_from_slice(data) };
-        self.fan_out(&pubsub, &[p])
+        self.fan_out(&pubsub, &[p]).await
     }
+}
+
+/// Subscribers one fan-out task writes to at least: below this, spreading
+/// the writes over workers costs more than it saves.
+const SHARD_SOCKETS: usize = 1024;
+
+/// How many tasks write a publication to `sockets` sockets: one per
+/// runtime worker at most.
+fn shards(sockets: usize) -> usize {
+    let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
+    (sockets / SHARD_SOCKETS).clamp(1, workers.max(1))
+}
+
+/// What a fan-out did.
+#[derive(Default)]
+struct Delivered {
+    /// Publications written or queued, over all sockets.
+    publications: usize,
+    /// Sockets that took every publication.
+    sockets: usize,
+    /// Sockets that refused them (slow).
+    slow: usize,
+}
+
+impl Delivered {
+    fn add(&mut self, other: Delivered) {
+        self.publications += other.publications;
+        self.sockets += other.sockets;
+        self.slow += other.slow;
+    }
+}
+
+fn deliver_all(links: &[Arc<SubLink>], batch: &Batch) -> Delivered {
+    let mut d = Delivered::default();
+    for link in links {
+        let (sent, ok) = link.deliver(batch);
+        d.publications += sent;
+        d.sockets += usize::from(sent == batch.len());
+        d.slow += usize::from(!ok);
+    }
+    d
 }
 
 /// Reads history, retrying for a few seconds: right after the subscription
@@ -740,5 +794,41 @@ mod tests {
         let e: Arc<str> = "e".into();
         let (_, ok) = link.deliver(&batch(&[1, 2, 3, 4], &e));
         assert!(!ok && writer.is_slow());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sharded_fan_out_reaches_every_socket_in_order() {
+        let hub = Hub::new(KeySpace::new("test").unwrap(), Metrics::default());
+        let (tenant, channel) = (TenantId::new("acme").unwrap(), Channel::parse("team:1").unwrap());
+        let history = HistoryOptions { size: 10, ttl_s: 60 };
+        let sockets = SHARD_SOCKETS * 2 + 7;
+        assert_eq!(shards(sockets), 2);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut clients, mut halves) = (Vec::new(), Vec::new());
+        let mut pubsub = String::new();
+        for conn in 0..sockets {
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let (read, write) = server.into_split();
+            let link = Arc::new(SubLink::new(Arc::new(Writer::new(write, 1 << 20)), "team:1".into(), 1 << 20));
+            pubsub = hub.join(conn as ConnId, link.clone(), &tenant, &channel, history);
+            assert!(link.go_live(None, false, socket::text("subscribed")));
+            clients.push(client);
+            halves.push(read);
+        }
+        let e: Arc<str> = "e".into();
+        for offset in 1..=3 {
+            let p = Publication { offset, epoch: e.clone(), data: Bytes::from(offset.to_string()) };
+            assert_eq!(hub.fan_out(&pubsub, &[p]).await, sockets);
+        }
+        for client in &mut clients {
+            let mut texts = Vec::new();
+            while texts.len() < 4 {
+                texts.extend(read_texts(client).await);
+            }
+            let offsets: Vec<&str> =
+                texts[1..].iter().map(|t| t.split(r#""offset":"#).nth(1).map_or("?", |r| &r[..1])).collect();
+            assert_eq!(offsets, ["1", "2", "3"]);
+        }
     }
 }

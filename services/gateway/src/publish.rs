@@ -156,7 +156,7 @@ impl Publisher {
         let history = HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s };
         if self.ctx.hub.redis_outage() {
             // Known down: do not wait for a command timeout.
-            return Ok(self.publish_local(&tenant, &channel, data, "redis is down"));
+            return Ok(self.publish_local(&tenant, &channel, data, "redis is down").await);
         }
         match channel::publish(&self.ctx.redis, self.ctx.hub.keys(), &tenant, &channel, history, data, idempotency)
             .await
@@ -165,16 +165,16 @@ impl Publisher {
             Err(herald_core::Error::InvalidArgument { what, reason }) => {
                 Err(PublishError::Invalid(format!("invalid {what}: {reason}")))
             }
-            Err(error) => Ok(self.publish_local(&tenant, &channel, data, &error.to_string())),
+            Err(error) => Ok(self.publish_local(&tenant, &channel, data, &error.to_string()).await),
         }
     }
 
     /// Graceful degradation: this node's sockets still get the publication
     /// (offset 0, not in history).
-    fn publish_local(&self, tenant: &TenantId, channel: &Channel, data: &[u8], error: &str) -> Outcome {
+    async fn publish_local(&self, tenant: &TenantId, channel: &Channel, data: &[u8], error: &str) -> Outcome {
         self.ctx.metrics.publish_errors.inc();
         tracing::warn!(%error, "publish to redis failed; delivering locally only");
-        self.ctx.hub.deliver_local(tenant, channel, data);
+        self.ctx.hub.deliver_local(tenant, channel, data).await;
         Outcome { offset: 0, epoch: String::new(), duplicate: false, local_only: true }
     }
 }
