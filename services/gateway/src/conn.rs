@@ -174,7 +174,12 @@ fn recv_error(e: WsError) -> End {
 impl Conn<'_> {
     /// Writes a reply frame; an end when the connection is slow or gone.
     fn reply(&self, text: &str) -> Option<End> {
-        if self.writer.send(socket::text(text)) { None } else { Some(self.writer_end()) }
+        self.written(self.writer.send(socket::text(text)))
+    }
+
+    /// `None` when the writer took what it was given, else why not.
+    fn written(&self, taken: bool) -> Option<End> {
+        if taken { None } else { Some(self.writer_end()) }
     }
 
     /// Why the writer refused: the connection is slow, or its socket failed.
@@ -251,11 +256,8 @@ impl Conn<'_> {
     /// The writer has news: the connection became slow or its socket
     /// failed, subscriptions ended on a gap, or bytes wait to be written.
     async fn on_wake(&mut self) -> Option<End> {
-        if self.writer.is_slow() {
-            return Some(End::Close(CloseCode::Slow, "outgoing queue overflowed".into()));
-        }
-        if self.writer.is_closed() {
-            return Some(End::Gone);
+        if self.writer.is_slow() || self.writer.is_closed() {
+            return Some(self.writer_end());
         }
         for channel in self.writer.take_resync() {
             if self.end_subscription(&channel).await {
@@ -371,7 +373,7 @@ impl Conn<'_> {
                 degraded: true,
             };
             socket::put_text(&mut replies, &frame.text());
-            return if link.go_live(None, true, replies.freeze()) { None } else { Some(self.writer_end()) };
+            return self.written(link.go_live(None, true, replies.freeze()));
         };
         let epoch = h.epoch.clone().unwrap_or_default();
         let recovered =
@@ -399,7 +401,7 @@ impl Conn<'_> {
                 }
             }
         }
-        if link.go_live(position, false, replies.freeze()) { None } else { Some(self.writer_end()) }
+        self.written(link.go_live(position, false, replies.freeze()))
     }
 
     async fn presence(&mut self, id: Option<u64>, name: &str) -> String {
