@@ -15,6 +15,7 @@ pub mod pg;
 pub mod redis;
 pub mod shutdown;
 pub mod stream;
+pub mod tags;
 pub mod telemetry;
 pub mod time;
 
