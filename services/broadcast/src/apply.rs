@@ -10,13 +10,10 @@ use herald_core::keys::{KeySpace, Scope, TenantId};
 use herald_core::l2::L2;
 use herald_core::time::now_us;
 use herald_proto::Message as _;
-use herald_proto::v1::{InvalidationBatch, InvalidationEvent, L1Message, l1_message};
+use herald_proto::v1::InvalidationEvent;
 
 use crate::metrics::Metrics;
 use herald_core::stream::Entry;
-
-/// Largest L1 message; bigger batches are split.
-const MAX_L1_MESSAGE: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct Applier {
@@ -71,11 +68,12 @@ impl Applier {
         // pipelines them): deletes and stamps commute, and every one has
         // finished before anything is published or acknowledged.
         let invalidations = events.iter().map(|event| async move {
+            let tags = herald_core::tags::event_tags(event);
             if event.all_tenants {
-                self.l2.invalidate_all_scopes(&event.table).await
+                self.l2.invalidate_all_scopes(&tags).await
             } else {
                 match Scope::from_event_tenant(&event.tenant) {
-                    Ok(scope) => self.l2.invalidate(&scope, &event.tags).await,
+                    Ok(scope) => self.l2.invalidate(&scope, &tags).await,
                     // Capture validates tenants; an event that still has a bad
                     // one names no key Herald could have written.
                     Err(_) => Ok(0),
@@ -84,7 +82,9 @@ impl Applier {
         });
         let deleted = futures::future::try_join_all(invalidations).await.map_err(core_to_redis)?;
         self.metrics.l2_entries_deleted.inc_by(deleted.iter().sum());
-        self.publish(&events).await?;
+        herald_core::l1::wire::publish_invalidations(&self.redis, &self.keys.l1_channel(), &events)
+            .await
+            .map_err(core_to_redis)?;
         self.publish_teams(&events).await?;
         let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
         let now = now_us();
@@ -93,25 +93,6 @@ impl Applier {
         }
         self.metrics.events_applied.inc_by(events.len() as u64);
         Ok(events.len())
-    }
-
-    async fn publish(&self, events: &[InvalidationEvent]) -> Result<(), fred::error::Error> {
-        let channel = self.keys.l1_channel();
-        let mut batch = Vec::new();
-        let mut size = 0;
-        for event in events {
-            let len = event.encoded_len();
-            if !batch.is_empty() && size + len > MAX_L1_MESSAGE {
-                self.publish_batch(&channel, std::mem::take(&mut batch)).await?;
-                size = 0;
-            }
-            size += len;
-            batch.push(event.clone());
-        }
-        if !batch.is_empty() {
-            self.publish_batch(&channel, batch).await?;
-        }
-        Ok(())
     }
 
     /// One publication per event and team on `team:{id}` of the event's
@@ -144,12 +125,6 @@ impl Applier {
                 self.metrics.team_publications.inc();
             }
         }
-        Ok(())
-    }
-
-    async fn publish_batch(&self, channel: &str, events: Vec<InvalidationEvent>) -> Result<(), fred::error::Error> {
-        let message = L1Message { body: Some(l1_message::Body::Invalidations(InvalidationBatch { events })) };
-        let _: i64 = self.redis.next().publish(channel, Bytes::from(message.encode_to_vec())).await?;
         Ok(())
     }
 

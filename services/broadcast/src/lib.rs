@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fred::prelude::*;
 use herald_core::backoff::Backoff;
 use herald_core::channel::HistoryOptions;
@@ -26,8 +25,6 @@ use herald_core::config::{Config, ms};
 use herald_core::keys::KeySpace;
 use herald_core::ops::{self, ReadyFlag};
 use herald_core::time::now_us;
-use herald_proto::Message as _;
-use herald_proto::v1::{Heartbeat, L1Message, l1_message};
 use tokio::net::TcpListener;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -237,11 +234,7 @@ async fn heartbeat_loop(
         if since_ok > healthy_within.as_micros() as i64 {
             continue;
         }
-        let message = L1Message {
-            body: Some(l1_message::Body::Heartbeat(Heartbeat { instance: instance.clone(), sent_time_us: now_us() })),
-        };
-        let sent: Result<i64, _> = redis.next().publish(&channel, Bytes::from(message.encode_to_vec())).await;
-        match sent {
+        match herald_core::l1::wire::publish_heartbeat(&redis, &channel, &instance).await {
             Ok(_) => {
                 metrics.heartbeats.inc();
             }
