@@ -102,7 +102,8 @@ async fn a_watch_ends_when_the_nodes_subscription_flaps() {
 
     // Whatever arrives, the stream must not carry on as if nothing was lost.
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("watch neither ended nor …") {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("watch neither ended nor …")
+        {
             Ok(Some(event)) => assert!(!event.tags.is_empty(), "unexpected event {event:?}"),
             Ok(None) => panic!("the watch ended without saying why"),
             Err(status) => {

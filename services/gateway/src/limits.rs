@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fred::prelude::*;
-use herald_core::keys::{KeySpace, Scope, TenantId};
+use herald_core::keys::{KeySpace, TenantId};
 
 use crate::metrics::Metrics;
 
@@ -84,7 +84,7 @@ impl TenantLimiter {
 
     /// Takes one token from `tenant`'s bucket.
     pub async fn take(&self, tenant: &TenantId) -> bool {
-        let key = self.keys.entry(&Scope::Tenant(tenant.clone()), "rl", "gateway").expect("valid key");
+        let key = self.keys.rate_limit(tenant, "gateway");
         let args = vec![self.rate.to_string(), self.rate.to_string()];
         let taken: Result<i64, fred::error::Error> = if self.redis_up.load(Ordering::Relaxed) {
             self.redis.next().eval(TAKE, vec![key], args).await
