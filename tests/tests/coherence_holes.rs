@@ -179,3 +179,25 @@ async fn invalidating_a_whole_tenant_keeps_its_gateway_state() {
     assert_eq!((again.offset, again.epoch.as_str()), (first.offset, first.epoch.as_str()));
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_marks_stay_bounded_and_still_refuse_older_fills() {
+    use herald_core::keys::{KV_SEGMENT, Scope};
+    use herald_core::l2::L2;
+    let sb = Sandbox::start().await;
+    let l2 = L2::new(sb.redis.clone(), sb.keys.clone());
+    let acme = Scope::Tenant(TenantId::new("acme").unwrap());
+    let entry = sb.keys.entry(&acme, KV_SEGMENT, "zz").unwrap();
+    let token = l2.begin_fill(&acme, None).await.unwrap().token;
+    for i in 0..1_000 {
+        let prefix = sb.keys.entry(&acme, KV_SEGMENT, &format!("p{i}")).unwrap();
+        l2.invalidate_prefix(&acme, &prefix).await.unwrap();
+    }
+    let marks: i64 = sb.redis.next().hlen(sb.keys.prefix_marks(&acme)).await.unwrap();
+    assert!(marks <= 256, "{marks} prefix marks kept");
+    // The marks collapsed into one of the whole scope: a fill that started
+    // before them is still refused, even for a key no prefix named.
+    let stored = l2.store_gated(&acme, &entry, "v".into(), &[], None, &token, None).await.unwrap();
+    assert!(!stored, "a fill older than a collapsed prefix mark was stored");
+    sb.cleanup().await;
+}
