@@ -132,6 +132,13 @@ pub struct BroadcastConfig {
     pub claim_idle_ms: u64,
     /// Heartbeat period on the L1 channel.
     pub heartbeat_ms: u64,
+    /// This instance's consumer name in the group. Keep it stable across
+    /// restarts (the default, `$HOSTNAME`, is the pod name on Kubernetes),
+    /// so a restarted instance re-reads the entries it had read but not
+    /// acknowledged at once, instead of leaving them to `XAUTOCLAIM` after
+    /// `claim_idle_ms`. Two live instances should not share a name; if they
+    /// do, nothing is lost (each may re-apply the other's pending entries).
+    pub consumer: Option<String>,
 }
 
 impl Default for BroadcastConfig {
@@ -143,6 +150,7 @@ impl Default for BroadcastConfig {
             block_ms: 1_000,
             claim_idle_ms: 5_000,
             heartbeat_ms: 1_000,
+            consumer: None,
         }
     }
 }
@@ -254,6 +262,13 @@ impl Config {
         }
         if self.capture.max_event_bytes < 4096 {
             return Err(Error::Config("capture.max_event_bytes: must be at least 4096".into()));
+        }
+        if let Some(name) = &self.broadcast.consumer
+            && (name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(Error::Config(format!("broadcast.consumer: {name:?} must be 1 to 64 of A-Z a-z 0-9 _ - .")));
         }
         if self.l1.heartbeat_timeout_ms <= self.broadcast.heartbeat_ms {
             return Err(Error::Config("l1.heartbeat_timeout_ms: must be longer than broadcast.heartbeat_ms".into()));
