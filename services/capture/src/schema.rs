@@ -117,33 +117,37 @@ pub fn table_sql(table: &TableConfig, capture: &CaptureConfig) -> String {
         };
         let trigger = q(&format!("herald_capture_{suffix}"));
         let image = (0..table.key_columns.len())
-            .fold("r.tenant, r.id, r.team".to_string(), |acc, i| acc + &format!(", r.k{i}"));
+            .fold("_herald_r.tenant, _herald_r.id, _herald_r.team".to_string(), |acc, i| {
+                acc + &format!(", _herald_r.k{i}")
+            });
         sql.push_str(&format!(
             r#"
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    r record;
-    images text[] := '{{}}';
-    n int := 0;
-    emitted boolean := false;
-    trace text := nullif(current_setting('herald.traceparent', true), '');
+    _herald_r record;
+    _herald_images text[] := '{{}}';
+    _herald_count int := 0;
+    _herald_emitted boolean := false;
+    _herald_trace text := nullif(current_setting('herald.traceparent', true), '');
 BEGIN
-    FOR r IN {images} LOOP
-        images := images || ARRAY[{image}];
-        n := n + 1;
-        IF n >= {chunk} THEN
-            INSERT INTO herald.outbox (table_name, op, rows, traceparent) VALUES ({name_lit}, '{op}', images, trace);
-            emitted := true;
-            images := '{{}}';
-            n := 0;
+    FOR _herald_r IN {images} LOOP
+        _herald_images := _herald_images || ARRAY[{image}];
+        _herald_count := _herald_count + 1;
+        IF _herald_count >= {chunk} THEN
+            INSERT INTO herald.outbox (table_name, op, rows, traceparent)
+            VALUES ({name_lit}, '{op}', _herald_images, _herald_trace);
+            _herald_emitted := true;
+            _herald_images := '{{}}';
+            _herald_count := 0;
         END IF;
     END LOOP;
-    IF n > 0 THEN
-        INSERT INTO herald.outbox (table_name, op, rows, traceparent) VALUES ({name_lit}, '{op}', images, trace);
-        emitted := true;
+    IF _herald_count > 0 THEN
+        INSERT INTO herald.outbox (table_name, op, rows, traceparent)
+        VALUES ({name_lit}, '{op}', _herald_images, _herald_trace);
+        _herald_emitted := true;
     END IF;
-    IF emitted THEN
+    IF _herald_emitted THEN
         PERFORM herald.ring();
     END IF;
     RETURN NULL;
@@ -219,10 +223,14 @@ pub fn watched_columns(table: &TableConfig) -> Vec<String> {
 fn update_images(table: &TableConfig) -> String {
     let id = q(&table.id_column);
     let watched = watched_columns(table);
+    // Compared as text: a column type without an equality operator (json,
+    // point) must not break the writer's statement. Every reference is
+    // qualified (`o.*`, never a bare `o`), because a bare name resolves to a
+    // column first: a table with a column `n` would otherwise compare it.
     let changed = if watched.is_empty() {
-        "o::text IS DISTINCT FROM n::text".to_string()
+        "(o.*)::text IS DISTINCT FROM (n.*)::text".to_string()
     } else {
-        let side = |a: &str| watched.iter().map(|c| format!("{a}.{}", q(c))).collect::<Vec<_>>().join(", ");
+        let side = |a: &str| watched.iter().map(|c| format!("{a}.{}::text", q(c))).collect::<Vec<_>>().join(", ");
         format!("ROW({}) IS DISTINCT FROM ROW({})", side("o"), side("n"))
     };
     format!(
@@ -279,8 +287,8 @@ mod tests {
     fn generated_sql_names_what_it_should() {
         let sql = full_sql(&[users()], &CaptureConfig::default());
         assert!(sql.contains("REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
-        assert!(sql.contains("images := images || ARRAY[r.tenant, r.id, r.team, r.k0, r.k1]"));
-        assert!(sql.contains("IF n >= 500 THEN"));
+        assert!(sql.contains("ARRAY[_herald_r.tenant, _herald_r.id, _herald_r.team, _herald_r.k0, _herald_r.k1]"));
+        assert!(sql.contains("IF _herald_count >= 500 THEN"));
         assert!(!sql.contains("EXECUTE format"), "trigger functions must use static SQL");
     }
 
