@@ -59,3 +59,46 @@ async fn a_table_removed_from_config_loses_its_triggers() {
     assert_eq!(sb.scalar_i64("SELECT count(*) FROM herald.outbox").await, 0);
     sb.cleanup().await;
 }
+
+/// A role that may only create objects in a schema it owns names a trigger
+/// so that an unquoted `DROP TRIGGER` would run its SQL as the installer
+/// (the name fits Postgres's 63 bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_trigger_name_cannot_inject_sql_into_install() {
+    let sb = Sandbox::start().await;
+    // Roles are cluster-wide: a name of its own, dropped at the end.
+    let role = herald_tests::unique("herald_mallory_");
+    sb.sql(&format!("CREATE ROLE {role} LOGIN; CREATE SCHEMA {role} AUTHORIZATION {role}")).await;
+    let mut url: tokio_postgres::Config = sb.config.postgres.url.parse().unwrap();
+    url.user(&role);
+    let (mallory, connection) = url.connect(NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let planted = mallory
+        .batch_execute(&format!(
+            r#"CREATE TABLE {role}.t1 (id int);
+               CREATE FUNCTION {role}.noop() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$;
+               CREATE TRIGGER "herald_capture_"" ON pg_class; CREATE TABLE public.pwned(); --"
+                   AFTER INSERT ON {role}.t1 FOR EACH STATEMENT EXECUTE FUNCTION {role}.noop();"#
+        ))
+        .await;
+    drop(mallory);
+
+    let install = if planted.is_ok() {
+        let mut client = connect(&sb).await;
+        Some(herald_capture::install::install(&mut client, &sb.config).await.map_err(|e| format!("{e:?}")))
+    } else {
+        None
+    };
+    let pwned = sb.scalar_i64("SELECT (to_regclass('public.pwned') IS NOT NULL)::int::int8").await;
+    let kept = sb.scalar_i64(&format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = '{role}.t1'::regclass")).await;
+    sb.sql(&format!("DROP SCHEMA {role} CASCADE; DROP TABLE IF EXISTS public.pwned")).await;
+    sb.cleanup().await;
+    let (admin, connection) = tokio_postgres::connect(&herald_tests::admin_url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin.batch_execute(&format!("DROP ROLE {role}")).await.unwrap();
+
+    planted.expect("mallory plants the trigger");
+    install.unwrap().expect("install succeeds");
+    assert_eq!(pwned, 0, "install ran SQL taken from a trigger name");
+    assert_eq!(kept, 1, "a trigger whose function is not Herald's is not Herald's to drop");
+}

@@ -8,7 +8,7 @@ use herald_core::config::Config;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
-use crate::schema::{SCHEMA_VERSION, full_sql, install_lock_id};
+use crate::schema::{SCHEMA_VERSION, full_sql, install_lock_id, q, qualified};
 
 /// What an install did.
 #[derive(Debug, Default)]
@@ -45,7 +45,7 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
             .query(
                 "SELECT attname::text FROM pg_attribute \
                  WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
-                &[&format!("\"{}\".\"{}\"", table.schema, table.pg_table())],
+                &[&qualified(&table.schema, table.pg_table())],
             )
             .await?
             .iter()
@@ -67,24 +67,29 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
                 )));
             }
         }
-        targets.insert(target);
+        targets.insert((table.schema.clone(), table.pg_table().to_string()));
     }
 
     tx.batch_execute(&full_sql(&config.tables, &config.capture)).await?;
 
+    // Only triggers Herald made: named like ours *and* running a function in
+    // the `herald` schema. Any role that can create a table can name a
+    // trigger anything, so every catalog name is quoted.
     let mut removed = Vec::new();
     let rows = tx
         .query(
             "SELECT n.nspname::text, c.relname::text, t.tgname::text FROM pg_trigger t \
              JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE t.tgname LIKE 'herald\\_capture\\_%' AND NOT t.tgisinternal",
+             JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace \
+             WHERE t.tgname LIKE 'herald\\_capture\\_%' AND NOT t.tgisinternal AND pn.nspname = 'herald'",
             &[],
         )
         .await?;
     for row in rows {
         let (schema, relation, trigger): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-        if !targets.contains(&format!("{schema}.{relation}")) {
-            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS \"{trigger}\" ON \"{schema}\".\"{relation}\"")).await?;
+        if !targets.contains(&(schema.clone(), relation.clone())) {
+            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", q(&trigger), qualified(&schema, &relation)))
+                .await?;
             removed.push(format!("{schema}.{relation}.{trigger}"));
         }
     }

@@ -28,9 +28,15 @@ pub fn image_width(table: &TableConfig) -> usize {
     3 + table.key_columns.len()
 }
 
-/// Quotes an identifier (already validated by config).
-fn q(ident: &str) -> String {
+/// Quotes an identifier: the one helper every generated or catalog-derived
+/// name goes through (a `"` inside is doubled), whatever its origin.
+pub(crate) fn q(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// `schema.relation`, both quoted.
+pub(crate) fn qualified(schema: &str, relation: &str) -> String {
+    format!("{}.{}", q(schema), q(relation))
 }
 
 /// Quotes a string literal.
@@ -101,7 +107,7 @@ $fn$;
 /// Trigger functions and triggers of one watched table.
 pub fn table_sql(table: &TableConfig, capture: &CaptureConfig) -> String {
     let name = &table.name;
-    let target = format!("{}.{}", q(&table.schema), q(table.pg_table()));
+    let target = qualified(&table.schema, table.pg_table());
     let fn_base = format!("capture_{name}");
     let mut sql = String::new();
     for (op, suffix, event, images) in [
