@@ -102,3 +102,38 @@ async fn a_hostile_trigger_name_cannot_inject_sql_into_install() {
     assert_eq!(pwned, 0, "install ran SQL taken from a trigger name");
     assert_eq!(kept, 1, "a trigger whose function is not Herald's is not Herald's to drop");
 }
+
+/// Postgres truncates identifiers to 63 bytes: a long table name must still
+/// get four distinct trigger functions, and two names sharing a long prefix
+/// must not share functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_table_names_get_their_own_trigger_functions() {
+    let sb = Sandbox::start().await;
+    let long = "a".repeat(54);
+    let longer = format!("{}b", "a".repeat(62));
+    let sibling = format!("{}c", "a".repeat(62));
+    let mut config = sb.config.clone();
+    for name in [&long, &longer, &sibling] {
+        sb.sql(&format!("CREATE TABLE {name} (id bigint PRIMARY KEY, tenant_id text)")).await;
+        config.tables.push(TableConfig {
+            name: name.clone(),
+            key_columns: vec![],
+            team_column: None,
+            watch_columns: vec![],
+            ..demo_table()
+        });
+    }
+    let mut client = connect(&sb).await;
+    herald_capture::install::install(&mut client, &config).await.expect("install");
+    let functions = sb.scalar_i64("SELECT count(*) FROM pg_proc WHERE pronamespace = 'herald'::regnamespace").await;
+    // ring() plus four per table (the demo table and the three long ones).
+    assert_eq!(functions, 1 + 4 * 4, "each table has its own four functions");
+    for name in [&long, &longer, &sibling] {
+        sb.sql(&format!("INSERT INTO {name} VALUES (1, 'acme')")).await;
+        let ops = sb
+            .scalar_i64(&format!("SELECT count(*) FROM herald.outbox WHERE table_name = '{name}' AND op = 'I'"))
+            .await;
+        assert_eq!(ops, 1, "an insert into {name} writes op I under its own name");
+    }
+    sb.cleanup().await;
+}

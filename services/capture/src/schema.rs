@@ -108,14 +108,13 @@ $fn$;
 pub fn table_sql(table: &TableConfig, capture: &CaptureConfig) -> String {
     let name = &table.name;
     let target = qualified(&table.schema, table.pg_table());
-    let fn_base = format!("capture_{name}");
     let mut sql = String::new();
     for (op, suffix, event, images) in [
         ("I", "ins", "INSERT", images_of("n", "new_rows", table)),
         ("D", "del", "DELETE", images_of("o", "old_rows", table)),
         ("U", "upd", "UPDATE", update_images(table)),
     ] {
-        let function = format!("herald.{}", q(&format!("{fn_base}_{suffix}")));
+        let function = format!("herald.{}", q(&function_name(name, suffix)));
         let referencing = match event {
             "INSERT" => "REFERENCING NEW TABLE AS new_rows",
             "DELETE" => "REFERENCING OLD TABLE AS old_rows",
@@ -168,7 +167,7 @@ CREATE TRIGGER {trigger} AFTER {event} ON {target}
             chunk = capture.chunk_rows,
         ));
     }
-    let function = format!("herald.{}", q(&format!("{fn_base}_trunc")));
+    let function = format!("herald.{}", q(&function_name(name, "trunc")));
     sql.push_str(&format!(
         r#"
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
@@ -187,6 +186,28 @@ CREATE TRIGGER "herald_capture_trunc" AFTER TRUNCATE ON {target}
         name_lit = lit(name),
     ));
     sql
+}
+
+/// Postgres's identifier limit; longer names are silently truncated.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The name of a table's trigger function for `suffix` (ins, del, upd,
+/// trunc). Table names may be up to 63 bytes, and Postgres would truncate
+/// `capture_<name>_<suffix>` silently, making the four functions of a long
+/// name (or two long names sharing a prefix) one object. A name that does
+/// not fit is shortened and given a hash of the whole name instead of being
+/// refused: every name the config accepts keeps working.
+pub fn function_name(table: &str, suffix: &str) -> String {
+    let plain = format!("capture_{table}_{suffix}");
+    if plain.len() <= MAX_IDENTIFIER_BYTES {
+        return plain;
+    }
+    let mut cut = 30.min(table.len());
+    while !table.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let hash = herald_core::hash::fnv1a64(table.as_bytes()) & 0xffff_ffff_ffff;
+    format!("capture_{}_{hash:012x}_{suffix}", &table[..cut])
 }
 
 /// `SELECT` of the image columns (tenant, id, team, k0..kn) of `alias`.
@@ -296,6 +317,17 @@ mod tests {
         assert!(sql.contains("ARRAY[_herald_r.tenant, _herald_r.id, _herald_r.team, _herald_r.k0, _herald_r.k1]"));
         assert!(sql.contains("IF _herald_count >= 500 THEN"));
         assert!(!sql.contains("EXECUTE format"), "trigger functions must use static SQL");
+    }
+
+    #[test]
+    fn function_names_fit_postgres_and_stay_distinct() {
+        assert_eq!(function_name("res_users", "ins"), "capture_res_users_ins");
+        let long = "a".repeat(63);
+        let names: Vec<String> = ["ins", "del", "upd", "trunc"].iter().map(|s| function_name(&long, s)).collect();
+        assert!(names.iter().all(|n| n.len() <= MAX_IDENTIFIER_BYTES), "{names:?}");
+        assert_eq!(names.iter().collect::<std::collections::HashSet<_>>().len(), 4);
+        let sibling = format!("{}b", "a".repeat(62));
+        assert_ne!(function_name(&long, "ins"), function_name(&sibling, "ins"));
     }
 
     #[test]
