@@ -255,8 +255,9 @@ async fn events_since(client: &tokio_postgres::Client, case: &Case, table: &Tabl
             captured_time_us: 1,
             traceparent: "",
         };
-        let events = events_of(table, &outbox, 2).unwrap_or_else(|e| panic!("{case:?}: outbox row {id}: {e}"));
-        for event in events {
+        let parsed = events_of(table, &outbox, 2).unwrap_or_else(|e| panic!("{case:?}: outbox row {id}: {e}"));
+        assert!(parsed.set_aside.is_empty(), "{case:?}: outbox row {id}: {}", parsed.reason);
+        for event in parsed.events {
             seen.ops.insert(op.clone());
             seen.ids.entry(event.tenant.clone()).or_default().extend(event.ids);
             seen.tags.extend(event.tags);

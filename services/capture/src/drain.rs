@@ -13,7 +13,7 @@ use herald_proto::v1::InvalidationEvent;
 use tracing::Instrument;
 
 use crate::error::Result;
-use crate::events::{OutboxRow, events_of};
+use crate::events::{OutboxRow, Parsed, events_of};
 use crate::metrics::Metrics;
 
 /// What one batch did.
@@ -53,6 +53,14 @@ const DEAD_LETTER: &str = "\
     INSERT INTO herald.dead_letter (id, table_name, op, rows, txid, changed_at, traceparent, reason) \
     SELECT o.id, o.table_name, o.op, o.rows, o.txid, o.changed_at, o.traceparent, r.reason \
     FROM herald.outbox o JOIN unnest($1::int8[], $2::text[]) AS r(id, reason) ON r.id = o.id \
+    ON CONFLICT (id) DO NOTHING";
+
+/// The images of one outbox row that cannot become events, kept with the
+/// reason; the rest of the row is applied.
+const SET_ASIDE: &str = "\
+    INSERT INTO herald.dead_letter (id, table_name, op, rows, txid, changed_at, traceparent, reason) \
+    SELECT o.id, o.table_name, o.op, $2, o.txid, o.changed_at, o.traceparent, $3 \
+    FROM herald.outbox o WHERE o.id = $1 \
     ON CONFLICT (id) DO NOTHING";
 
 impl Drainer {
@@ -102,13 +110,20 @@ impl Drainer {
         let mut done = Vec::with_capacity(rows.len());
         let mut dead_ids = Vec::new();
         let mut dead_reasons = Vec::new();
+        let mut set_aside = Vec::new();
         let mut events = Vec::with_capacity(rows.len());
         let captured = now_us();
         for row in &rows {
             let id: i64 = row.get(0);
             done.push(id);
             match self.events_from_row(row, captured) {
-                Ok(row_events) => events.extend(row_events),
+                Ok(parsed) => {
+                    events.extend(parsed.events);
+                    if !parsed.set_aside.is_empty() {
+                        tracing::warn!(outbox_id = id, reason = %parsed.reason, "row images set aside in herald.dead_letter");
+                        set_aside.push((id, parsed.set_aside, parsed.reason));
+                    }
+                }
                 Err(reason) => {
                     tracing::warn!(outbox_id = id, %reason, "malformed outbox row moved to herald.dead_letter");
                     dead_ids.push(id);
@@ -123,6 +138,9 @@ impl Drainer {
         if !dead_ids.is_empty() {
             tx.execute(DEAD_LETTER, &[&dead_ids, &dead_reasons]).await?;
         }
+        for (id, images, reason) in &set_aside {
+            tx.execute(SET_ASIDE, &[id, images, reason]).await?;
+        }
         tx.execute(&delete, &[&done]).await?;
         tx.commit().await?;
 
@@ -132,7 +150,7 @@ impl Drainer {
         }
         self.metrics.rows_drained.inc_by(rows.len() as u64);
         self.metrics.events_appended.inc_by(encoded.len() as u64);
-        self.metrics.dead_lettered.inc_by(dead_ids.len() as u64);
+        self.metrics.dead_lettered.inc_by((dead_ids.len() + set_aside.len()) as u64);
         self.metrics.batches.inc();
         Ok(Drained { rows: rows.len(), appended: encoded.len(), dead: dead_ids.len() })
     }
@@ -168,11 +186,7 @@ impl Drainer {
     }
 
     /// Builds the events of one outbox row, or the reason it is malformed.
-    fn events_from_row(
-        &self,
-        row: &tokio_postgres::Row,
-        captured: i64,
-    ) -> std::result::Result<Vec<InvalidationEvent>, String> {
+    fn events_from_row(&self, row: &tokio_postgres::Row, captured: i64) -> std::result::Result<Parsed, String> {
         let id: i64 = row.get(0);
         let table: String = row.try_get(1).map_err(|e| format!("table_name: {e}"))?;
         let op: String = row.try_get(2).map_err(|e| format!("op: {e}"))?;

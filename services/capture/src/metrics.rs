@@ -46,7 +46,11 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("herald_capture");
         r.register("events_appended", "events appended to the stream", self.events_appended.clone());
         r.register("rows_drained", "outbox rows drained", self.rows_drained.clone());
-        r.register("dead_lettered", "outbox rows moved to herald.dead_letter", self.dead_lettered.clone());
+        r.register(
+            "dead_lettered",
+            "outbox rows moved to herald.dead_letter, whole or only their bad images",
+            self.dead_lettered.clone(),
+        );
         r.register("widened", "events widened to a table-wide tag to fit the size limit", self.widened.clone());
         r.register("batches", "drain transactions committed", self.batches.clone());
         r.register("errors", "drain attempts that failed and were retried", self.errors.clone());
