@@ -133,7 +133,11 @@ impl Drainer {
         }
         let encoded: Vec<(Bytes, i64)> = events.iter().map(|e| (self.encode(e), e.commit_time_us)).collect();
         if !encoded.is_empty() {
-            self.append(&encoded).instrument(tracing::debug_span!("capture.append", events = encoded.len())).await?;
+            let payloads: Vec<Bytes> = encoded.iter().map(|(bytes, _)| bytes.clone()).collect();
+            let client = self.redis.next();
+            herald_core::stream::append(client, &self.stream, &payloads, self.stream_max_len.saturating_mul(2))
+                .instrument(tracing::debug_span!("capture.append", events = encoded.len()))
+                .await?;
         }
         if !dead_ids.is_empty() {
             tx.execute(DEAD_LETTER, &[&dead_ids, &dead_reasons]).await?;
@@ -153,17 +157,6 @@ impl Drainer {
         self.metrics.dead_lettered.inc_by((dead_ids.len() + set_aside.len()) as u64);
         self.metrics.batches.inc();
         Ok(Drained { rows: rows.len(), appended: encoded.len(), dead: dead_ids.len() })
-    }
-
-    async fn append(&self, encoded: &[(Bytes, i64)]) -> Result<()> {
-        let hard_cap = self.stream_max_len.saturating_mul(2);
-        let pipeline = self.redis.next().pipeline();
-        for (bytes, _) in encoded {
-            let _: () =
-                pipeline.xadd(&self.stream, false, ("MAXLEN", "~", hard_cap as i64), "*", ("e", bytes.clone())).await?;
-        }
-        let _: Vec<Value> = pipeline.all().await?;
-        Ok(())
     }
 
     /// Encodes `event`, widening it to a table-wide invalidation when it

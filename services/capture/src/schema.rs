@@ -1,11 +1,12 @@
 //! The `herald` schema: outbox, dead-letter table, doorbell functions and the
 //! per-table statement triggers, generated from configuration.
 //!
-//! One outbox row per statement, table, tenant and chunk of `chunk_rows`
-//! rows: the trigger reads the statement's transition tables, keeps the rows
-//! whose watched columns changed, and aggregates ids, tags and teams. Trigger
-//! functions are generated per table with static SQL (no `EXECUTE`), so
-//! Postgres caches their plans.
+//! One outbox row per statement, table and chunk of `chunk_rows` rows: the
+//! trigger reads the statement's transition tables, keeps the rows whose
+//! watched columns changed, and flattens their images (tenant, id, team, key
+//! columns) into the row. Grouping by tenant and building tags happen in
+//! capture (`events.rs`). Trigger functions are generated per table with
+//! static SQL (no `EXECUTE`), so Postgres caches their plans.
 
 use herald_core::config::{CaptureConfig, TableConfig};
 use herald_core::hash::advisory_lock_id;
