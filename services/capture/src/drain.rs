@@ -5,14 +5,16 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use fred::clients::Client;
 use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
 use herald_core::config::{Config, TableConfig};
 use herald_core::time::now_us;
 use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 use tracing::Instrument;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{OutboxRow, Parsed, events_of};
 use crate::metrics::Metrics;
 
@@ -35,6 +37,8 @@ pub struct Drainer {
     batch_size: i64,
     max_event_bytes: usize,
     stream_max_len: u64,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
     metrics: Metrics,
 }
 
@@ -75,6 +79,8 @@ impl Drainer {
             batch_size: config.capture.batch_size,
             max_event_bytes: config.capture.max_event_bytes,
             stream_max_len: config.capture.stream_max_len,
+            wait_replicas: config.capture.wait_replicas,
+            wait_timeout_ms: config.capture.wait_timeout_ms,
             metrics,
         }
     }
@@ -138,6 +144,9 @@ impl Drainer {
             herald_core::stream::append(client, &self.stream, &payloads, self.stream_max_len.saturating_mul(2))
                 .instrument(tracing::debug_span!("capture.append", events = encoded.len()))
                 .await?;
+            // Dropping `tx` on error rolls back: the rows stay and the batch
+            // is appended again later.
+            self.wait_for_replicas(client).await?;
         }
         if !dead_ids.is_empty() {
             tx.execute(DEAD_LETTER, &[&dead_ids, &dead_reasons]).await?;
@@ -157,6 +166,32 @@ impl Drainer {
         self.metrics.dead_lettered.inc_by((dead_ids.len() + set_aside.len()) as u64);
         self.metrics.batches.inc();
         Ok(Drained { rows: rows.len(), appended: encoded.len(), dead: dead_ids.len() })
+    }
+
+    /// With `capture.wait_replicas` set, waits until that many replicas have
+    /// the appends just made on `client`'s connection. An acknowledgement
+    /// from the primary alone is not durability: a failover to a replica
+    /// that lacks the entries, or a restart that loses them, would lose the
+    /// invalidations while their outbox rows are already deleted.
+    async fn wait_for_replicas(&self, client: &Client) -> Result<()> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        // In a cluster, WAIT must reach the node that holds the stream.
+        let slot = fred::util::redis_keyslot(self.stream.as_bytes());
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
+        let args = vec![i64::from(self.wait_replicas), i64::try_from(self.wait_timeout_ms).unwrap_or(i64::MAX)];
+        let acked: i64 = client.custom(wait, args).await?;
+        if acked < i64::from(self.wait_replicas) {
+            self.metrics.unreplicated.inc();
+            tracing::warn!(
+                acked,
+                wanted = self.wait_replicas,
+                "too few redis replicas acknowledged the appends; the rows stay in the outbox and are appended again"
+            );
+            return Err(Error::NotReplicated { acked, wanted: self.wait_replicas });
+        }
+        Ok(())
     }
 
     /// Encodes `event`, widening it to a table-wide invalidation when it

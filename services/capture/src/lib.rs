@@ -168,7 +168,7 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
             Err(error) => {
                 metrics.errors.inc();
                 match &error {
-                    Error::Redis(_) => redis_ready.set(false),
+                    Error::Redis(_) | Error::NotReplicated { .. } => redis_ready.set(false),
                     _ => pg_ready.set(false),
                 }
                 tracing::warn!(%error, "drain failed; the rows stay in the outbox and are retried");

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub widened: Counter,
     pub batches: Counter,
     pub errors: Counter,
+    pub unreplicated: Counter,
     pub doorbells: Counter,
     pub busy: Gauge,
     pub outbox_depth: Gauge,
@@ -31,6 +32,7 @@ impl Default for Metrics {
             widened: Counter::default(),
             batches: Counter::default(),
             errors: Counter::default(),
+            unreplicated: Counter::default(),
             doorbells: Counter::default(),
             busy: Gauge::default(),
             outbox_depth: Gauge::default(),
@@ -54,6 +56,11 @@ impl Metrics {
         r.register("widened", "events widened to a table-wide tag to fit the size limit", self.widened.clone());
         r.register("batches", "drain transactions committed", self.batches.clone());
         r.register("errors", "drain attempts that failed and were retried", self.errors.clone());
+        r.register(
+            "unreplicated",
+            "batches kept in the outbox because fewer than capture.wait_replicas replicas acknowledged them in time",
+            self.unreplicated.clone(),
+        );
         r.register("doorbells", "doorbell notifications received", self.doorbells.clone());
         r.register("busy", "1 while this instance holds the doorbell lease (writers skip NOTIFY)", self.busy.clone());
         r.register("outbox_depth", "rows waiting in herald.outbox (sampled, capped at 1e6)", self.outbox_depth.clone());
