@@ -55,6 +55,9 @@ async fn a_table_removed_from_config_loses_its_triggers() {
     config.tables.clear();
     let report = herald_capture::install::install(&mut client, &config).await.unwrap();
     assert_eq!(report.removed_triggers.len(), 4, "{:?}", report.removed_triggers);
+    assert_eq!(report.removed_functions.len(), 4, "{:?}", report.removed_functions);
+    let functions = sb.scalar_i64("SELECT count(*) FROM pg_proc WHERE pronamespace = 'herald'::regnamespace").await;
+    assert_eq!(functions, 1, "only herald.ring() is left");
     sb.sql("INSERT INTO res_users (tenant_id) VALUES ('acme')").await;
     assert_eq!(sb.scalar_i64("SELECT count(*) FROM herald.outbox").await, 0);
     sb.cleanup().await;

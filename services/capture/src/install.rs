@@ -16,6 +16,8 @@ pub struct InstallReport {
     pub tables: Vec<String>,
     /// Herald triggers removed from tables that are no longer configured.
     pub removed_triggers: Vec<String>,
+    /// Herald trigger functions no trigger used any more, dropped.
+    pub removed_functions: Vec<String>,
 }
 
 /// Installs (or updates) the `herald` schema and the triggers of every
@@ -93,6 +95,27 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
             removed.push(format!("{schema}.{relation}.{trigger}"));
         }
     }
+    // Trigger functions no trigger uses any more (a table removed from the
+    // config, or a function renamed); a function still in use cannot be
+    // dropped without CASCADE, so a concurrent install's cannot go.
+    let orphans = tx
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'herald' AND p.proname LIKE 'capture\\_%' \
+             AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)",
+            &[],
+        )
+        .await?;
+    let mut removed_functions = Vec::new();
+    for row in orphans {
+        let function: String = row.get(0);
+        tx.batch_execute(&format!("DROP FUNCTION IF EXISTS herald.{}()", q(&function))).await?;
+        removed_functions.push(function);
+    }
     tx.commit().await?;
-    Ok(InstallReport { tables: config.tables.iter().map(|t| t.name.clone()).collect(), removed_triggers: removed })
+    Ok(InstallReport {
+        tables: config.tables.iter().map(|t| t.name.clone()).collect(),
+        removed_triggers: removed,
+        removed_functions,
+    })
 }
