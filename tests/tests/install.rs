@@ -140,3 +140,35 @@ async fn long_table_names_get_their_own_trigger_functions() {
     }
     sb.cleanup().await;
 }
+
+/// The sweep quotes what it reads from the catalog: a watched table whose
+/// name holds a quote and a space loses its triggers cleanly when it leaves
+/// the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_quotes_catalog_names() {
+    let sb = Sandbox::start().await;
+    sb.sql(
+        r#"CREATE SCHEMA "odd ""schema"""; CREATE TABLE "odd ""schema"""."Res""Users; x" (id bigint, tenant_id text)"#,
+    )
+    .await;
+    let mut config = sb.config.clone();
+    config.tables.push(TableConfig {
+        name: "odd".into(),
+        schema: "odd \"schema\"".into(),
+        table: Some("Res\"Users; x".into()),
+        key_columns: vec![],
+        team_column: None,
+        watch_columns: vec![],
+        ..demo_table()
+    });
+    let mut client = connect(&sb).await;
+    herald_capture::install::install(&mut client, &config).await.expect("install");
+    config.tables.pop();
+    let report = herald_capture::install::install(&mut client, &config).await.expect("install without it");
+    assert_eq!(report.removed_triggers.len(), 4, "{:?}", report.removed_triggers);
+    let left = sb
+        .scalar_i64(r#"SELECT count(*) FROM pg_trigger WHERE tgrelid = '"odd ""schema"""."Res""Users; x"'::regclass"#)
+        .await;
+    assert_eq!(left, 0);
+    sb.cleanup().await;
+}
