@@ -5,21 +5,26 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use herald_capture::events::{OutboxRow, events_of};
 use herald_core::config::TableConfig;
-use herald_tests::{Sandbox, demo_table};
+use herald_tests::Sandbox;
 use tokio_postgres::NoTls;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_on_a_table_without_watch_columns_succeeds() {
-    // The README's minimal config: watch_columns left out (every column matters).
-    let sb = Sandbox::start_with(|c| {
-        c.tables = vec![TableConfig {
-            key_columns: vec!["website_slug".into()],
-            team_column: None,
-            watch_columns: vec![],
-            ..demo_table()
-        }]
-    })
+    // The issue's reproduction, with the README's minimal config:
+    // watch_columns left out (every column matters).
+    let mut sb = Sandbox::start().await;
+    sb.sql(
+        "DROP TABLE res_users; \
+         CREATE TABLE res_users (id bigserial PRIMARY KEY, tenant_id text, website_slug text, name text)",
+    )
     .await;
+    let config: herald_core::config::Config = herald_core::config::Config::load(
+        "[[tables]]\nname = \"res_users\"\nkey_columns = [\"website_slug\"]\ntenant_column = \"tenant_id\"\n",
+        &Default::default(),
+    )
+    .expect("config");
+    sb.config.tables = config.tables;
+    sb.install().await;
     sb.sql("INSERT INTO res_users (tenant_id, website_slug, name) VALUES ('acme', 'alice', 'A')").await;
     sb.sql("UPDATE res_users SET name = 'B'").await;
     assert_eq!(sb.scalar_i64("SELECT count(*) FROM herald.outbox WHERE op = 'U'").await, 1);
