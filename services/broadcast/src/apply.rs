@@ -3,7 +3,6 @@
 //! tables with a team column on the `team:{id}` channels, and only then
 //! acknowledge.
 
-use bytes::Bytes;
 use fred::prelude::*;
 use herald_core::channel::{self, Channel, HistoryOptions};
 use herald_core::keys::{KeySpace, Scope, TenantId};
@@ -13,7 +12,7 @@ use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 
 use crate::metrics::Metrics;
-use herald_core::stream::Entry;
+use herald_core::stream::{self, Entry};
 
 #[derive(Clone)]
 pub struct Applier {
@@ -25,6 +24,9 @@ pub struct Applier {
     /// History options of the `team` namespace, when the gateway has one.
     teams: Option<HistoryOptions>,
 }
+
+/// Entries kept in the dead stream at most (approximately).
+const DEAD_STREAM_MAX_LEN: u64 = 100_000;
 
 /// Team publications are idempotent per event and team for this long: a
 /// redelivered event (applied again after a crash before XACK) publishes
@@ -133,22 +135,8 @@ impl Applier {
         self.metrics.malformed.inc();
         tracing::warn!(entry_id = %entry.id, %reason, "malformed stream entry moved to the dead stream");
         let payload = entry.payload.clone().unwrap_or_default();
-        let _: String = self
-            .redis
-            .next()
-            .xadd(
-                self.keys.dead_stream(),
-                false,
-                ("MAXLEN", "~", 100_000),
-                "*",
-                vec![
-                    ("id", Bytes::from(entry.id.clone())),
-                    ("reason", Bytes::from(reason.to_string())),
-                    ("e", payload),
-                ],
-            )
-            .await?;
-        Ok(())
+        let dead = self.keys.dead_stream();
+        stream::append_dead_letter(&self.redis.next(), &dead, &entry.id, reason, payload, DEAD_STREAM_MAX_LEN).await
     }
 }
 
