@@ -13,7 +13,11 @@ use tokio::process::{Child, Command};
 /// when given; killed when dropped (also when stopped).
 fn redis_server(port: u16, primary: Option<u16>) -> Child {
     let port = port.to_string();
+    // Diskless replication, in the temporary directory: a full resync writes
+    // no dump.rdb into the working tree.
+    let dir = std::env::temp_dir().display().to_string();
     let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    args.extend(["--dir", &dir, "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]);
     let primary = primary.map(|p| p.to_string());
     if let Some(primary) = &primary {
         args.extend(["--replicaof", "127.0.0.1", primary]);
