@@ -28,6 +28,25 @@ pub struct CacheConfig {
     pub max_concurrent_fills: usize,
     /// Largest value accepted by Set or produced by a resource.
     pub max_value_bytes: usize,
+    /// Largest answer of one GetMany (value bytes as sent: JSON or base64
+    /// over HTTP); items past it get a `resource_exhausted` error.
+    pub max_get_many_bytes: usize,
+    /// Most tags in one Set or InvalidateTags.
+    pub max_tags_per_request: usize,
+    /// Longest caller-supplied tag, in bytes.
+    pub max_tag_bytes: usize,
+    /// Longest wait for a database-read permit (node-wide or the tenant's)
+    /// before a read fails with `unavailable`.
+    pub fill_permit_timeout_ms: u64,
+    /// Database reads in flight for one tenant (a share of
+    /// `max_concurrent_fills`, so one tenant cannot take them all).
+    pub max_fills_per_tenant: usize,
+    /// `statement_timeout` of resource queries.
+    pub query_timeout_ms: u64,
+    /// Invalidation watch streams per node.
+    pub max_watchers: usize,
+    /// Invalidation watch streams per tenant on one node.
+    pub max_watchers_per_tenant: usize,
     /// TTL of explicit keys set without one.
     pub key_ttl_ms: u64,
     /// Longest TTL a caller may ask for an explicit key.
@@ -48,6 +67,14 @@ impl Default for CacheConfig {
             fill_wait_ms: 3_000,
             max_concurrent_fills: 32,
             max_value_bytes: 1024 * 1024,
+            max_get_many_bytes: 4 * 1024 * 1024,
+            max_tags_per_request: 64,
+            max_tag_bytes: 256,
+            fill_permit_timeout_ms: 5_000,
+            max_fills_per_tenant: 8,
+            query_timeout_ms: 10_000,
+            max_watchers: 1024,
+            max_watchers_per_tenant: 64,
             key_ttl_ms: 300_000,
             max_key_ttl_ms: 86_400_000,
             tokens: Vec::new(),
@@ -168,11 +195,33 @@ impl CacheConfig {
             ("cache.max_concurrent_fills", self.max_concurrent_fills as i64),
             ("cache.max_value_bytes", self.max_value_bytes as i64),
             ("cache.key_ttl_ms", self.key_ttl_ms as i64),
+            ("cache.max_get_many_bytes", self.max_get_many_bytes as i64),
+            ("cache.max_tags_per_request", self.max_tags_per_request as i64),
+            ("cache.max_tag_bytes", self.max_tag_bytes as i64),
+            ("cache.fill_permit_timeout_ms", self.fill_permit_timeout_ms as i64),
+            ("cache.max_fills_per_tenant", self.max_fills_per_tenant as i64),
+            ("cache.query_timeout_ms", self.query_timeout_ms as i64),
+            ("cache.max_watchers", self.max_watchers as i64),
+            ("cache.max_watchers_per_tenant", self.max_watchers_per_tenant as i64),
         ];
         for (key, value) in positive {
             if value <= 0 {
                 return err(key.into(), "must be greater than 0");
             }
+        }
+        if self.max_get_many_bytes < 2 * self.max_value_bytes {
+            // A value may grow by a third as base64 over HTTP: the largest
+            // value must fit in one GetMany answer.
+            return err("cache.max_get_many_bytes".into(), "must be at least twice cache.max_value_bytes");
+        }
+        if self.max_tag_bytes > 512 {
+            return err("cache.max_tag_bytes".into(), "must be at most 512 (a tag is part of a Redis key)");
+        }
+        if self.max_fills_per_tenant > self.max_concurrent_fills {
+            return err("cache.max_fills_per_tenant".into(), "must be at most cache.max_concurrent_fills");
+        }
+        if self.max_watchers_per_tenant > self.max_watchers {
+            return err("cache.max_watchers_per_tenant".into(), "must be at most cache.max_watchers");
         }
         if self.max_key_ttl_ms < self.key_ttl_ms {
             return err("cache.max_key_ttl_ms".into(), "must be at least cache.key_ttl_ms");
