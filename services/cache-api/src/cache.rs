@@ -670,6 +670,10 @@ impl Cache {
         Ok(())
     }
 
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

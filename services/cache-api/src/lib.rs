@@ -1,6 +1,7 @@
 //! Herald's tenant-aware cache over gRPC and HTTP: L1 in RAM, L2 in Redis,
 //! coherent read-through to Postgres.
 
+pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod error;
@@ -131,7 +132,8 @@ pub async fn run(
     let limit = config.cache.max_value_bytes + 64 * 1024;
     let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone(), MAX_WATCHERS))
         .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit.max(4 * 1024 * 1024));
+        // Above the largest answer: one value, or a GetMany at its size limit.
+        .max_encoding_message_size(limit.max(config.cache.max_get_many_bytes) + 256 * 1024);
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(
