@@ -94,7 +94,6 @@ async fn get_many_answers_up_to_its_size_limit_and_refuses_only_the_items_past_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pending its fix"]
 async fn too_many_or_too_long_tags_are_refused_with_the_limit_named() {
     let sb = sandbox().await;
     let _broadcast = sb.spawn_broadcast().await;

@@ -131,16 +131,6 @@ fn from_l1(bytes: Bytes) -> Answer {
     Answer::new(found, bytes.slice(1.min(bytes.len())..), Layer::L1)
 }
 
-/// A caller-supplied tag: 1 to 512 bytes without control characters.
-pub fn validate_tag(tag: &str) -> Result<()> {
-    if tag.is_empty() || tag.len() > 512 || tag.chars().any(char::is_control) {
-        return Err(Error::InvalidArgument(format!(
-            "invalid tag {tag:?}: must be 1 to 512 bytes, no control characters"
-        )));
-    }
-    Ok(())
-}
-
 impl Cache {
     pub fn new(parts: Parts) -> Self {
         let resources = parts.resources.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
@@ -523,9 +513,7 @@ impl Cache {
                 self.config.max_key_ttl_ms
             )));
         }
-        for tag in &tags {
-            validate_tag(tag)?;
-        }
+        self.check_tags(&tags)?;
         let token: Option<FillToken> = if fill_token.is_empty() {
             None
         } else {
@@ -587,6 +575,32 @@ impl Cache {
         self.invalidate_scope(&scope, vec![tag]).await
     }
 
+    /// Caller-supplied tags: at most `cache.max_tags_per_request`, each 1 to
+    /// `cache.max_tag_bytes` bytes without control characters.
+    fn check_tags(&self, tags: &[String]) -> Result<()> {
+        let (max_tags, max_bytes) = (self.config.max_tags_per_request, self.config.max_tag_bytes);
+        if tags.len() > max_tags {
+            return Err(Error::InvalidArgument(format!(
+                "{} tags is over the limit of {max_tags} per request (cache.max_tags_per_request)",
+                tags.len()
+            )));
+        }
+        for tag in tags {
+            if tag.len() > max_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "a tag of {} bytes is over the limit of {max_bytes} (cache.max_tag_bytes)",
+                    tag.len()
+                )));
+            }
+            if tag.is_empty() || tag.chars().any(char::is_control) {
+                return Err(Error::InvalidArgument(format!(
+                    "invalid tag {tag:?}: must not be empty or hold control characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn check_global(&self, res: &Resource, trusted: bool) -> Result<()> {
         if res.global && !trusted {
             return Err(Error::PermissionDenied {
@@ -602,9 +616,7 @@ impl Cache {
         if tags.is_empty() {
             return Err(Error::InvalidArgument("no tags given".into()));
         }
-        for tag in &tags {
-            validate_tag(tag)?;
-        }
+        self.check_tags(&tags)?;
         self.invalidate_scope(&Scope::Tenant(tenant.clone()), tags).await
     }
 
