@@ -136,7 +136,6 @@ async fn too_many_or_too_long_tags_are_refused_with_the_limit_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pending its fix"]
 async fn a_tenant_bypassing_the_cache_cannot_take_every_database_read() {
     let sb = sandbox_with(|c| {
         c.cache.max_concurrent_fills = 4;

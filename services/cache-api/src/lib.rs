@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod quota;
 pub mod resource;
 
 use std::sync::Arc;
@@ -98,7 +99,9 @@ pub async fn run(
         shutdown.clone(),
     );
     let resources_ready = readiness.flag("resources");
-    let db = herald_core::pg::pool(&config.postgres)?;
+    // Bounds every query of this node, resource reads above all.
+    let statement_timeout = config.cache.query_timeout_ms.to_string();
+    let db = herald_core::pg::pool_with_settings(&config.postgres, &[("statement_timeout", &statement_timeout)])?;
     let Some(resources) = compile_resources(&config, &db, &shutdown).await? else { return Ok(()) };
     resources_ready.set(true);
 

@@ -309,6 +309,11 @@ fn query_error(resource: &str, e: &tokio_postgres::Error) -> Error {
     if connection_failed(e) {
         return Error::Unavailable(format!("postgres: {}", db_message(e)));
     }
+    if e.code() == Some(&SqlState::QUERY_CANCELED) {
+        return Error::Unavailable(format!(
+            "resource {resource:?}: the query ran longer than cache.query_timeout_ms and was cancelled"
+        ));
+    }
     match e.code() {
         Some(code)
             if *code == SqlState::INVALID_TEXT_REPRESENTATION
