@@ -205,7 +205,6 @@ async fn a_tenant_bypassing_the_cache_cannot_take_every_database_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pending its fix"]
 async fn one_tenant_cannot_take_every_watch_stream() {
     let sb = sandbox_with(|c| c.cache.max_watchers_per_tenant = 3).await;
     let _broadcast = sb.spawn_broadcast().await;

@@ -21,6 +21,7 @@ use crate::api::{self, Target};
 use crate::auth::{Auth, Caller, bearer};
 use crate::cache::{Answer, Cache};
 use crate::error::Error;
+use crate::quota::TenantQuota;
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -28,11 +29,16 @@ pub struct Grpc {
     cache: Arc<Cache>,
     auth: Arc<Auth>,
     watchers: Arc<Semaphore>,
+    tenant_watchers: TenantQuota,
 }
 
 impl Grpc {
-    pub fn new(cache: Arc<Cache>, auth: Arc<Auth>, max_watchers: usize) -> Self {
-        Self { cache, auth, watchers: Arc::new(Semaphore::new(max_watchers)) }
+    /// Watch streams are limited by `cache.max_watchers` and
+    /// `cache.max_watchers_per_tenant`.
+    pub fn new(cache: Arc<Cache>, auth: Arc<Auth>) -> Self {
+        let watchers = Arc::new(Semaphore::new(cache.config().max_watchers));
+        let tenant_watchers = TenantQuota::new(cache.config().max_watchers_per_tenant);
+        Self { cache, auth, watchers, tenant_watchers }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -147,11 +153,14 @@ impl CacheService for Grpc {
         let caller = self.caller(&request)?;
         let req = request.into_inner();
         let tenant = caller.tenant(&req.tenant)?;
-        let permit = self
-            .watchers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many invalidation watchers on this node"))?;
+        let share = self.tenant_watchers.try_acquire(&tenant).ok_or_else(|| {
+            let max = self.tenant_watchers.per_tenant();
+            Status::resource_exhausted(format!("tenant has {max} watch streams on this node (cache.max_watchers_per_tenant)"))
+        })?;
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("too many invalidation watchers on this node (cache.max_watchers)")
+        })?;
+        let permit = (share, permit);
         let l1 = self.cache.l1().clone();
         if !l1.is_live() {
             return Err(Status::unavailable("this node's invalidation feed is down; retry"));

@@ -35,8 +35,6 @@ use crate::resource::Resource;
 
 /// How long in-flight requests may take to finish after shutdown.
 const GRACE: Duration = Duration::from_secs(10);
-/// Invalidation watch streams per node.
-const MAX_WATCHERS: usize = 1024;
 
 /// The three listeners of a cache-api node.
 pub struct Listeners {
@@ -133,7 +131,7 @@ pub async fn run(
         .build_v1()
         .context("failed to build gRPC reflection")?;
     let limit = config.cache.max_value_bytes + 64 * 1024;
-    let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone(), MAX_WATCHERS))
+    let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone()))
         .max_decoding_message_size(limit)
         // Above the largest answer: one value, or a GetMany at its size limit.
         .max_encoding_message_size(limit.max(config.cache.max_get_many_bytes) + 256 * 1024);
