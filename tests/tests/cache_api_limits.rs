@@ -230,7 +230,6 @@ async fn one_tenant_cannot_take_every_watch_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pending its fix"]
 async fn a_set_without_fill_token_replaces_the_value_in_one_redis_step() {
     let port = free_port();
     let _redis = start_redis(port);

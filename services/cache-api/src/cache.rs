@@ -566,10 +566,11 @@ impl Cache {
                     .await?
             }
             None => {
-                // Stamp the key first, so a gated fill that started earlier
-                // cannot overwrite this value.
-                self.redis_op(self.l2.invalidate(&scope, std::slice::from_ref(&self_tag))).await?;
-                self.redis_op(self.l2.store(&entry_key, bytes, &tag_keys, Some(ttl))).await?;
+                // Stamps the key as it stores, so a gated fill that started
+                // earlier cannot overwrite this value; one script, so no Get
+                // finds the key missing in between.
+                let self_key = TagKey::new(scope.clone(), self_tag.as_str());
+                self.redis_op(self.l2.replace(&entry_key, bytes, &self_key, &tag_keys, Some(ttl))).await?;
                 true
             }
         };
