@@ -268,7 +268,6 @@ async fn a_set_without_fill_token_replaces_the_value_in_one_redis_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pending its fix"]
 async fn a_node_serves_its_first_request_with_redis_known() {
     let sb = sandbox().await;
     let _broadcast = sb.spawn_broadcast().await;

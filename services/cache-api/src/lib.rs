@@ -122,7 +122,11 @@ pub async fn run(
         hook: options.fill_hook,
         node: node.clone(),
     }));
-    let health = tokio::spawn(health_loop(cache.clone(), redis, db, readiness.soft_flag("postgres"), shutdown.clone()));
+    // Until Redis was probed once the cache would take it for down (answer
+    // explicit keys "not cached", refuse Sets): serve only after the probe.
+    let postgres_up = readiness.soft_flag("postgres");
+    probe(&cache, &redis, &db, &postgres_up).await;
+    let health = tokio::spawn(health_loop(cache.clone(), redis, db, postgres_up, shutdown.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CacheServer<grpc::Grpc>>().await;
@@ -224,22 +228,28 @@ async fn health_loop(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let probe = Duration::from_millis(500);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let redis_ok = matches!(tokio::time::timeout(probe, redis.next().ping::<String>(None)).await, Ok(Ok(_)));
-        cache.set_redis_up(redis_ok);
-        let pg_ok = matches!(
-            tokio::time::timeout(probe, async {
-                let client = db.get().await.map_err(|e| e.to_string())?;
-                client.simple_query("SELECT 1").await.map_err(|e| e.to_string())
-            })
-            .await,
-            Ok(Ok(_))
-        );
-        postgres.set(pg_ok);
+        probe(&cache, &redis, &db, &postgres).await;
     }
+}
+
+/// One health check: Redis switches the cache between normal and degraded
+/// operation; Postgres shows in `/readyz`.
+async fn probe(cache: &Cache, redis: &Pool, db: &deadpool_postgres::Pool, postgres: &ReadyFlag) {
+    let probe = Duration::from_millis(500);
+    let redis_ok = matches!(tokio::time::timeout(probe, redis.next().ping::<String>(None)).await, Ok(Ok(_)));
+    cache.set_redis_up(redis_ok);
+    let pg_ok = matches!(
+        tokio::time::timeout(probe, async {
+            let client = db.get().await.map_err(|e| e.to_string())?;
+            client.simple_query("SELECT 1").await.map_err(|e| e.to_string())
+        })
+        .await,
+        Ok(Ok(_))
+    );
+    postgres.set(pg_ok);
 }
