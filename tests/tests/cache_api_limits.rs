@@ -285,7 +285,6 @@ async fn a_node_serves_its_first_request_with_redis_known() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "pending its fix"]
 async fn non_canonical_parameters_are_invalidated_like_canonical_ones() {
     let sb = sandbox().await;
     sb.sql("INSERT INTO res_users (id, tenant_id, name) VALUES (1, 'acme', 'A')").await;
@@ -305,5 +304,23 @@ async fn non_canonical_parameters_are_invalidated_like_canonical_ones() {
             "user_by_id {p:?} kept the old name"
         );
     }
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_on_a_parameter_without_canonical_text_is_refused_at_start() {
+    let sb = sandbox().await;
+    let mut config = sb.config.clone();
+    // `$1` is read as a timestamp: `2026-01-01` and `2026-01-01 00:00` are
+    // the same value with different tags.
+    config.cache.resources.push(resource(
+        "users_since",
+        "SELECT id FROM res_users WHERE tenant_id = $tenant AND id > extract(epoch FROM $1::timestamptz)",
+        &["since"],
+        Shape::Rows,
+        &["since=$1"],
+    ));
+    let err = sb.start_cache_api(config, Options::default()).await.join().await.unwrap_err().to_string();
+    assert!(err.contains("users_since") && err.contains("since=$1") && err.contains("canonical"), "{err}");
     sb.cleanup().await;
 }

@@ -227,7 +227,7 @@ impl Cache {
     /// A resource by its parameters.
     pub async fn get_resource(&self, tenant: &TenantId, name: &str, params: &[String], min_lsn: u64) -> Result<Answer> {
         let res = self.resource(name)?;
-        res.check_params(params)?;
+        let params = &res.canonical_params(params)?;
         let scope = Self::scope(&res, tenant);
         let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
         let read = Read { res: &res, scope: &scope, params, tenant };
@@ -601,7 +601,7 @@ impl Cache {
         trusted: bool,
     ) -> Result<u64> {
         let res = self.resource(name)?;
-        res.check_params(params)?;
+        let params = &res.canonical_params(params)?;
         self.check_global(&res, trusted)?;
         let scope = Self::scope(&res, tenant);
         let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
