@@ -292,7 +292,7 @@ impl CacheConfig {
                 if let Some(k) = ResourceConfig::placeholders(tag).into_iter().find(|k| *k == 0 || *k > n) {
                     return err(at("tags"), &format!("{tag:?} uses ${k} but the resource has {n} params"));
                 }
-                check_row_tag(tag, tables).map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
+                check_row_tag(tag, r.global, tables).map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
             }
         }
         Ok(())
@@ -300,9 +300,12 @@ impl CacheConfig {
 }
 
 /// A tag naming a table (`res_users` or `res_users.col=…`) must name a
-/// watched table, and its column the id or a key column: capture emits no
-/// other row tags, so such an entry would never be invalidated.
-fn check_row_tag(tag: &str, tables: &[TableConfig]) -> std::result::Result<(), String> {
+/// watched table, its column the id or a key column, and the table's events
+/// must be in the resource's scope (a tenant column for a tenant resource,
+/// none for a global one): capture emits no other row tags, and events of
+/// one scope never drop entries of the other, so such an entry would never
+/// be invalidated.
+fn check_row_tag(tag: &str, global: bool, tables: &[TableConfig]) -> std::result::Result<(), String> {
     let head = tag.split('=').next().unwrap_or(tag);
     let (table, column) = match head.split_once('.') {
         Some((t, c)) => (t, Some(c)),
@@ -316,6 +319,21 @@ fn check_row_tag(tag: &str, tables: &[TableConfig]) -> std::result::Result<(), S
         // A bare word: an application tag, dropped by InvalidateTags.
         return Ok(());
     };
+    match (global, &t.tenant_column) {
+        (false, None) => {
+            return Err(format!(
+                "{tag:?}: {table:?} has no tenant_column, so its events are global and never drop this tenant \
+                 resource's entries (set global = true, or give the table its tenant_column)"
+            ));
+        }
+        (true, Some(_)) => {
+            return Err(format!(
+                "{tag:?}: {table:?} has a tenant_column, so its events are per tenant and never drop this global \
+                 resource's entries (filter by $tenant instead of global = true)"
+            ));
+        }
+        _ => {}
+    }
     match column {
         Some(c) if c != t.id_column && !t.key_columns.iter().any(|k| k == c) => Err(format!(
             "{tag:?}: {c:?} is neither the id column nor a key column of {table:?}, so no event would carry it"
@@ -367,6 +385,29 @@ mod tests {
         let unlimited =
             ok.replace("ttl_ms = 1000", "ttl_ms = 0\nunlimited_ttl_reason = \"reference data, dropped by events\"");
         load(&unlimited).unwrap();
+    }
+
+    #[test]
+    fn a_resource_and_its_tables_must_share_a_scope() {
+        let text = |global: bool, sql: &str, tag: &str| {
+            format!(
+                "{TABLE}[[tables]]\nname = \"plans\"\n[[cache.resources]]\nname = \"r\"\nshape = \"row\"\n\
+                 sql = \"{sql}\"\nparams = [\"id\"]\ntags = [\"{tag}\"]\nttl_ms = 1000\nglobal = {global}\n"
+            )
+        };
+        let tenant_sql = "SELECT id FROM plans WHERE tenant = $tenant AND id = $1";
+        let global_sql = "SELECT id FROM res_users WHERE id = $1";
+        for (global, sql, tag, expected) in [
+            (false, tenant_sql, "plans.id=$1", "\"plans\" has no tenant_column"),
+            (false, tenant_sql, "plans", "\"plans\" has no tenant_column"),
+            (true, global_sql, "res_users.id=$1", "\"res_users\" has a tenant_column"),
+        ] {
+            let err = Config::load(&text(global, sql, tag), &BTreeMap::new()).unwrap_err().to_string();
+            assert!(err.contains("cache.resources[0] (r).tags") && err.contains(expected), "{err}");
+        }
+        Config::load(&text(true, "SELECT id FROM plans WHERE id = $1", "plans.id=$1"), &BTreeMap::new()).unwrap();
+        let tenant_ok = "SELECT id FROM res_users WHERE tenant_id = $tenant AND id = $1";
+        Config::load(&text(false, tenant_ok, "res_users.id=$1"), &BTreeMap::new()).unwrap();
     }
 
     #[test]
