@@ -246,6 +246,15 @@ impl CacheConfig {
             if !names.insert(t.name.as_str()) {
                 return err(at("name"), "duplicate token name");
             }
+            // Two tokens with one secret: the caller would get whichever
+            // matched last, and its tenants.
+            let first = |same: &dyn Fn(&TokenConfig) -> bool| self.tokens[..i].iter().find(|u| same(u));
+            if let Some(u) = first(&|u| u.token.is_some() && u.token == t.token) {
+                return err(at("token"), &format!("has the same secret as {}", u.name));
+            }
+            if let Some(u) = first(&|u| u.token_env.is_some() && u.token_env == t.token_env) {
+                return err(at("token_env"), &format!("has the same secret as {} (the same variable)", u.name));
+            }
         }
         let mut names = HashSet::new();
         for (i, r) in self.resources.iter().enumerate() {
@@ -418,6 +427,18 @@ mod tests {
         assert!(load("token_env = \"T\"\ntenants = []").unwrap_err().to_string().contains("tenants"));
         assert!(load("token_env = \"T\"\ntenants = [\"a b\"]").unwrap_err().to_string().contains("tenant id"));
         load("token_env = \"T\"\ntenants = [\"*\"]").unwrap();
+        let two = |a: &str, b: &str| {
+            let text = format!(
+                "[[cache.tokens]]\nname = \"a\"\n{a}\ntenants = [\"acme\"]\n\
+                 [[cache.tokens]]\nname = \"b\"\n{b}\ntenants = [\"*\"]\n"
+            );
+            Config::load(&text, &BTreeMap::new()).map_err(|e| e.to_string())
+        };
+        let err = two("token = \"0123456789abcdef\"", "token = \"0123456789abcdef\"").unwrap_err();
+        assert!(err.contains("cache.tokens[1] (b).token") && err.contains("same secret as a"), "{err}");
+        let err = two("token_env = \"T\"", "token_env = \"T\"").unwrap_err();
+        assert!(err.contains("cache.tokens[1] (b).token_env") && err.contains("same secret as a"), "{err}");
+        two("token_env = \"T\"", "token_env = \"U\"").unwrap();
     }
 
     #[test]
