@@ -424,7 +424,13 @@ fn query_error(resource: &str, e: &tokio_postgres::Error) -> Error {
         {
             Error::InvalidArgument(format!("resource {resource:?}: bad parameter: {}", db_message(e)))
         }
-        _ => Error::Internal(format!("resource {resource:?}: {}", db_message(e))),
+        _ => {
+            // Postgres's text may show the schema or data: it goes to the
+            // log, the caller gets an id to find it there.
+            let id = format!("{:08x}", rand::random::<u32>());
+            tracing::error!(resource, error_id = %id, error = %db_message(e), "resource query failed");
+            Error::Internal(format!("resource {resource:?}: the query failed (error id {id} in the node's log)"))
+        }
     }
 }
 
