@@ -67,7 +67,8 @@ impl Default for CacheConfig {
             fill_wait_ms: 3_000,
             max_concurrent_fills: 32,
             max_value_bytes: 1024 * 1024,
-            max_get_many_bytes: 4 * 1024 * 1024,
+            // Under the 4 MiB that gRPC clients accept by default.
+            max_get_many_bytes: 3 * 1024 * 1024,
             max_tags_per_request: 64,
             max_tag_bytes: 256,
             fill_permit_timeout_ms: 5_000,
@@ -83,8 +84,9 @@ impl Default for CacheConfig {
     }
 }
 
-/// An API token and the tenants it may touch.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An API token and the tenants it may touch. Its `Debug` never shows the
+/// secret.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Shown in logs and metrics, never the secret.
@@ -97,6 +99,17 @@ pub struct TokenConfig {
     pub token_env: Option<String>,
     /// Tenant ids, or `["*"]` for a trusted backend that serves every tenant.
     pub tenants: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
+            .field("tenants", &self.tenants)
+            .finish()
+    }
 }
 
 /// How a resource's rows become its JSON value.
@@ -438,7 +451,8 @@ mod tests {
         assert!(err.contains("cache.tokens[1] (b).token") && err.contains("same secret as a"), "{err}");
         let err = two("token_env = \"T\"", "token_env = \"T\"").unwrap_err();
         assert!(err.contains("cache.tokens[1] (b).token_env") && err.contains("same secret as a"), "{err}");
-        two("token_env = \"T\"", "token_env = \"U\"").unwrap();
+        let config = two("token_env = \"T\"", "token = \"0123456789abcdef\"").unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdef"), "a secret in Debug output");
     }
 
     #[test]
