@@ -12,8 +12,8 @@ use herald_cache_api::Options;
 use herald_core::config::Shape;
 use herald_proto::v1::cache_client::CacheClient;
 use herald_proto::v1::{
-    GetItem, GetManyRequest, GetRequest, InvalidateTagsRequest, Layer, ResourceRef, SetRequest, WatchRequest,
-    get_item, get_request,
+    GetItem, GetManyRequest, GetRequest, InvalidateTagsRequest, Layer, ResourceRef, SetRequest, WatchRequest, get_item,
+    get_request,
 };
 use herald_tests::cache_api::{ACME_TOKEN, CacheNode, GLOBEX_TOKEN, authed, resource, sandbox, sandbox_with};
 use herald_tests::{assert_eventually, free_port, start_redis};
@@ -51,9 +51,8 @@ async fn get_many_answers_up_to_its_size_limit_and_refuses_only_the_items_past_i
 
     // gRPC: 100 × 60 KB is over the cap; the answer is OK, its first items
     // carry values and the ones past the cap a clear per-item error.
-    let items = (0..100)
-        .map(|i| GetItem { target: Some(get_item::Target::Key(format!("big{i}"))) })
-        .collect::<Vec<_>>();
+    let items =
+        (0..100).map(|i| GetItem { target: Some(get_item::Target::Key(format!("big{i}"))) }).collect::<Vec<_>>();
     let many = GetManyRequest { tenant: "acme".into(), items, min_commit_lsn: 0 };
     let results = c.get_many(authed(many, ACME_TOKEN)).await.expect("GetMany over the cap").into_inner().results;
     assert_eq!(results.len(), 100);
@@ -246,7 +245,9 @@ async fn a_set_without_fill_token_replaces_the_value_in_one_redis_step() {
 
     // This Redis is the test's own: log every command, then Set again.
     let admin = sb.redis.next();
-    let config = |name: &'static str, value: &'static str| admin.custom::<Value, _>(fred::cmd!("CONFIG"), vec!["SET", name, value]);
+    let config = |name: &'static str, value: &'static str| {
+        admin.custom::<Value, _>(fred::cmd!("CONFIG"), vec!["SET", name, value])
+    };
     config("slowlog-max-len", "100000").await.unwrap();
     config("slowlog-log-slower-than", "0").await.unwrap();
     let _: Value = admin.custom(fred::cmd!("SLOWLOG"), vec!["RESET"]).await.unwrap();
@@ -258,7 +259,9 @@ async fn a_set_without_fill_token_replaces_the_value_in_one_redis_step() {
         .into_iter()
         .filter_map(|entry| entry.into_array().into_iter().nth(3))
         .map(|args| args.into_array().into_iter().filter_map(|a| a.into_string()).collect::<Vec<_>>())
-        .filter(|args| args.first().is_some_and(|c| c.eq_ignore_ascii_case("eval") || c.eq_ignore_ascii_case("evalsha")))
+        .filter(|args| {
+            args.first().is_some_and(|c| c.eq_ignore_ascii_case("eval") || c.eq_ignore_ascii_case("evalsha"))
+        })
         .filter(|args| args.iter().any(|a| a.contains("kv:k1")))
         .count();
     assert_eq!(scripts, 1, "the Set ran {scripts} scripts: a Get between them answers \"not cached\"");

@@ -155,7 +155,9 @@ impl CacheService for Grpc {
         let tenant = caller.tenant(&req.tenant)?;
         let share = self.tenant_watchers.try_acquire(&tenant).ok_or_else(|| {
             let max = self.tenant_watchers.per_tenant();
-            Status::resource_exhausted(format!("tenant has {max} watch streams on this node (cache.max_watchers_per_tenant)"))
+            Status::resource_exhausted(format!(
+                "tenant has {max} watch streams on this node (cache.max_watchers_per_tenant)"
+            ))
         })?;
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted("too many invalidation watchers on this node (cache.max_watchers)")

@@ -85,7 +85,9 @@ impl Drop for QuotaPermit {
         let mut tenants = self.inner.tenants.lock().unwrap_or_else(|p| p.into_inner());
         // Everyone who holds or waits for this semaphore cloned it under this
         // lock: two references (the map's and ours) mean nobody else does.
-        if Arc::strong_count(&self.semaphore) == 2 && tenants.get(&self.tenant).is_some_and(|s| Arc::ptr_eq(s, &self.semaphore)) {
+        if Arc::strong_count(&self.semaphore) == 2
+            && tenants.get(&self.tenant).is_some_and(|s| Arc::ptr_eq(s, &self.semaphore))
+        {
             tenants.remove(&self.tenant);
         }
     }

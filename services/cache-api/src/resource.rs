@@ -452,7 +452,11 @@ mod tests {
         assert_eq!(ParamKind::of(&Type::INT8).canonical("2147483648").as_deref(), Some("2147483648"));
         let uuid = ParamKind::of(&Type::UUID);
         let canonical = Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
-        for p in ["A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "{a0eebc999c0b4ef8bb6d6bb9bd380a11}", "a0eebc99-9c0b4ef8-bb6d6bb9-bd380a11"] {
+        for p in [
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
+            "a0eebc99-9c0b4ef8-bb6d6bb9-bd380a11",
+        ] {
             assert_eq!(uuid.canonical(p).as_deref(), canonical, "{p:?}");
         }
         assert_eq!(ParamKind::of(&Type::TEXT).canonical(" Alice ").as_deref(), Some(" Alice "));

@@ -314,7 +314,8 @@ impl CacheConfig {
                 if let Some(k) = ResourceConfig::placeholders(tag).into_iter().find(|k| *k == 0 || *k > n) {
                     return err(at("tags"), &format!("{tag:?} uses ${k} but the resource has {n} params"));
                 }
-                check_row_tag(tag, r.global, tables).map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
+                check_row_tag(tag, r.global, tables)
+                    .map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
             }
         }
         Ok(())
