@@ -435,3 +435,30 @@ async fn grpc_health_and_reflection_answer() {
     assert!(list.service.iter().any(|s| s.name == "herald.v1.Cache"), "{:?}", list.service);
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_resource_query_does_not_show_postgres_text_to_the_caller() {
+    let sb = sandbox_with(|c| {
+        let mut broken = herald_tests::cache_api::resource(
+            "broken",
+            "SELECT id, 1 / (id - id) AS ratio FROM res_users WHERE tenant_id = $tenant AND id = $1",
+            &["id"],
+            herald_core::config::Shape::Row,
+            &["res_users.id=$1"],
+        );
+        broken.negative_ttl_ms = 0;
+        c.cache.resources.push(broken);
+    })
+    .await;
+    let _broadcast = sb.spawn_broadcast().await;
+    sb.sql("INSERT INTO res_users (id, tenant_id, name) VALUES (1, 'acme', 'A')").await;
+    let node = sb.spawn_cache_api(Options::default()).await;
+    let e = node.get(ACME_TOKEN, "acme", "broken", &["1"]).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert!(!e.message().contains("division"), "postgres text reached the caller: {}", e.message());
+    assert!(e.message().contains("broken") && e.message().contains("error id"), "{}", e.message());
+    let r = node.http("GET", "/v1/t/acme/r/broken?id=1", Some(ACME_TOKEN), b"").await;
+    assert_eq!(r.status, 500);
+    assert!(!r.text().contains("division"), "{}", r.text());
+    sb.cleanup().await;
+}

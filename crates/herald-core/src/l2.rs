@@ -404,7 +404,47 @@ impl L2 {
             cursor = next;
         }
     }
+
+    /// Replaces an entry unconditionally, in one script: invalidates its own
+    /// tag `self_tag` (stamping it, so fills that started before cannot
+    /// overwrite the new value), then stores it with `tags` (which include
+    /// `self_tag`). No reader sees the entry missing in between.
+    pub async fn replace(
+        &self,
+        key: &str,
+        value: Bytes,
+        self_tag: &TagKey,
+        tags: &[TagKey],
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let tags = tags::indexed_tags(tags.to_vec());
+        let mut keys = Vec::with_capacity(tags.len() + 3);
+        keys.push(key.to_string());
+        keys.push(self.keys.tag_set(self_tag));
+        keys.push(self.keys.tag_version(self_tag));
+        keys.extend(tags.iter().map(|t| self.keys.tag_set(t)));
+        let args: Vec<Value> = vec![Value::Bytes(value), ttl.map_or(0, millis).into(), millis(STAMP_TTL).into()];
+        let _: i64 = self.redis.next().eval(script(REPLACE), keys, args).await?;
+        Ok(())
+    }
 }
+
+/// [`L2::replace`]. KEYS: entry, its self tag's set and version, then the
+/// entry's tag sets. ARGV: value, ttl ms (0: none), stamp ttl ms.
+const REPLACE: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local members = redis.call('SMEMBERS', KEYS[2])
+for j = 1, #members, 500 do
+  redis.call('DEL', unpack(members, j, math.min(j + 499, #members)))
+end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], now, 'PX', ARGV[3])
+local sets = {}
+for i = 4, #KEYS do sets[#sets + 1] = KEYS[i] end
+store(KEYS[1], ARGV[1], tonumber(ARGV[2]), sets)
+return 1
+"#;
 
 #[cfg(test)]
 mod tests {

@@ -50,6 +50,13 @@ impl Auth {
             if secret.len() < 16 {
                 anyhow::bail!("cache.tokens ({}): the secret must be at least 16 characters", t.name);
             }
+            if let Some(other) = out.iter().find(|o: &&Token| o.secret == secret.as_bytes()) {
+                anyhow::bail!(
+                    "cache.tokens ({}): has the same secret as {}; each token needs its own",
+                    t.name,
+                    other.name
+                );
+            }
             let tenants = if t.tenants.iter().any(|t| t == "*") {
                 Tenants::All
             } else {
@@ -137,6 +144,19 @@ mod tests {
         assert!(matches!(auth.authenticate(Some("aaaaaaaaaaaaaaab")), Err(Error::Unauthenticated)));
         assert!(matches!(auth.authenticate(Some("aaaaaaaaaaaaaaaaa")), Err(Error::Unauthenticated)));
         assert!(matches!(auth.authenticate(None), Err(Error::Unauthenticated)));
+    }
+
+    #[test]
+    fn two_tokens_with_one_secret_are_refused() {
+        let token = |name: &str, env: &str, tenants: &str| TokenConfig {
+            name: name.into(),
+            token: None,
+            token_env: Some(env.into()),
+            tenants: vec![tenants.into()],
+        };
+        let tokens = vec![token("acme-app", "A", "acme"), token("globex-app", "G", "globex")];
+        let err = Auth::new(&tokens, |_| Some("the-same-secret-0123".to_string())).unwrap_err().to_string();
+        assert!(err.contains("globex-app") && err.contains("acme-app") && err.contains("same secret"), "{err}");
     }
 
     #[test]

@@ -35,11 +35,12 @@ use herald_core::ops::ReadyFlag;
 use herald_core::time::now_us;
 use herald_proto::Message as _;
 use herald_proto::v1::{InvalidationEvent, Layer, StoredEntry};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::error::{Error, Result};
 use crate::flight::SingleFlight;
 use crate::metrics::Metrics;
+use crate::quota::{QuotaPermit, TenantQuota};
 use crate::resource::{Fetched, Resource};
 
 /// The resource name of explicit keys, in keys and metrics.
@@ -79,6 +80,17 @@ struct Filled {
     raced: bool,
 }
 
+/// One resource read: what, in which scope, for which caller.
+#[derive(Clone, Copy)]
+struct Read<'a> {
+    res: &'a Resource,
+    scope: &'a Scope,
+    params: &'a [String],
+    /// The caller's tenant (the scope is global for global resources): its
+    /// share of the node's database reads is what the read uses.
+    tenant: &'a TenantId,
+}
+
 /// What InvalidatePrefix drops.
 #[derive(Debug, Clone)]
 pub enum PrefixTarget {
@@ -97,6 +109,7 @@ pub struct Cache {
     resources: HashMap<String, Arc<Resource>>,
     flights: SingleFlight<Result<Filled>>,
     fills: Semaphore,
+    tenant_fills: TenantQuota,
     config: CacheConfig,
     metrics: Metrics,
     redis_up: ReadyFlag,
@@ -131,16 +144,6 @@ fn from_l1(bytes: Bytes) -> Answer {
     Answer::new(found, bytes.slice(1.min(bytes.len())..), Layer::L1)
 }
 
-/// A caller-supplied tag: 1 to 512 bytes without control characters.
-pub fn validate_tag(tag: &str) -> Result<()> {
-    if tag.is_empty() || tag.len() > 512 || tag.chars().any(char::is_control) {
-        return Err(Error::InvalidArgument(format!(
-            "invalid tag {tag:?}: must be 1 to 512 bytes, no control characters"
-        )));
-    }
-    Ok(())
-}
-
 impl Cache {
     pub fn new(parts: Parts) -> Self {
         let resources = parts.resources.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
@@ -153,6 +156,7 @@ impl Cache {
             resources,
             flights: SingleFlight::default(),
             fills: Semaphore::new(parts.config.max_concurrent_fills),
+            tenant_fills: TenantQuota::new(parts.config.max_fills_per_tenant),
             config: parts.config,
             metrics: parts.metrics,
             redis_up: parts.redis_up,
@@ -223,28 +227,23 @@ impl Cache {
     /// A resource by its parameters.
     pub async fn get_resource(&self, tenant: &TenantId, name: &str, params: &[String], min_lsn: u64) -> Result<Answer> {
         let res = self.resource(name)?;
-        res.check_params(params)?;
+        let params = &res.canonical_params(params)?;
         let scope = Self::scope(&res, tenant);
         let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
-        let result = self.lookup_resource(&res, &scope, params, &key, min_lsn).await;
+        let read = Read { res: &res, scope: &scope, params, tenant };
+        let result = self.lookup_resource(read, &key, min_lsn).await;
         if let Err(e) = &result {
             self.metrics.error(&res.name, e.kind());
         }
         result
     }
 
-    async fn lookup_resource(
-        &self,
-        res: &Arc<Resource>,
-        scope: &Scope,
-        params: &[String],
-        key: &str,
-        min_lsn: u64,
-    ) -> Result<Answer> {
+    async fn lookup_resource(&self, read: Read<'_>, key: &str, min_lsn: u64) -> Result<Answer> {
+        let res = read.res;
         if !self.fresh_enough(min_lsn) {
             // This node has not applied the caller's write yet: only the
             // database is sure to reflect it.
-            return self.read_direct(res, scope, params).await;
+            return self.read_direct(read).await;
         }
         if let Some(v) = self.l1.get(key) {
             self.metrics.hit(&res.name, "l1");
@@ -253,7 +252,7 @@ impl Cache {
         self.metrics.miss(&res.name, "l1");
         let mut attempt = 0;
         loop {
-            let (filled, ran) = self.flights.run(key, || self.fill_resource(res, scope, params, key)).await;
+            let (filled, ran) = self.flights.run(key, || self.fill_resource(read, key)).await;
             if !ran {
                 self.metrics.resource(&self.metrics.single_flight_merges, &res.name);
             }
@@ -265,10 +264,11 @@ impl Cache {
         }
     }
 
-    async fn fill_resource(&self, res: &Resource, scope: &Scope, params: &[String], key: &str) -> Result<Filled> {
+    async fn fill_resource(&self, read: Read<'_>, key: &str) -> Result<Filled> {
+        let Read { res, scope, .. } = read;
         let ticket = self.l1.begin_fill();
         if !self.redis_usable() {
-            return self.fill_direct(res, scope, params).await;
+            return self.fill_direct(read).await;
         }
         match self.redis_op(self.l2.get(key)).await {
             Ok(Some(bytes)) => {
@@ -276,10 +276,10 @@ impl Cache {
                     self.metrics.hit(&res.name, "l2");
                     return Ok(Filled { answer, raced: false });
                 }
-                return self.fill_unleased(res, scope, params, key).await;
+                return self.fill_unleased(read, key).await;
             }
             Ok(None) => self.metrics.miss(&res.name, "l2"),
-            Err(_) => return self.fill_direct(res, scope, params).await,
+            Err(_) => return self.fill_direct(read).await,
         }
         let owner = format!("{}:{}", self.node, self.seq.fetch_add(1, Ordering::Relaxed));
         let lease_key = self.keys.lease(key);
@@ -291,7 +291,7 @@ impl Cache {
             let begun = match self.redis_op(self.l2.begin_fill(scope, Some(&lease))).await {
                 Ok(begun) => begun,
                 Err(_) => {
-                    return self.fill_direct(res, scope, params).await;
+                    return self.fill_direct(read).await;
                 }
             };
             if let Some(bytes) = begun.entry {
@@ -301,18 +301,18 @@ impl Cache {
                     self.metrics.hit(&res.name, "l2");
                     return Ok(Filled { answer, raced: false });
                 }
-                return self.fill_unleased(res, scope, params, key).await;
+                return self.fill_unleased(read, key).await;
             }
             if begun.acquired {
                 let ticket = ticket.take().unwrap_or_else(|| self.l1.begin_fill());
                 let token = begun.token;
-                return self.fill_from_db(res, scope, params, key, ticket, &token, Some((&lease_key, &owner))).await;
+                return self.fill_from_db(read, key, ticket, &token, Some((&lease_key, &owner))).await;
             }
             self.metrics.resource(&self.metrics.lease_waits, &res.name);
             // Another node is reading: wait for its value.
             loop {
                 if Instant::now() >= deadline {
-                    return self.fill_unleased(res, scope, params, key).await;
+                    return self.fill_unleased(read, key).await;
                 }
                 tokio::time::sleep(LEASE_POLL).await;
                 let fresh = self.l1.begin_fill();
@@ -325,7 +325,7 @@ impl Cache {
                     }
                     Ok(None) => {}
                     Err(_) => {
-                        return self.fill_direct(res, scope, params).await;
+                        return self.fill_direct(read).await;
                     }
                 }
                 // The holder gave up (failed, or its store was refused): try
@@ -338,26 +338,24 @@ impl Cache {
     }
 
     /// A fill without the lease (waited too long, or a corrupt L2 entry).
-    async fn fill_unleased(&self, res: &Resource, scope: &Scope, params: &[String], key: &str) -> Result<Filled> {
+    async fn fill_unleased(&self, read: Read<'_>, key: &str) -> Result<Filled> {
         let ticket = self.l1.begin_fill();
-        match self.redis_op(self.l2.begin_fill(scope, None)).await {
-            Ok(begun) => self.fill_from_db(res, scope, params, key, ticket, &begun.token, None).await,
-            Err(_) => self.fill_direct(res, scope, params).await,
+        match self.redis_op(self.l2.begin_fill(read.scope, None)).await {
+            Ok(begun) => self.fill_from_db(read, key, ticket, &begun.token, None).await,
+            Err(_) => self.fill_direct(read).await,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn fill_from_db(
         &self,
-        res: &Resource,
-        scope: &Scope,
-        params: &[String],
+        read: Read<'_>,
         key: &str,
         ticket: FillTicket,
         token: &FillToken,
         lease: Option<(&str, &str)>,
     ) -> Result<Filled> {
-        let fetched = match self.query(res, scope, params).await {
+        let Read { res, scope, .. } = read;
+        let fetched = match self.query(read).await {
             Ok(f) => f,
             Err(e) => {
                 if let Some((lease_key, owner)) = lease {
@@ -435,18 +433,19 @@ impl Cache {
     }
 
     /// A fill that reads Postgres and stores nothing (Redis is failing).
-    async fn fill_direct(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Filled> {
-        self.read_direct(res, scope, params).await.map(|answer| Filled { answer, raced: false })
+    async fn fill_direct(&self, read: Read<'_>) -> Result<Filled> {
+        self.read_direct(read).await.map(|answer| Filled { answer, raced: false })
     }
 
     /// Reads Postgres and stores nothing.
-    async fn read_direct(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Answer> {
-        let fetched = self.query(res, scope, params).await?;
+    async fn read_direct(&self, read: Read<'_>) -> Result<Answer> {
+        let fetched = self.query(read).await?;
         Ok(Answer::new(fetched.found, fetched.value, Layer::Database))
     }
 
-    async fn query(&self, res: &Resource, scope: &Scope, params: &[String]) -> Result<Fetched> {
-        let _permit = self.fills.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+    async fn query(&self, read: Read<'_>) -> Result<Fetched> {
+        let Read { res, scope, params, .. } = read;
+        let _permits = self.read_permits(read.tenant).await?;
         let started = Instant::now();
         self.metrics.resource(&self.metrics.db_queries, &res.name);
         let db = self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: {e}")))?;
@@ -466,6 +465,30 @@ impl Cache {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.hit(&res.name, "database");
         Ok(fetched)
+    }
+
+    /// The caller's share of the node's database reads, then one of the
+    /// node's; each waited for at most `cache.fill_permit_timeout_ms`.
+    async fn read_permits(&self, tenant: &TenantId) -> Result<(QuotaPermit, SemaphorePermit<'_>)> {
+        let wait = Duration::from_millis(self.config.fill_permit_timeout_ms);
+        let Some(share) = self.tenant_fills.acquire(tenant, wait).await else {
+            return Err(Error::Unavailable(format!(
+                "tenant {tenant} has {} database reads in flight on this node (cache.max_fills_per_tenant) \
+                 and none ended within {} ms (cache.fill_permit_timeout_ms); retry",
+                self.tenant_fills.per_tenant(),
+                wait.as_millis()
+            )));
+        };
+        match tokio::time::timeout(wait, self.fills.acquire()).await {
+            Ok(Ok(permit)) => Ok((share, permit)),
+            Ok(Err(_)) => Err(Error::Unavailable("shutting down".into())),
+            Err(_) => Err(Error::Unavailable(format!(
+                "this node has {} database reads in flight (cache.max_concurrent_fills) and none ended within \
+                 {} ms (cache.fill_permit_timeout_ms); retry",
+                self.config.max_concurrent_fills,
+                wait.as_millis()
+            ))),
+        }
     }
 
     /// An explicit key. A miss carries a fill token for the caller's Set.
@@ -523,9 +546,7 @@ impl Cache {
                 self.config.max_key_ttl_ms
             )));
         }
-        for tag in &tags {
-            validate_tag(tag)?;
-        }
+        self.check_tags(&tags)?;
         let token: Option<FillToken> = if fill_token.is_empty() {
             None
         } else {
@@ -545,10 +566,11 @@ impl Cache {
                     .await?
             }
             None => {
-                // Stamp the key first, so a gated fill that started earlier
-                // cannot overwrite this value.
-                self.redis_op(self.l2.invalidate(&scope, std::slice::from_ref(&self_tag))).await?;
-                self.redis_op(self.l2.store(&entry_key, bytes, &tag_keys, Some(ttl))).await?;
+                // Stamps the key as it stores, so a gated fill that started
+                // earlier cannot overwrite this value; one script, so no Get
+                // finds the key missing in between.
+                let self_key = TagKey::new(scope.clone(), self_tag.as_str());
+                self.redis_op(self.l2.replace(&entry_key, bytes, &self_key, &tag_keys, Some(ttl))).await?;
                 true
             }
         };
@@ -579,12 +601,38 @@ impl Cache {
         trusted: bool,
     ) -> Result<u64> {
         let res = self.resource(name)?;
-        res.check_params(params)?;
+        let params = &res.canonical_params(params)?;
         self.check_global(&res, trusted)?;
         let scope = Self::scope(&res, tenant);
         let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
         let tag = self.self_tag(&scope, &key);
         self.invalidate_scope(&scope, vec![tag]).await
+    }
+
+    /// Caller-supplied tags: at most `cache.max_tags_per_request`, each 1 to
+    /// `cache.max_tag_bytes` bytes without control characters.
+    fn check_tags(&self, tags: &[String]) -> Result<()> {
+        let (max_tags, max_bytes) = (self.config.max_tags_per_request, self.config.max_tag_bytes);
+        if tags.len() > max_tags {
+            return Err(Error::InvalidArgument(format!(
+                "{} tags is over the limit of {max_tags} per request (cache.max_tags_per_request)",
+                tags.len()
+            )));
+        }
+        for tag in tags {
+            if tag.len() > max_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "a tag of {} bytes is over the limit of {max_bytes} (cache.max_tag_bytes)",
+                    tag.len()
+                )));
+            }
+            if tag.is_empty() || tag.chars().any(char::is_control) {
+                return Err(Error::InvalidArgument(format!(
+                    "invalid tag {tag:?}: must not be empty or hold control characters"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn check_global(&self, res: &Resource, trusted: bool) -> Result<()> {
@@ -602,9 +650,7 @@ impl Cache {
         if tags.is_empty() {
             return Err(Error::InvalidArgument("no tags given".into()));
         }
-        for tag in &tags {
-            validate_tag(tag)?;
-        }
+        self.check_tags(&tags)?;
         self.invalidate_scope(&Scope::Tenant(tenant.clone()), tags).await
     }
 
@@ -661,6 +707,10 @@ impl Cache {
         };
         let channel = self.keys.l1_channel();
         self.redis_op(herald_core::l1::wire::publish_invalidations(&self.redis, &channel, &[event])).await
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
     }
 
     pub fn metrics(&self) -> &Metrics {

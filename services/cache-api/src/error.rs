@@ -14,6 +14,9 @@ pub enum Error {
     Unauthenticated,
     #[error("token {token:?} may not access tenant {tenant:?}")]
     PermissionDenied { token: String, tenant: String },
+    /// A limit of the node or the tenant was reached. The message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A dependency is down and the answer cannot be served without it.
     #[error("{0}")]
     Unavailable(String),
@@ -42,6 +45,7 @@ impl Error {
             Error::UnknownResource(_) => "unknown_resource",
             Error::Unauthenticated => "unauthenticated",
             Error::PermissionDenied { .. } => "permission_denied",
+            Error::ResourceExhausted(_) => "resource_exhausted",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }
@@ -53,6 +57,7 @@ impl Error {
             Error::UnknownResource(_) => tonic::Code::NotFound,
             Error::Unauthenticated => tonic::Code::Unauthenticated,
             Error::PermissionDenied { .. } => tonic::Code::PermissionDenied,
+            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Internal(_) => tonic::Code::Internal,
         }
@@ -64,6 +69,7 @@ impl Error {
             Error::UnknownResource(_) => StatusCode::NOT_FOUND,
             Error::Unauthenticated => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

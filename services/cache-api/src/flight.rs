@@ -20,7 +20,8 @@ impl<V> Default for SingleFlight<V> {
 impl<V: Clone> SingleFlight<V> {
     /// Runs `fill` for `key` unless a fill of `key` is running, in which case
     /// waits for its result. Returns the value and whether this call ran the
-    /// fill. If the running fill is cancelled, a waiter takes over.
+    /// fill. If the running fill is cancelled, a waiter takes over; with no
+    /// waiter, its entry goes.
     pub async fn run<F, Fut>(&self, key: &str, fill: F) -> (V, bool)
     where
         F: FnOnce() -> Fut,
@@ -30,21 +31,45 @@ impl<V: Clone> SingleFlight<V> {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
             flights.entry(key.to_string()).or_default().clone()
         };
+        let mut guard = Leave { flights: self, key, cell, ran: false };
         let mut ran = false;
-        let value = cell
+        let value = guard
+            .cell
             .get_or_init(|| {
                 ran = true;
                 fill()
             })
             .await
             .clone();
-        if ran {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            if flights.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                flights.remove(key);
-            }
-        }
+        guard.ran = ran;
         (value, ran)
+    }
+
+    /// Keys with a fill in flight.
+    pub fn in_flight(&self) -> usize {
+        self.flights.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Removes a flight's entry when its call ends: the call that ran the fill
+/// removes it; a cancelled call removes it when nobody else waits on it (a
+/// waiter would take the fill over, and remove it when done).
+struct Leave<'a, V> {
+    flights: &'a SingleFlight<V>,
+    key: &'a str,
+    cell: Arc<OnceCell<V>>,
+    ran: bool,
+}
+
+impl<V> Drop for Leave<'_, V> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.flights.lock().unwrap_or_else(|p| p.into_inner());
+        // Callers clone the cell under this lock: two references (the map's
+        // and ours) mean no other caller waits on it.
+        let abandoned = !self.cell.initialized() && Arc::strong_count(&self.cell) == 2;
+        if (self.ran || abandoned) && flights.get(self.key).is_some_and(|c| Arc::ptr_eq(c, &self.cell)) {
+            flights.remove(self.key);
+        }
     }
 }
 
@@ -81,5 +106,38 @@ mod tests {
         assert_eq!((runs.load(Ordering::SeqCst), leaders), (1, 1));
         let (v, ran) = flight.run("k", || async { 8 }).await;
         assert_eq!((v, ran), (8, true));
+        assert_eq!(flight.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_fill_leaves_no_entry_behind() {
+        let flight = Arc::new(SingleFlight::<u32>::default());
+        let task = tokio::spawn({
+            let flight = flight.clone();
+            async move { flight.run("k", std::future::pending::<u32>).await }
+        });
+        while flight.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(flight.in_flight(), 0, "the cancelled fill's entry stayed in the map");
+
+        // A waiter takes over a cancelled fill, and then leaves nothing either.
+        let first = tokio::spawn({
+            let flight = flight.clone();
+            async move { flight.run("k", std::future::pending::<u32>).await }
+        });
+        while flight.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::spawn({
+            let flight = flight.clone();
+            async move { flight.run("k", || async { 9 }).await }
+        });
+        tokio::task::yield_now().await;
+        first.abort();
+        assert_eq!(second.await.unwrap().0, 9);
+        assert_eq!(flight.in_flight(), 0);
     }
 }

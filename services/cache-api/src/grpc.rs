@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use herald_core::keys::TenantId;
 use herald_core::l1::Applied;
+use herald_proto::Message as _;
 use herald_proto::v1::cache_server::Cache as CacheService;
 use herald_proto::v1::{
     DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
@@ -18,12 +18,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::api::{self, Target};
 use crate::auth::{Auth, Caller, bearer};
-use crate::cache::{Answer, Cache, PrefixTarget};
+use crate::cache::{Answer, Cache};
 use crate::error::Error;
-
-/// Most items in one GetMany.
-pub const MAX_GET_MANY: usize = 256;
+use crate::quota::TenantQuota;
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -31,11 +30,16 @@ pub struct Grpc {
     cache: Arc<Cache>,
     auth: Arc<Auth>,
     watchers: Arc<Semaphore>,
+    tenant_watchers: TenantQuota,
 }
 
 impl Grpc {
-    pub fn new(cache: Arc<Cache>, auth: Arc<Auth>, max_watchers: usize) -> Self {
-        Self { cache, auth, watchers: Arc::new(Semaphore::new(max_watchers)) }
+    /// Watch streams are limited by `cache.max_watchers` and
+    /// `cache.max_watchers_per_tenant`.
+    pub fn new(cache: Arc<Cache>, auth: Arc<Auth>) -> Self {
+        let watchers = Arc::new(Semaphore::new(cache.config().max_watchers));
+        let tenant_watchers = TenantQuota::new(cache.config().max_watchers_per_tenant);
+        Self { cache, auth, watchers, tenant_watchers }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -46,19 +50,6 @@ impl Grpc {
 
 fn answer(a: Answer) -> GetResponse {
     GetResponse { found: a.found, value: a.value, layer: a.layer as i32, fill_token: a.fill_token }
-}
-
-/// A resource or key lookup, shared by Get and GetMany.
-async fn lookup(cache: &Cache, tenant: &TenantId, target: Target, min_lsn: u64) -> Result<Answer, Error> {
-    match target {
-        Target::Resource(r) => cache.get_resource(tenant, &r.resource, &r.params, min_lsn).await,
-        Target::Key(k) => cache.get_key(tenant, &k, min_lsn).await,
-    }
-}
-
-enum Target {
-    Resource(herald_proto::v1::ResourceRef),
-    Key(String),
 }
 
 fn missing_target() -> Status {
@@ -75,10 +66,10 @@ impl CacheService for Grpc {
         let req = request.into_inner();
         let tenant = caller.tenant(&req.tenant)?;
         let target = match req.target.ok_or_else(missing_target)? {
-            get_request::Target::Resource(r) => Target::Resource(r),
+            get_request::Target::Resource(r) => Target::Resource { name: r.resource, params: r.params },
             get_request::Target::Key(k) => Target::Key(k),
         };
-        Ok(Response::new(answer(lookup(&self.cache, &tenant, target, req.min_commit_lsn).await?)))
+        Ok(Response::new(answer(api::lookup(&self.cache, &tenant, target, req.min_commit_lsn).await?)))
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant, items = request.get_ref().items.len()))]
@@ -86,29 +77,22 @@ impl CacheService for Grpc {
         let caller = self.caller(&request)?;
         let req = request.into_inner();
         let tenant = caller.tenant(&req.tenant)?;
-        if req.items.len() > MAX_GET_MANY {
-            return Err(Status::invalid_argument(format!("at most {MAX_GET_MANY} items per GetMany")));
-        }
-        let lookups = req.items.into_iter().map(|item| {
-            let cache = &self.cache;
-            let tenant = &tenant;
-            async move {
-                let target = match item.target {
-                    Some(get_item::Target::Resource(r)) => Target::Resource(r),
-                    Some(get_item::Target::Key(k)) => Target::Key(k),
-                    None => return Err(Error::InvalidArgument("item names neither a resource nor a key".into())),
-                };
-                lookup(cache, tenant, target, req.min_commit_lsn).await
-            }
-        });
-        let results = futures::future::join_all(lookups)
-            .await
+        let items = req
+            .items
             .into_iter()
-            .map(|r| match r {
-                Ok(a) => GetResult { response: Some(answer(a)), code: 0, error: String::new() },
-                Err(e) => GetResult { response: None, code: e.grpc_code() as i32, error: e.to_string() },
+            .map(|item| match item.target {
+                Some(get_item::Target::Resource(r)) => Ok(Target::Resource { name: r.resource, params: r.params }),
+                Some(get_item::Target::Key(k)) => Ok(Target::Key(k)),
+                None => Err(Error::InvalidArgument("item names neither a resource nor a key".into())),
             })
             .collect();
+        let render = |r: Result<Answer, Error>| match r {
+            Ok(a) => GetResult { response: Some(answer(a)), code: 0, error: String::new() },
+            Err(e) => GetResult { response: None, code: e.grpc_code() as i32, error: e.to_string() },
+        };
+        // The item's bytes in the answer, with its field tag and length.
+        let size = |r: &GetResult| r.encoded_len() + 8;
+        let results = api::get_many(&self.cache, &tenant, items, req.min_commit_lsn, render, size).await?;
         Ok(Response::new(GetManyResponse { results }))
     }
 
@@ -155,7 +139,7 @@ impl CacheService for Grpc {
         let caller = self.caller(&request)?;
         let req = request.into_inner();
         let tenant = caller.tenant(&req.tenant)?;
-        let target = prefix_target(&req.resource, &req.key_prefix, req.all)?;
+        let target = api::prefix_target(&req.resource, &req.key_prefix, req.all)?;
         let deleted = self.cache.invalidate_prefix(&tenant, target, caller.trusted()).await?;
         Ok(Response::new(InvalidateResponse { deleted }))
     }
@@ -170,11 +154,16 @@ impl CacheService for Grpc {
         let caller = self.caller(&request)?;
         let req = request.into_inner();
         let tenant = caller.tenant(&req.tenant)?;
-        let permit = self
-            .watchers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many invalidation watchers on this node"))?;
+        let share = self.tenant_watchers.try_acquire(&tenant).ok_or_else(|| {
+            let max = self.tenant_watchers.per_tenant();
+            Status::resource_exhausted(format!(
+                "tenant has {max} watch streams on this node (cache.max_watchers_per_tenant)"
+            ))
+        })?;
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("too many invalidation watchers on this node (cache.max_watchers)")
+        })?;
+        let permit = (share, permit);
         let l1 = self.cache.l1();
         // Subscribed before the liveness check: any flush after it (the feed
         // dropping, however briefly, or an undecodable message) arrives in
@@ -231,16 +220,6 @@ pub fn matches_watch(event: &InvalidationEvent, tenant: &str, tables: &[String],
         || !event.key_prefixes.is_empty()
         || event.tags.iter().any(|t| tags.iter().any(|w| w == t));
     ours && table_ok && tags_ok
-}
-
-/// InvalidatePrefix's target: exactly one of the three.
-pub fn prefix_target(resource: &str, key_prefix: &str, all: bool) -> Result<PrefixTarget, Error> {
-    match (resource.is_empty(), key_prefix.is_empty(), all) {
-        (false, true, false) => Ok(PrefixTarget::Resource(resource.into())),
-        (true, false, false) => Ok(PrefixTarget::KeyPrefix(key_prefix.into())),
-        (true, true, true) => Ok(PrefixTarget::All),
-        _ => Err(Error::InvalidArgument("give exactly one of resource, key_prefix and all".into())),
-    }
 }
 
 #[cfg(test)]

@@ -23,10 +23,10 @@ use herald_core::keys::TenantId;
 use herald_proto::v1::Layer;
 use serde::Deserialize;
 
+use crate::api::{self, Target};
 use crate::auth::{Auth, Caller, bearer};
 use crate::cache::{Answer, Cache};
 use crate::error::{Error, Result};
-use crate::grpc::{MAX_GET_MANY, prefix_target};
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -282,37 +282,40 @@ async fn get_many(
 ) -> Result<Response> {
     let (_, tenant) = state.tenant(&headers, &tenant)?;
     let body: GetManyBody = json_body(&body)?;
-    if body.items.len() > MAX_GET_MANY {
-        return Err(Error::InvalidArgument(format!("at most {MAX_GET_MANY} items per request")));
-    }
     let lsn = min_lsn(&headers)?;
-    let lookups = body.items.into_iter().map(|item| {
-        let (cache, tenant) = (&state.cache, &tenant);
-        async move {
-            match (item.resource, item.key) {
-                (Some(r), None) => cache.get_resource(tenant, &r, &item.params, lsn).await,
-                (None, Some(k)) => cache.get_key(tenant, &k, lsn).await,
-                _ => Err(Error::InvalidArgument("each item names a resource or a key".into())),
-            }
-        }
-    });
-    let mut out = String::from(r#"{"results":["#);
-    for (i, r) in futures::future::join_all(lookups).await.into_iter().enumerate() {
+    let items = body
+        .items
+        .into_iter()
+        .map(|item| match (item.resource, item.key) {
+            (Some(name), None) => Ok(Target::Resource { name, params: item.params }),
+            (None, Some(k)) => Ok(Target::Key(k)),
+            _ => Err(Error::InvalidArgument("each item names a resource or a key".into())),
+        })
+        .collect();
+    // Each item as JSON, with the comma that separates it from the next.
+    let results = api::get_many(&state.cache, &tenant, items, lsn, json_item, |s| s.len() + 1).await?;
+    let mut out = String::with_capacity(results.iter().map(|s| s.len() + 1).sum::<usize>() + 16);
+    out.push_str(r#"{"results":["#);
+    for (i, item) in results.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        match r {
-            Ok(a) if a.layer == Layer::None || a.layer == Layer::Unspecified || !is_json(&a) => {
-                let v = serde_json::json!({ "found": a.found, "layer": layer_name(a.layer), "value_base64": base64(&a.value), "fill_token": a.fill_token });
-                out.push_str(&v.to_string());
-            }
-            Ok(a) => out.push_str(&json_answer(&a)),
-            Err(e) => out
-                .push_str(&serde_json::json!({ "error": { "code": e.kind(), "message": e.to_string() } }).to_string()),
-        }
+        out.push_str(item);
     }
     out.push_str("]}");
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// One GetMany item: JSON values inline, anything else as base64.
+fn json_item(r: Result<Answer>) -> String {
+    match r {
+        Ok(a) if a.layer == Layer::None || a.layer == Layer::Unspecified || !is_json(&a) => serde_json::json!({
+            "found": a.found, "layer": layer_name(a.layer), "value_base64": base64(&a.value), "fill_token": a.fill_token
+        })
+        .to_string(),
+        Ok(a) => json_answer(&a),
+        Err(e) => serde_json::json!({ "error": { "code": e.kind(), "message": e.to_string() } }).to_string(),
+    }
 }
 
 fn is_json(a: &Answer) -> bool {
@@ -363,7 +366,7 @@ async fn invalidate(
         }
         state.cache.invalidate_tags(&tenant, body.tags).await?
     } else {
-        let target = prefix_target(&body.resource, &body.key_prefix, body.all)?;
+        let target = api::prefix_target(&body.resource, &body.key_prefix, body.all)?;
         state.cache.invalidate_prefix(&tenant, target, caller.trusted()).await?
     };
     Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())

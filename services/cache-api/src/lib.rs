@@ -1,6 +1,7 @@
 //! Herald's tenant-aware cache over gRPC and HTTP: L1 in RAM, L2 in Redis,
 //! coherent read-through to Postgres.
 
+pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod error;
@@ -9,6 +10,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod quota;
 pub mod resource;
 
 use std::sync::Arc;
@@ -33,8 +35,6 @@ use crate::resource::Resource;
 
 /// How long in-flight requests may take to finish after shutdown.
 const GRACE: Duration = Duration::from_secs(10);
-/// Invalidation watch streams per node.
-const MAX_WATCHERS: usize = 1024;
 
 /// The three listeners of a cache-api node.
 pub struct Listeners {
@@ -97,7 +97,9 @@ pub async fn run(
         shutdown.clone(),
     );
     let resources_ready = readiness.flag("resources");
-    let db = herald_core::pg::pool(&config.postgres)?;
+    // Bounds every query of this node, resource reads above all.
+    let statement_timeout = config.cache.query_timeout_ms.to_string();
+    let db = herald_core::pg::pool_with_settings(&config.postgres, &[("statement_timeout", &statement_timeout)])?;
     let Some(resources) = compile_resources(&config, &db, &shutdown).await? else { return Ok(()) };
     resources_ready.set(true);
 
@@ -120,7 +122,11 @@ pub async fn run(
         hook: options.fill_hook,
         node: node.clone(),
     }));
-    let health = tokio::spawn(health_loop(cache.clone(), redis, db, readiness.soft_flag("postgres"), shutdown.clone()));
+    // Until Redis was probed once the cache would take it for down (answer
+    // explicit keys "not cached", refuse Sets): serve only after the probe.
+    let postgres_up = readiness.soft_flag("postgres");
+    probe(&cache, &redis, &db, &postgres_up).await;
+    let health = tokio::spawn(health_loop(cache.clone(), redis, db, postgres_up, shutdown.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CacheServer<grpc::Grpc>>().await;
@@ -129,9 +135,10 @@ pub async fn run(
         .build_v1()
         .context("failed to build gRPC reflection")?;
     let limit = config.cache.max_value_bytes + 64 * 1024;
-    let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone(), MAX_WATCHERS))
+    let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone()))
         .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit.max(4 * 1024 * 1024));
+        // Above the largest answer: one value, or a GetMany at its size limit.
+        .max_encoding_message_size(limit.max(config.cache.max_get_many_bytes) + 256 * 1024);
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(
@@ -221,22 +228,28 @@ async fn health_loop(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let probe = Duration::from_millis(500);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let redis_ok = matches!(tokio::time::timeout(probe, redis.next().ping::<String>(None)).await, Ok(Ok(_)));
-        cache.set_redis_up(redis_ok);
-        let pg_ok = matches!(
-            tokio::time::timeout(probe, async {
-                let client = db.get().await.map_err(|e| e.to_string())?;
-                client.simple_query("SELECT 1").await.map_err(|e| e.to_string())
-            })
-            .await,
-            Ok(Ok(_))
-        );
-        postgres.set(pg_ok);
+        probe(&cache, &redis, &db, &postgres).await;
     }
+}
+
+/// One health check: Redis switches the cache between normal and degraded
+/// operation; Postgres shows in `/readyz`.
+async fn probe(cache: &Cache, redis: &Pool, db: &deadpool_postgres::Pool, postgres: &ReadyFlag) {
+    let probe = Duration::from_millis(500);
+    let redis_ok = matches!(tokio::time::timeout(probe, redis.next().ping::<String>(None)).await, Ok(Ok(_)));
+    cache.set_redis_up(redis_ok);
+    let pg_ok = matches!(
+        tokio::time::timeout(probe, async {
+            let client = db.get().await.map_err(|e| e.to_string())?;
+            client.simple_query("SELECT 1").await.map_err(|e| e.to_string())
+        })
+        .await,
+        Ok(Ok(_))
+    );
+    postgres.set(pg_ok);
 }

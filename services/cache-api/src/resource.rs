@@ -28,6 +28,8 @@ pub struct Resource {
     sql: String,
     tags: Vec<String>,
     tag_columns: Vec<String>,
+    /// How each caller parameter is made canonical.
+    kinds: Vec<ParamKind>,
     pub ttl: Option<Duration>,
     pub negative_ttl: Option<Duration>,
     jitter_pct: u8,
@@ -66,6 +68,66 @@ impl ToSql for Text<'_> {
     to_sql_checked!();
 }
 
+/// How Postgres reads a parameter, for its canonical text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamKind {
+    /// Compared as written.
+    Text,
+    /// An integer type of this range.
+    Int(i64, i64),
+    Uuid,
+    /// Anything else: passed as written, never in a `$k` tag.
+    Other,
+}
+
+impl ParamKind {
+    fn of(ty: &Type) -> Self {
+        match *ty {
+            Type::TEXT | Type::VARCHAR => Self::Text,
+            Type::INT2 => Self::Int(i16::MIN.into(), i16::MAX.into()),
+            Type::INT4 => Self::Int(i32::MIN.into(), i32::MAX.into()),
+            Type::INT8 => Self::Int(i64::MIN, i64::MAX),
+            Type::UUID => Self::Uuid,
+            _ => Self::Other,
+        }
+    }
+
+    /// The canonical text of `p`, `None` when it is not a value of the kind
+    /// (stricter than Postgres: no `0x1` or `1_000`).
+    fn canonical(self, p: &str) -> Option<String> {
+        match self {
+            Self::Text | Self::Other => Some(p.to_string()),
+            Self::Int(min, max) => {
+                let t = p.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b');
+                let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let n: i64 = t.strip_prefix('+').unwrap_or(t).parse().ok()?;
+                (min..=max).contains(&n).then(|| n.to_string())
+            }
+            Self::Uuid => {
+                let t = p.trim();
+                let t = t.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(t);
+                let hex: String = t.chars().filter(|c| *c != '-').collect();
+                if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                let h = hex.to_ascii_lowercase();
+                Some(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+            }
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Self::Int(..) => "an integer in range",
+            Self::Uuid => "a uuid",
+            Self::Text | Self::Other => "valid",
+        }
+    }
+}
+
 fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
@@ -82,6 +144,19 @@ impl Resource {
         let stmt =
             db.prepare(&inner).await.map_err(|e| anyhow::anyhow!("{at}.sql: does not prepare: {}", db_message(&e)))?;
         let columns: Vec<String> = stmt.columns().iter().map(|c| c.name().to_string()).collect();
+        let kinds: Vec<ParamKind> = stmt.params().iter().take(n).map(ParamKind::of).collect();
+        for tag in &config.tags {
+            for k in ResourceConfig::placeholders(tag) {
+                let Some(ty) = stmt.params().get(k.wrapping_sub(1)).filter(|_| kinds[k - 1] == ParamKind::Other) else {
+                    continue;
+                };
+                anyhow::bail!(
+                    "{at}.tags: {tag:?} uses ${k} ({}), which Postgres reads as {ty}: Herald cannot make its text \
+                     canonical, so an event could miss the entry; tag with the result column instead ({{column}})",
+                    config.params[k - 1]
+                );
+            }
+        }
         for c in &columns {
             let lower = c.to_ascii_lowercase();
             if SECRET_WORDS.iter().any(|w| lower.contains(w)) && !config.allow_secret_columns.contains(c) {
@@ -137,14 +212,38 @@ impl Resource {
             sql,
             tags: config.tags.clone(),
             tag_columns,
+            kinds,
             ttl,
             negative_ttl,
             jitter_pct: config.ttl_jitter_pct,
         })
     }
 
+    /// The caller's parameters, checked and canonical: the text an event's
+    /// tag carries for the same value (`01`, ` 1` and `+1` are `1`), so the
+    /// entry's key and `$k` tags match what capture emits.
+    pub fn canonical_params(&self, params: &[String]) -> Result<Vec<String>> {
+        self.check_params(params)?;
+        params
+            .iter()
+            .zip(&self.kinds)
+            .enumerate()
+            .map(|(i, (p, kind))| {
+                kind.canonical(p).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "resource {:?}: bad parameter {} ({:?}): {p:?} is not {}",
+                        self.name,
+                        i + 1,
+                        self.params[i],
+                        kind.expected()
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// Checks the caller's parameters.
-    pub fn check_params(&self, params: &[String]) -> Result<()> {
+    fn check_params(&self, params: &[String]) -> Result<()> {
         if params.len() != self.params.len() {
             return Err(Error::InvalidArgument(format!(
                 "resource {:?} takes {} parameter(s) ({}), got {}",
@@ -309,6 +408,11 @@ fn query_error(resource: &str, e: &tokio_postgres::Error) -> Error {
     if connection_failed(e) {
         return Error::Unavailable(format!("postgres: {}", db_message(e)));
     }
+    if e.code() == Some(&SqlState::QUERY_CANCELED) {
+        return Error::Unavailable(format!(
+            "resource {resource:?}: the query ran longer than cache.query_timeout_ms and was cancelled"
+        ));
+    }
     match e.code() {
         Some(code)
             if *code == SqlState::INVALID_TEXT_REPRESENTATION
@@ -320,13 +424,43 @@ fn query_error(resource: &str, e: &tokio_postgres::Error) -> Error {
         {
             Error::InvalidArgument(format!("resource {resource:?}: bad parameter: {}", db_message(e)))
         }
-        _ => Error::Internal(format!("resource {resource:?}: {}", db_message(e))),
+        _ => {
+            // Postgres's text may show the schema or data: it goes to the
+            // log, the caller gets an id to find it there.
+            let id = format!("{:08x}", rand::random::<u32>());
+            tracing::error!(resource, error_id = %id, error = %db_message(e), "resource query failed");
+            Error::Internal(format!("resource {resource:?}: the query failed (error id {id} in the node's log)"))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_are_made_canonical() {
+        let int4 = ParamKind::of(&Type::INT4);
+        for p in ["1", "01", " 1", "+1", "1 ", "\t001\n"] {
+            assert_eq!(int4.canonical(p).as_deref(), Some("1"), "{p:?}");
+        }
+        assert_eq!(int4.canonical("-007").as_deref(), Some("-7"));
+        assert_eq!(int4.canonical("-0").as_deref(), Some("0"));
+        for p in ["", "+", "1 2", "0x1", "1_000", "abc", "2147483648", "++1"] {
+            assert_eq!(int4.canonical(p), None, "{p:?}");
+        }
+        assert_eq!(ParamKind::of(&Type::INT8).canonical("2147483648").as_deref(), Some("2147483648"));
+        let uuid = ParamKind::of(&Type::UUID);
+        let canonical = Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+        for p in [
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
+            "a0eebc99-9c0b4ef8-bb6d6bb9-bd380a11",
+        ] {
+            assert_eq!(uuid.canonical(p).as_deref(), canonical, "{p:?}");
+        }
+        assert_eq!(ParamKind::of(&Type::TEXT).canonical(" Alice ").as_deref(), Some(" Alice "));
+    }
 
     #[test]
     fn renders_templates() {

@@ -28,6 +28,25 @@ pub struct CacheConfig {
     pub max_concurrent_fills: usize,
     /// Largest value accepted by Set or produced by a resource.
     pub max_value_bytes: usize,
+    /// Largest answer of one GetMany (value bytes as sent: JSON or base64
+    /// over HTTP); items past it get a `resource_exhausted` error.
+    pub max_get_many_bytes: usize,
+    /// Most tags in one Set or InvalidateTags.
+    pub max_tags_per_request: usize,
+    /// Longest caller-supplied tag, in bytes.
+    pub max_tag_bytes: usize,
+    /// Longest wait for a database-read permit (node-wide or the tenant's)
+    /// before a read fails with `unavailable`.
+    pub fill_permit_timeout_ms: u64,
+    /// Database reads in flight for one tenant (a share of
+    /// `max_concurrent_fills`, so one tenant cannot take them all).
+    pub max_fills_per_tenant: usize,
+    /// `statement_timeout` of resource queries.
+    pub query_timeout_ms: u64,
+    /// Invalidation watch streams per node.
+    pub max_watchers: usize,
+    /// Invalidation watch streams per tenant on one node.
+    pub max_watchers_per_tenant: usize,
     /// TTL of explicit keys set without one.
     pub key_ttl_ms: u64,
     /// Longest TTL a caller may ask for an explicit key.
@@ -48,6 +67,15 @@ impl Default for CacheConfig {
             fill_wait_ms: 3_000,
             max_concurrent_fills: 32,
             max_value_bytes: 1024 * 1024,
+            // Under the 4 MiB that gRPC clients accept by default.
+            max_get_many_bytes: 3 * 1024 * 1024,
+            max_tags_per_request: 64,
+            max_tag_bytes: 256,
+            fill_permit_timeout_ms: 5_000,
+            max_fills_per_tenant: 8,
+            query_timeout_ms: 10_000,
+            max_watchers: 1024,
+            max_watchers_per_tenant: 64,
             key_ttl_ms: 300_000,
             max_key_ttl_ms: 86_400_000,
             tokens: Vec::new(),
@@ -56,8 +84,9 @@ impl Default for CacheConfig {
     }
 }
 
-/// An API token and the tenants it may touch.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An API token and the tenants it may touch. Its `Debug` never shows the
+/// secret.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Shown in logs and metrics, never the secret.
@@ -70,6 +99,17 @@ pub struct TokenConfig {
     pub token_env: Option<String>,
     /// Tenant ids, or `["*"]` for a trusted backend that serves every tenant.
     pub tenants: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
+            .field("tenants", &self.tenants)
+            .finish()
+    }
 }
 
 /// How a resource's rows become its JSON value.
@@ -168,11 +208,33 @@ impl CacheConfig {
             ("cache.max_concurrent_fills", self.max_concurrent_fills as i64),
             ("cache.max_value_bytes", self.max_value_bytes as i64),
             ("cache.key_ttl_ms", self.key_ttl_ms as i64),
+            ("cache.max_get_many_bytes", self.max_get_many_bytes as i64),
+            ("cache.max_tags_per_request", self.max_tags_per_request as i64),
+            ("cache.max_tag_bytes", self.max_tag_bytes as i64),
+            ("cache.fill_permit_timeout_ms", self.fill_permit_timeout_ms as i64),
+            ("cache.max_fills_per_tenant", self.max_fills_per_tenant as i64),
+            ("cache.query_timeout_ms", self.query_timeout_ms as i64),
+            ("cache.max_watchers", self.max_watchers as i64),
+            ("cache.max_watchers_per_tenant", self.max_watchers_per_tenant as i64),
         ];
         for (key, value) in positive {
             if value <= 0 {
                 return err(key.into(), "must be greater than 0");
             }
+        }
+        if self.max_get_many_bytes < 2 * self.max_value_bytes {
+            // A value may grow by a third as base64 over HTTP: the largest
+            // value must fit in one GetMany answer.
+            return err("cache.max_get_many_bytes".into(), "must be at least twice cache.max_value_bytes");
+        }
+        if self.max_tag_bytes > 512 {
+            return err("cache.max_tag_bytes".into(), "must be at most 512 (a tag is part of a Redis key)");
+        }
+        if self.max_fills_per_tenant > self.max_concurrent_fills {
+            return err("cache.max_fills_per_tenant".into(), "must be at most cache.max_concurrent_fills");
+        }
+        if self.max_watchers_per_tenant > self.max_watchers {
+            return err("cache.max_watchers_per_tenant".into(), "must be at most cache.max_watchers");
         }
         if self.max_key_ttl_ms < self.key_ttl_ms {
             return err("cache.max_key_ttl_ms".into(), "must be at least cache.key_ttl_ms");
@@ -196,6 +258,15 @@ impl CacheConfig {
             }
             if !names.insert(t.name.as_str()) {
                 return err(at("name"), "duplicate token name");
+            }
+            // Two tokens with one secret: the caller would get whichever
+            // matched last, and its tenants.
+            let first = |same: &dyn Fn(&TokenConfig) -> bool| self.tokens[..i].iter().find(|u| same(u));
+            if let Some(u) = first(&|u| u.token.is_some() && u.token == t.token) {
+                return err(at("token"), &format!("has the same secret as {}", u.name));
+            }
+            if let Some(u) = first(&|u| u.token_env.is_some() && u.token_env == t.token_env) {
+                return err(at("token_env"), &format!("has the same secret as {} (the same variable)", u.name));
             }
         }
         let mut names = HashSet::new();
@@ -243,7 +314,8 @@ impl CacheConfig {
                 if let Some(k) = ResourceConfig::placeholders(tag).into_iter().find(|k| *k == 0 || *k > n) {
                     return err(at("tags"), &format!("{tag:?} uses ${k} but the resource has {n} params"));
                 }
-                check_row_tag(tag, tables).map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
+                check_row_tag(tag, r.global, tables)
+                    .map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
             }
         }
         Ok(())
@@ -251,9 +323,12 @@ impl CacheConfig {
 }
 
 /// A tag naming a table (`res_users` or `res_users.col=…`) must name a
-/// watched table, and its column the id or a key column: capture emits no
-/// other row tags, so such an entry would never be invalidated.
-fn check_row_tag(tag: &str, tables: &[TableConfig]) -> std::result::Result<(), String> {
+/// watched table, its column the id or a key column, and the table's events
+/// must be in the resource's scope (a tenant column for a tenant resource,
+/// none for a global one): capture emits no other row tags, and events of
+/// one scope never drop entries of the other, so such an entry would never
+/// be invalidated.
+fn check_row_tag(tag: &str, global: bool, tables: &[TableConfig]) -> std::result::Result<(), String> {
     let head = tag.split('=').next().unwrap_or(tag);
     let (table, column) = match head.split_once('.') {
         Some((t, c)) => (t, Some(c)),
@@ -267,6 +342,21 @@ fn check_row_tag(tag: &str, tables: &[TableConfig]) -> std::result::Result<(), S
         // A bare word: an application tag, dropped by InvalidateTags.
         return Ok(());
     };
+    match (global, &t.tenant_column) {
+        (false, None) => {
+            return Err(format!(
+                "{tag:?}: {table:?} has no tenant_column, so its events are global and never drop this tenant \
+                 resource's entries (set global = true, or give the table its tenant_column)"
+            ));
+        }
+        (true, Some(_)) => {
+            return Err(format!(
+                "{tag:?}: {table:?} has a tenant_column, so its events are per tenant and never drop this global \
+                 resource's entries (filter by $tenant instead of global = true)"
+            ));
+        }
+        _ => {}
+    }
     match column {
         Some(c) if c != t.id_column && !t.key_columns.iter().any(|k| k == c) => Err(format!(
             "{tag:?}: {c:?} is neither the id column nor a key column of {table:?}, so no event would carry it"
@@ -321,6 +411,29 @@ mod tests {
     }
 
     #[test]
+    fn a_resource_and_its_tables_must_share_a_scope() {
+        let text = |global: bool, sql: &str, tag: &str| {
+            format!(
+                "{TABLE}[[tables]]\nname = \"plans\"\n[[cache.resources]]\nname = \"r\"\nshape = \"row\"\n\
+                 sql = \"{sql}\"\nparams = [\"id\"]\ntags = [\"{tag}\"]\nttl_ms = 1000\nglobal = {global}\n"
+            )
+        };
+        let tenant_sql = "SELECT id FROM plans WHERE tenant = $tenant AND id = $1";
+        let global_sql = "SELECT id FROM res_users WHERE id = $1";
+        for (global, sql, tag, expected) in [
+            (false, tenant_sql, "plans.id=$1", "\"plans\" has no tenant_column"),
+            (false, tenant_sql, "plans", "\"plans\" has no tenant_column"),
+            (true, global_sql, "res_users.id=$1", "\"res_users\" has a tenant_column"),
+        ] {
+            let err = Config::load(&text(global, sql, tag), &BTreeMap::new()).unwrap_err().to_string();
+            assert!(err.contains("cache.resources[0] (r).tags") && err.contains(expected), "{err}");
+        }
+        Config::load(&text(true, "SELECT id FROM plans WHERE id = $1", "plans.id=$1"), &BTreeMap::new()).unwrap();
+        let tenant_ok = "SELECT id FROM res_users WHERE tenant_id = $tenant AND id = $1";
+        Config::load(&text(false, tenant_ok, "res_users.id=$1"), &BTreeMap::new()).unwrap();
+    }
+
+    #[test]
     fn tokens_are_checked() {
         let load = |t: &str| Config::load(&format!("[[cache.tokens]]\nname = \"a\"\n{t}"), &BTreeMap::new());
         assert!(load("token = \"short\"\ntenants = [\"acme\"]").unwrap_err().to_string().contains("at least 16"));
@@ -328,6 +441,19 @@ mod tests {
         assert!(load("token_env = \"T\"\ntenants = []").unwrap_err().to_string().contains("tenants"));
         assert!(load("token_env = \"T\"\ntenants = [\"a b\"]").unwrap_err().to_string().contains("tenant id"));
         load("token_env = \"T\"\ntenants = [\"*\"]").unwrap();
+        let two = |a: &str, b: &str| {
+            let text = format!(
+                "[[cache.tokens]]\nname = \"a\"\n{a}\ntenants = [\"acme\"]\n\
+                 [[cache.tokens]]\nname = \"b\"\n{b}\ntenants = [\"*\"]\n"
+            );
+            Config::load(&text, &BTreeMap::new()).map_err(|e| e.to_string())
+        };
+        let err = two("token = \"0123456789abcdef\"", "token = \"0123456789abcdef\"").unwrap_err();
+        assert!(err.contains("cache.tokens[1] (b).token") && err.contains("same secret as a"), "{err}");
+        let err = two("token_env = \"T\"", "token_env = \"T\"").unwrap_err();
+        assert!(err.contains("cache.tokens[1] (b).token_env") && err.contains("same secret as a"), "{err}");
+        let config = two("token_env = \"T\"", "token = \"0123456789abcdef\"").unwrap();
+        assert!(!format!("{config:?}").contains("0123456789abcdef"), "a secret in Debug output");
     }
 
     #[test]
