@@ -136,7 +136,7 @@ impl Applier {
         tracing::warn!(entry_id = %entry.id, %reason, "malformed stream entry moved to the dead stream");
         let payload = entry.payload.clone().unwrap_or_default();
         let dead = self.keys.dead_stream();
-        stream::append_dead_letter(&self.redis.next(), &dead, &entry.id, reason, payload, DEAD_STREAM_MAX_LEN).await
+        stream::append_dead_letter(self.redis.next(), &dead, &entry.id, reason, payload, DEAD_STREAM_MAX_LEN).await
     }
 }
 
