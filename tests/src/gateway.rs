@@ -269,6 +269,23 @@ impl WsClient {
         }
     }
 
+    /// Sends a WebSocket ping every `every` and reads until the socket
+    /// closes; returns how it closed (panics if it stays open for 10 s).
+    pub async fn ping_until_closed(&mut self, every: Duration) -> Closed {
+        let mut tick = tokio::time::interval(every);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            assert!(tokio::time::Instant::now() < deadline, "socket still open after 10 s of pings");
+            tokio::select! {
+                frame = self.next_raw() => if let Err(closed) = frame { return closed },
+                _ = tick.tick() => {
+                    // The server may have closed already: the read says how.
+                    let _ = self.stream.send(Message::Ping(Vec::new().into())).await;
+                }
+            }
+        }
+    }
+
     /// Reads until the socket closes; returns the close and the
     /// `disconnect` frame if one came.
     pub async fn closed(&mut self) -> (Closed, Option<Value>) {

@@ -127,9 +127,10 @@ async fn close(writer: &Writer, ctx: &Ctx, code: CloseCode, reason: &str) {
 
 /// Reads the `connect` frame and verifies its token.
 async fn handshake(ws: &mut Ws, ctx: &Ctx) -> Result<(Claims, Option<u64>), End> {
-    let deadline = Duration::from_millis(ctx.gateway.connect_timeout_ms);
+    // One deadline for the whole handshake: pings do not extend it.
+    let deadline = Instant::now() + Duration::from_millis(ctx.gateway.connect_timeout_ms);
     let first = loop {
-        match tokio::time::timeout(deadline, ws.next()).await {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => return Err(End::Close(CloseCode::ConnectTimeout, "no connect frame".into())),
             Ok(None) => return Err(End::Gone),
             Ok(Some(Err(e))) => return Err(recv_error(e)),

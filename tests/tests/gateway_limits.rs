@@ -1,0 +1,44 @@
+//! The gateway under hostile or careless clients: sockets that never
+//! authenticate, slow request heads, oversize publishes, expired tokens,
+//! reserved idempotency keys, floods. Each limit is checked with the input
+//! that crosses it, and the node keeps serving others.
+
+use std::time::Duration;
+
+use herald_tests::gateway::{GatewayHandle, SERVICE_TOKEN, WsClient, configure, http_publish, team_token};
+use herald_tests::{Sandbox, assert_eventually};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn sandbox() -> Sandbox {
+    Sandbox::start_with(configure).await
+}
+
+/// An upgrade attempt's outcome: 101 or the refusal's status.
+async fn upgrade_status(gw: &GatewayHandle) -> u16 {
+    match tokio_tungstenite::connect_async(gw.ws_url()).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("unexpected upgrade error: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_only_pings_is_closed_at_the_connect_timeout() {
+    let sb = sandbox().await;
+    let gw = sb
+        .spawn_gateway_with(|c| {
+            c.gateway.connect_timeout_ms = 500;
+            c.gateway.limits.max_connections = 1;
+        })
+        .await;
+    let mut pinger = WsClient::open(&gw).await;
+    // Pings every 200 ms, never a `connect` frame.
+    let closed = pinger.ping_until_closed(Duration::from_millis(200)).await;
+    assert_eq!(closed.code, 4004, "{closed:?}");
+    // Its slot is free: the next client gets in.
+    assert_eventually!(5, async { upgrade_status(&gw).await == 101 }, "the slot was not released");
+    let mut next = WsClient::connect(&gw, &team_token("acme", "next")).await;
+    assert_eq!(next.subscribe("team:1").await["type"], "subscribed");
+    sb.cleanup().await;
+}
