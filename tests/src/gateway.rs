@@ -188,6 +188,12 @@ impl WsClient {
         Self { stream, next_id: 1, buffered: Default::default() }
     }
 
+    /// Opens a socket, or `None` when the upgrade is refused.
+    pub async fn try_open(gateway: &GatewayHandle) -> Option<Self> {
+        let (stream, _) = tokio_tungstenite::connect_async(gateway.ws_url()).await.ok()?;
+        Some(Self { stream, next_id: 1, buffered: Default::default() })
+    }
+
     /// Opens a socket and connects with `token`; panics unless connected.
     pub async fn connect(gateway: &GatewayHandle, token: &str) -> Self {
         let mut client = Self::open(gateway).await;

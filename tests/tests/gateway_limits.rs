@@ -5,22 +5,12 @@
 
 use std::time::Duration;
 
-use herald_tests::gateway::{GatewayHandle, SERVICE_TOKEN, WsClient, configure, http_publish, team_token};
+use herald_tests::gateway::{WsClient, configure, team_token};
 use herald_tests::{Sandbox, assert_eventually};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
 async fn sandbox() -> Sandbox {
     Sandbox::start_with(configure).await
-}
-
-/// An upgrade attempt's outcome: 101 or the refusal's status.
-async fn upgrade_status(gw: &GatewayHandle) -> u16 {
-    match tokio_tungstenite::connect_async(gw.ws_url()).await {
-        Ok(_) => 101,
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(other) => panic!("unexpected upgrade error: {other}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,8 +27,18 @@ async fn a_socket_that_only_pings_is_closed_at_the_connect_timeout() {
     let closed = pinger.ping_until_closed(Duration::from_millis(200)).await;
     assert_eq!(closed.code, 4004, "{closed:?}");
     // Its slot is free: the next client gets in.
-    assert_eventually!(5, async { upgrade_status(&gw).await == 101 }, "the slot was not released");
-    let mut next = WsClient::connect(&gw, &team_token("acme", "next")).await;
+    let mut next = None;
+    assert_eventually!(
+        5,
+        async {
+            next = WsClient::try_open(&gw).await;
+            next.is_some()
+        },
+        "the slot was not released"
+    );
+    let mut next = next.unwrap();
+    let reply = next.request(json!({"type": "connect", "token": team_token("acme", "next")})).await;
+    assert_eq!(reply["type"], "connected", "{reply}");
     assert_eq!(next.subscribe("team:1").await["type"], "subscribed");
     sb.cleanup().await;
 }

@@ -27,7 +27,6 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt as _;
 use fred::prelude::*;
 use herald_core::config::{Config, GatewayConfig};
 use herald_core::keys::KeySpace;
@@ -86,7 +85,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let verifier = Verifier::new(&config.gateway, env)?;
     let service_auth = ServiceAuth::new(&config.gateway, env)?;
     let metrics = Metrics::default();
-    let (readiness, ops_task) = herald_core::ops::start(listeners.ops, |r| metrics.register(r), shutdown.clone());
+    let (readiness, ops_task) =
+        herald_core::ops::start_with(listeners.ops, |r| metrics.register(r), &config.http, shutdown.clone());
     let ready = readiness.flag("redis");
 
     let keys = KeySpace::new(&config.env)?;
@@ -133,16 +133,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let app = router(ctx.clone(), publisher.clone());
     let http_addr = listeners.http.local_addr()?;
     let http = {
-        let shutdown = shutdown.clone();
-        // Small frames go out at once (no Nagle delay behind an unacked one).
-        let listener = listeners.http.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY not set");
-            }
-        });
-        tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
-        })
+        let (shutdown, http_config) = (shutdown.clone(), config.http.clone());
+        tokio::spawn(async move { herald_core::serve::serve(listeners.http, app, &http_config, shutdown).await })
     };
     let grpc = listeners.grpc.map(|listener| {
         let shutdown = shutdown.clone();

@@ -44,6 +44,9 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// Limits of every HTTP listener.
+    #[serde(default)]
+    pub http: crate::serve::HttpConfig,
     /// The watched tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
@@ -260,6 +263,7 @@ impl Config {
         }
         self.cache.validate(&self.tables)?;
         self.gateway.validate()?;
+        self.http.validate()?;
         let mut names = HashSet::new();
         for (i, t) in self.tables.iter().enumerate() {
             let at = |field: &str| format!("tables[{i}] ({}).{field}", t.name);
