@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use herald_tests::gateway::{WsClient, configure, team_token};
+use herald_proto::v1::PublishRequest;
+use herald_tests::gateway::{SERVICE_TOKEN, WsClient, configure, grpc_publish, team_token};
 use herald_tests::{Sandbox, assert_eventually};
 use serde_json::json;
 
@@ -40,5 +41,31 @@ async fn a_socket_that_only_pings_is_closed_at_the_connect_timeout() {
     let reply = next.request(json!({"type": "connect", "token": team_token("acme", "next")})).await;
     assert_eq!(reply["type"], "connected", "{reply}");
     assert_eq!(next.subscribe("team:1").await["type"], "subscribed");
+    sb.cleanup().await;
+}
+
+fn publish_request(channel: &str, data: String) -> PublishRequest {
+    PublishRequest { tenant: "acme".into(), channel: channel.into(), data: data.into(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_grpc_publish_is_refused_unread_and_the_gateway_keeps_serving() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway_with(|c| c.gateway.limits.max_publication_bytes = 1024).await;
+    let mut client = WsClient::connect(&gw, &team_token("acme", "alice")).await;
+    client.subscribe("team:5").await;
+    // Far over twice the publication limit: refused by the decoder.
+    let huge = format!("\"{}\"", "x".repeat(64 * 1024));
+    let refused = grpc_publish(&gw, SERVICE_TOKEN, publish_request("team:5", huge)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    // Over the publication limit but decodable: refused with the limit named.
+    let big = format!("\"{}\"", "x".repeat(1500));
+    let refused = grpc_publish(&gw, SERVICE_TOKEN, publish_request("team:5", big)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("limit is 1024"), "{refused:?}");
+    // The node still serves.
+    let ok = grpc_publish(&gw, SERVICE_TOKEN, publish_request("team:5", r#"{"n":1}"#.into())).await;
+    assert_eq!(ok.expect("publish after the refusal").offset, 1);
+    assert_eq!(client.next_pub().await["data"]["n"], 1);
     sb.cleanup().await;
 }

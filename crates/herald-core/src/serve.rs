@@ -1,9 +1,11 @@
-//! Serves an axum router over HTTP/1.1 with the limits a public port needs:
+//! Listener limits. HTTP: serves an axum router over HTTP/1.1 with the
+//! limits a public port needs:
 //! a deadline for each request head (slowloris), which also closes idle
 //! keep-alive connections (hyper starts it when it waits for the next
 //! request), TCP_NODELAY, and graceful shutdown. Every Herald HTTP listener
 //! (the gateway's public port, the cache API's HTTP port, the ops ports)
-//! goes through [`serve`].
+//! goes through [`serve`]. gRPC: [`GrpcConfig::server`] is the tonic
+//! server builder every gRPC listener starts from.
 //!
 //! Upgrades (WebSocket) work: the connection is hyper-util's `auto` one, so
 //! `hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>`
@@ -46,6 +48,50 @@ impl HttpConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         if self.header_read_timeout_ms == 0 {
             return Err(Error::Config("http.header_read_timeout_ms: must be greater than 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `[grpc]`: limits of every gRPC listener (the cache API's and the
+/// gateway's). Each service also bounds the size of a decoded message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Requests of one connection being handled at once; more wait.
+    pub concurrency_limit_per_connection: usize,
+    /// A call must produce its response within this (the whole of a unary
+    /// call; a streaming `WatchInvalidations` only until its stream starts).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self { max_concurrent_streams: 200, concurrency_limit_per_connection: 64, request_timeout_ms: 30_000 }
+    }
+}
+
+impl GrpcConfig {
+    /// A tonic server builder with these limits.
+    pub fn server(&self) -> tonic::transport::Server {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .concurrency_limit_per_connection(self.concurrency_limit_per_connection)
+            .timeout(Duration::from_millis(self.request_timeout_ms))
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let positive = [
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams as u64),
+            ("grpc.concurrency_limit_per_connection", self.concurrency_limit_per_connection as u64),
+            ("grpc.request_timeout_ms", self.request_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("{key}: must be greater than 0")));
+            }
         }
         Ok(())
     }

@@ -135,7 +135,9 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
+        config
+            .grpc
+            .server()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)

@@ -136,14 +136,21 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let (shutdown, http_config) = (shutdown.clone(), config.http.clone());
         tokio::spawn(async move { herald_core::serve::serve(listeners.http, app, &http_config, shutdown).await })
     };
+    // A publication's data travels as bytes: twice the limit leaves room
+    // for the request's other fields, and anything larger is refused from
+    // its length prefix, before it is read.
+    let decode_limit = ctx.gateway.limits.max_publication_bytes * 2 + 4096;
     let grpc = listeners.grpc.map(|listener| {
         let shutdown = shutdown.clone();
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(PublisherServer::new(publisher))
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
-                    shutdown.cancelled().await
-                }),
+            config
+                .grpc
+                .server()
+                .add_service(PublisherServer::new(publisher).max_decoding_message_size(decode_limit))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled_owned(),
+                ),
         )
     });
     tracing::info!(%http_addr, node = %ctx.node, "gateway started");

@@ -47,6 +47,9 @@ pub struct Config {
     /// Limits of every HTTP listener.
     #[serde(default)]
     pub http: crate::serve::HttpConfig,
+    /// Limits of every gRPC listener.
+    #[serde(default)]
+    pub grpc: crate::serve::GrpcConfig,
     /// The watched tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
@@ -264,6 +267,7 @@ impl Config {
         self.cache.validate(&self.tables)?;
         self.gateway.validate()?;
         self.http.validate()?;
+        self.grpc.validate()?;
         let mut names = HashSet::new();
         for (i, t) in self.tables.iter().enumerate() {
             let at = |field: &str| format!("tables[{i}] ({}).{field}", t.name);
