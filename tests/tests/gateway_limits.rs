@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use herald_proto::v1::PublishRequest;
-use herald_tests::gateway::{SERVICE_TOKEN, WsClient, configure, grpc_publish, team_token};
+use herald_tests::gateway::{SERVICE_TOKEN, WsClient, configure, grpc_publish, http_publish, mint, team_token};
 use herald_tests::{Sandbox, assert_eventually};
 use serde_json::json;
 
@@ -67,5 +67,25 @@ async fn an_oversize_grpc_publish_is_refused_unread_and_the_gateway_keeps_servin
     let ok = grpc_publish(&gw, SERVICE_TOKEN, publish_request("team:5", r#"{"n":1}"#.into())).await;
     assert_eq!(ok.expect("publish after the refusal").offset, 1);
     assert_eq!(client.next_pub().await["data"]["n"], 1);
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_is_closed_when_its_token_expires() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway_with(|c| c.gateway.jwt_leeway_s = 1).await;
+    let short = mint("hs1", "acme", "alice", json!(["team:*"]), 2);
+    let mut client = WsClient::connect(&gw, &short).await;
+    assert_eq!(client.subscribe("team:1").await["type"], "subscribed");
+    let mut other = WsClient::connect(&gw, &team_token("acme", "bob")).await;
+    assert_eq!(other.subscribe("team:1").await["type"], "subscribed");
+    let (closed, disconnect) = client.closed().await;
+    assert_eq!(closed.code, 4502, "{closed:?}");
+    assert_eq!(disconnect.expect("a disconnect frame first")["reconnect"], false);
+    // The other socket is untouched.
+    let (status, _) =
+        http_publish(&gw, Some(SERVICE_TOKEN), &json!({"tenant": "acme", "channel": "team:1", "data": 1})).await;
+    assert_eq!(status, 200);
+    assert_eq!(other.next_pub().await["data"], 1);
     sb.cleanup().await;
 }

@@ -207,10 +207,13 @@ impl Conn<'_> {
         tokio::pin!(shutdown);
         let writer = self.writer.clone();
         let mut wake = std::pin::pin!(writer.wake.notified());
+        let expiry = tokio::time::sleep_until(token_deadline(self.claims.valid_until));
+        tokio::pin!(expiry);
         loop {
             let pending = writer.has_pending();
             tokio::select! {
                 _ = &mut shutdown => return End::Close(CloseCode::Shutdown, "node shutting down".into()),
+                _ = &mut expiry => return End::Close(CloseCode::TokenExpired, "token expired".into()),
                 _ = &mut wake => {
                     wake.set(writer.wake.notified());
                     if let Some(end) = Box::pin(self.on_wake()).await {
@@ -439,6 +442,12 @@ impl Conn<'_> {
             self.end_subscription(&channel).await;
         }
     }
+}
+
+/// The instant a token valid until `valid_until` (Unix seconds) runs out.
+fn token_deadline(valid_until: u64) -> Instant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Instant::now() + Duration::from_secs(valid_until).saturating_sub(now)
 }
 
 fn error(id: Option<u64>, code: u16, message: &str) -> String {

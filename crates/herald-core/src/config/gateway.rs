@@ -24,8 +24,13 @@ pub struct GatewayConfig {
     pub grpc_addr: String,
     /// Keys that verify client tokens, chosen by the token's `kid`.
     pub jwt_keys: Vec<JwtKey>,
-    /// Clock skew allowed when checking `exp` and `nbf`, seconds.
+    /// Clock skew allowed when checking `exp` and `nbf`, seconds. A socket
+    /// is closed (4502) once its token's `exp` plus this has passed.
     pub jwt_leeway_s: u64,
+    /// When set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this `aud` (or list it).
+    pub jwt_audience: Option<String>,
     /// Bearer tokens of the app servers that may publish.
     pub service_tokens: Vec<ServiceToken>,
     /// Channel namespaces (`team` in `team:42`); other namespaces are refused.
@@ -50,6 +55,8 @@ impl Default for GatewayConfig {
             grpc_addr: "0.0.0.0:50052".into(),
             jwt_keys: Vec::new(),
             jwt_leeway_s: 5,
+            jwt_issuer: None,
+            jwt_audience: None,
             service_tokens: Vec::new(),
             namespaces: vec![NamespaceConfig::default()],
             limits: GatewayLimits::default(),
