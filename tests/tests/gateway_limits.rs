@@ -89,3 +89,28 @@ async fn a_socket_is_closed_when_its_token_expires() {
     assert_eq!(other.next_pub().await["data"], 1);
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_of_broadcast_are_reserved() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway().await;
+    let mut client = WsClient::connect(&gw, &team_token("acme", "alice")).await;
+    client.subscribe("team:77").await;
+    // Broadcast's own keys are `ev:{event_id}:team:{team}`: a service must
+    // not be able to pre-empt a row change's publication.
+    let body = json!({"tenant": "acme", "channel": "team:77", "data": 1, "idempotency_key": "ev:db:42:team:77"});
+    let (status, reply) = http_publish(&gw, Some(SERVICE_TOKEN), &body).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"].as_str().unwrap_or("").contains("reserved prefix"), "{reply}");
+    let mut request = publish_request("team:77", "1".into());
+    request.idempotency_key = "ev:db:42:team:77".into();
+    let refused = grpc_publish(&gw, SERVICE_TOKEN, request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("reserved prefix"), "{refused:?}");
+    // Other keys, even ones containing `ev:`, are fine; nothing was published before.
+    let body = json!({"tenant": "acme", "channel": "team:77", "data": 2, "idempotency_key": "order-ev:1"});
+    assert_eq!(http_publish(&gw, Some(SERVICE_TOKEN), &body).await.0, 200);
+    let p = client.next_pub().await;
+    assert_eq!((p["offset"].as_u64(), &p["data"]), (Some(1), &json!(2)));
+    sb.cleanup().await;
+}
