@@ -114,3 +114,25 @@ async fn idempotency_keys_of_broadcast_are_reserved() {
     assert_eq!((p["offset"].as_u64(), &p["data"]), (Some(1), &json!(2)));
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recover_with_a_wrong_epoch_reads_no_history() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway().await;
+    for n in 1..=50 {
+        let (status, _) =
+            http_publish(&gw, Some(SERVICE_TOKEN), &json!({"tenant": "acme", "channel": "team:3", "data": n})).await;
+        assert_eq!(status, 200);
+    }
+    let mut client = WsClient::connect(&gw, &team_token("acme", "alice")).await;
+    let reply = client.subscribe_recover("team:3", 0, "not-the-epoch").await;
+    assert_eq!((reply["recovered"].as_bool(), reply["missed"].as_u64()), (Some(false), Some(0)), "{reply}");
+    assert_eq!(gw.metric("herald_gateway_recovery_reads_total").await, 0.0, "history was read for a wrong epoch");
+    // With the right epoch, exactly what was missed is read.
+    let epoch = reply["epoch"].as_str().unwrap().to_string();
+    let mut other = WsClient::connect(&gw, &team_token("acme", "bob")).await;
+    let reply = other.subscribe_recover("team:3", 45, &epoch).await;
+    assert_eq!((reply["recovered"].as_bool(), reply["missed"].as_u64()), (Some(true), Some(5)), "{reply}");
+    assert_eq!(gw.metric("herald_gateway_recovery_reads_total").await, 5.0);
+    sb.cleanup().await;
+}

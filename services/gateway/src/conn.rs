@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt as _, StreamExt as _};
-use herald_core::channel::{self, Channel, ChannelKeys, HistoryOptions};
+use herald_core::channel::{Channel, ChannelKeys, HistoryOptions};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_tungstenite::WebSocketStream;
@@ -23,6 +23,7 @@ use crate::hub::{ConnId, SubLink};
 use crate::limits::Bucket;
 use crate::metrics::{CodeLabel, ResultLabel};
 use crate::protocol::{ClientFrame, CloseCode, Position, ServerFrame, publication_frame};
+use crate::recovery;
 use crate::socket::{self, ConnIo, Writer};
 
 /// How long a subscribe waits for the node's Redis subscription before it
@@ -346,10 +347,10 @@ impl Conn<'_> {
         self.subs.insert(key, Sub { pubsub: pubsub.clone(), link: link.clone(), presence: None });
 
         let active = self.ctx.hub.wait_active(&pubsub, ACTIVE_WAIT).await;
-        let limit = if recover.is_some() { history.size } else { 0 };
-        let since = recover.as_ref().map_or(0, |p| p.offset);
         let read = if active {
-            channel::history_since(&self.ctx.redis, self.ctx.hub.keys(), &tenant, &channel, since, limit).await.ok()
+            let max_bytes = self.ctx.gateway.limits.max_queue_bytes;
+            let (redis, keys) = (&self.ctx.redis, self.ctx.hub.keys());
+            recovery::read(redis, keys, &tenant, &channel, recover.as_ref(), history.size, max_bytes).await.ok()
         } else {
             None
         };
@@ -379,30 +380,27 @@ impl Conn<'_> {
             socket::put_text(&mut replies, &frame.text());
             return self.written(link.go_live(None, true, replies.freeze()));
         };
+        self.ctx.metrics.recovery_reads.inc_by(h.read);
         let epoch = h.epoch.clone().unwrap_or_default();
-        let recovered =
-            recover.as_ref().map(|p| h.epoch.as_deref() == Some(p.epoch.as_str()) && h.complete_after(p.offset));
+        let recovered = h.recovered;
         if let Some(ok) = recovered {
             let result = if ok { "recovered" } else { "not_recovered" };
             self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result }).inc();
         }
-        let position = h.epoch.as_ref().map(|_| (Arc::<str>::from(epoch.as_str()), h.offset));
-        let missed = if recovered == Some(true) { h.publications.len() } else { 0 };
+        let position = h.epoch.as_ref().map(|_| (Arc::<str>::from(epoch.as_str()), h.head));
         let frame = ServerFrame::Subscribed {
             id,
             channel: name,
-            offset: h.offset,
+            offset: h.head,
             epoch: &epoch,
             recovered,
-            missed,
+            missed: h.publications.len(),
             degraded: false,
         };
         socket::put_text(&mut replies, &frame.text());
-        if recovered == Some(true) {
-            for p in &h.publications {
-                if let Ok(data) = std::str::from_utf8(&p.data) {
-                    socket::put_text(&mut replies, &publication_frame(name, p.offset, &epoch, data));
-                }
+        for p in &h.publications {
+            if let Ok(data) = std::str::from_utf8(&p.data) {
+                socket::put_text(&mut replies, &publication_frame(name, p.offset, &epoch, data));
             }
         }
         self.written(link.go_live(position, false, replies.freeze()))

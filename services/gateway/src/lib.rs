@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod presence;
 pub mod protocol;
 pub mod publish;
+pub mod recovery;
 pub mod socket;
 pub mod subscriber;
 
