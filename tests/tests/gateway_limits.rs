@@ -136,3 +136,36 @@ async fn a_recover_with_a_wrong_epoch_reads_no_history() {
     assert_eq!(gw.metric("herald_gateway_recovery_reads_total").await, 5.0);
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_cannot_use_up_the_publish_apis_rate() {
+    let sb = sandbox().await;
+    let gw = sb
+        .spawn_gateway_with(|c| {
+            c.gateway.limits.tenant_ops_per_s = 1;
+            c.gateway.limits.publish_ops_per_s = 2;
+        })
+        .await;
+    // Untrusted clients of acme use up the tenant's bucket...
+    let mut client = WsClient::connect(&gw, &team_token("acme", "mallory")).await;
+    let mut refused = false;
+    for n in 0..20 {
+        let reply = client.subscribe(&format!("team:{n}")).await;
+        if reply["code"] == 429 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the clients' bucket never ran out");
+    // ...and the app's publish API still gets through, on its own bucket.
+    let body = json!({"tenant": "acme", "channel": "team:1", "data": 1});
+    let (status, reply) = http_publish(&gw, Some(SERVICE_TOKEN), &body).await;
+    assert_eq!(status, 200, "{reply}");
+    // Which has its own limit.
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(http_publish(&gw, Some(SERVICE_TOKEN), &body).await.0);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    sb.cleanup().await;
+}

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{ServiceAuth, Verifier};
 use crate::hub::Hub;
-use crate::limits::{Bucket, TenantLimiter};
+use crate::limits::{Bucket, TenantBucket, TenantLimiter};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::presence::Presence;
 use crate::publish::Publisher;
@@ -59,7 +59,10 @@ pub struct Ctx {
     pub gateway: GatewayConfig,
     pub hub: Arc<Hub>,
     pub verifier: Verifier,
+    /// WebSocket clients' connects and subscribes.
     pub tenant_limiter: TenantLimiter,
+    /// The publish API's calls.
+    pub publish_limiter: TenantLimiter,
     pub presence: Arc<Presence>,
     pub metrics: Metrics,
     pub redis: Pool,
@@ -101,9 +104,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         hub: hub.clone(),
         verifier,
         tenant_limiter: TenantLimiter::new(
+            TenantBucket::Clients,
             redis.clone(),
             keys.clone(),
             limits.tenant_ops_per_s,
+            metrics.clone(),
+            hub.redis_flag(),
+        ),
+        publish_limiter: TenantLimiter::new(
+            TenantBucket::Publish,
+            redis.clone(),
+            keys.clone(),
+            limits.publish_ops_per_s,
             metrics.clone(),
             hub.redis_flag(),
         ),

@@ -159,7 +159,7 @@ impl Publisher {
             }
             None => None,
         };
-        if !self.ctx.tenant_limiter.take(&tenant).await {
+        if !self.ctx.publish_limiter.take(&tenant).await {
             self.ctx.metrics.rate_limited.inc();
             return Err(PublishError::RateLimited);
         }

@@ -168,10 +168,14 @@ pub struct GatewayLimits {
     pub max_subscriptions_per_connection: usize,
     /// Commands one connection may send per second (burst: twice this).
     pub connection_commands_per_s: u32,
-    /// Commands plus publications per second for one tenant across all
-    /// gateway nodes (a token bucket in Redis; each node falls back to a
-    /// local bucket of the same size while Redis is down).
+    /// Connects and subscribes of WebSocket clients per second for one
+    /// tenant across all gateway nodes (a token bucket in Redis; each node
+    /// falls back to a local bucket of the same size while Redis is down).
     pub tenant_ops_per_s: u32,
+    /// Publish API calls per second for one tenant across all gateway
+    /// nodes: a bucket of its own, so untrusted clients cannot use up the
+    /// app servers' publications.
+    pub publish_ops_per_s: u32,
     /// Server pings this often; a client that has not answered (any frame) in
     /// `ping_timeout_ms` is closed.
     pub ping_interval_ms: u64,
@@ -189,6 +193,7 @@ impl Default for GatewayLimits {
             max_subscriptions_per_connection: 128,
             connection_commands_per_s: 50,
             tenant_ops_per_s: 5_000,
+            publish_ops_per_s: 5_000,
             ping_interval_ms: 25_000,
             ping_timeout_ms: 60_000,
         }
@@ -211,6 +216,7 @@ impl GatewayConfig {
             ("limits.max_subscriptions_per_connection", l.max_subscriptions_per_connection as u64),
             ("limits.connection_commands_per_s", l.connection_commands_per_s as u64),
             ("limits.tenant_ops_per_s", l.tenant_ops_per_s as u64),
+            ("limits.publish_ops_per_s", l.publish_ops_per_s as u64),
             ("limits.ping_interval_ms", l.ping_interval_ms),
             ("presence_ttl_ms", self.presence_ttl_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
