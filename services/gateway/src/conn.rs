@@ -373,6 +373,7 @@ impl Conn<'_> {
                 channel: name,
                 offset: 0,
                 epoch: "",
+                head: 0,
                 recovered: recover.map(|_| false),
                 missed: 0,
                 degraded: true,
@@ -388,11 +389,18 @@ impl Conn<'_> {
             self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result }).inc();
         }
         let position = h.epoch.as_ref().map(|_| (Arc::<str>::from(epoch.as_str()), h.head));
+        // What the client stores must never run ahead of what it has
+        // received: during a replay that is where the replay starts.
+        let offset = match (&recover, recovered) {
+            (Some(from), Some(true)) => from.offset,
+            _ => h.head,
+        };
         let frame = ServerFrame::Subscribed {
             id,
             channel: name,
-            offset: h.head,
+            offset,
             epoch: &epoch,
+            head: h.head,
             recovered,
             missed: h.publications.len(),
             degraded: false,
