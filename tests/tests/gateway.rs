@@ -449,6 +449,7 @@ async fn node_limits_refuse_connections_and_commands() {
         .spawn_gateway_with(|c| {
             c.gateway.limits.max_connections = 1;
             c.gateway.limits.connection_commands_per_s = 2;
+            c.gateway.limits.max_subscriptions_per_connection = 1;
         })
         .await;
     let mut first = WsClient::connect(&gw, &team_token("acme", "a")).await;
@@ -458,7 +459,8 @@ async fn node_limits_refuse_connections_and_commands() {
         other => panic!("second socket was not refused: {:?}", other.map(|_| ())),
     };
     assert_eq!(status, 503);
-    // A burst of commands over the connection's bucket (burst 4) closes it.
+    // A burst of commands over the connection's bucket (burst 2 × 2 + 1)
+    // closes it.
     for _ in 0..10 {
         first.send(json!({"type": "ping"})).await;
     }

@@ -169,3 +169,27 @@ async fn websocket_clients_cannot_use_up_the_publish_apis_rate() {
     assert!(statuses.contains(&429), "{statuses:?}");
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_to_every_allowed_channel_at_connect_is_not_a_flood() {
+    let sb = sandbox().await;
+    // A command rate far below the subscription limit (the defaults are
+    // 50/s and 128): the burst must still cover subscribing to everything.
+    let max = 40;
+    let gw = sb
+        .spawn_gateway_with(|c| {
+            c.gateway.limits.connection_commands_per_s = 1;
+            c.gateway.limits.max_subscriptions_per_connection = max;
+        })
+        .await;
+    let mut client = WsClient::connect(&gw, &team_token("acme", "alice")).await;
+    for n in 0..max {
+        client.send(json!({"type": "subscribe", "id": n + 1, "channel": format!("team:{n}")})).await;
+    }
+    for _ in 0..max {
+        let frame = client.next_frame().await.unwrap_or_else(|closed| panic!("closed: {closed:?}"));
+        assert_eq!(frame["type"], "subscribed", "{frame}");
+    }
+    assert_eq!(client.request(json!({"type": "ping"})).await["type"], "pong");
+    sb.cleanup().await;
+}

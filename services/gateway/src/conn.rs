@@ -82,6 +82,9 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
             Ok((claims, request_id)) => {
                 tracing::Span::current().record("tenant", claims.tenant.as_str());
                 let rate = limits.connection_commands_per_s as f64;
+                // A client subscribing to all its channels right after
+                // connecting is not flooding: the burst covers that.
+                let burst = rate * 2.0 + limits.max_subscriptions_per_connection as f64;
                 let mut conn = Conn {
                     ctx: &ctx,
                     id,
@@ -89,7 +92,7 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
                     claims,
                     writer: writer.clone(),
                     subs: HashMap::new(),
-                    commands: Bucket::new(rate, rate * 2.0),
+                    commands: Bucket::new(rate, burst),
                 };
                 let end = conn.run(&mut ws, request_id).await;
                 conn.release().await;

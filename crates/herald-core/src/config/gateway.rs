@@ -166,7 +166,9 @@ pub struct GatewayLimits {
     pub max_publication_bytes: usize,
     /// Channels one connection may be subscribed to.
     pub max_subscriptions_per_connection: usize,
-    /// Commands one connection may send per second (burst: twice this).
+    /// Commands one connection may send per second (burst: twice this plus
+    /// `max_subscriptions_per_connection`, so a client may subscribe to all
+    /// its channels at connect).
     pub connection_commands_per_s: u32,
     /// Connects and subscribes of WebSocket clients per second for one
     /// tenant across all gateway nodes (a token bucket in Redis; each node
