@@ -206,6 +206,18 @@ impl WsClient {
         self.stream.send(Message::text(frame.to_string())).await.expect("send frame");
     }
 
+    /// Sends `frame` `n` times as fast as the socket takes them, without
+    /// reading; stops at the first error (the server closed).
+    pub async fn flood(&mut self, frame: Value, n: usize) {
+        let text = frame.to_string();
+        for _ in 0..n {
+            if self.stream.feed(Message::text(text.clone())).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.stream.flush().await;
+    }
+
     pub async fn send_raw(&mut self, message: Message) {
         self.stream.send(message).await.expect("send frame");
     }

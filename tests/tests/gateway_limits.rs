@@ -193,3 +193,22 @@ async fn subscribing_to_every_allowed_channel_at_connect_is_not_a_flood() {
     assert_eq!(client.request(json!({"type": "ping"})).await["type"], "pong");
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_sees_the_rate_limit_close_code() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway_with(|c| c.gateway.limits.connection_commands_per_s = 5).await;
+    for attempt in 0..3 {
+        let mut client = WsClient::connect(&gw, &team_token("acme", "flood")).await;
+        // Far more than the burst, written before reading anything: the
+        // server closes while the client's frames are still unread.
+        client.flood(json!({"type": "ping"}), 5_000).await;
+        let (closed, disconnect) = client.closed().await;
+        assert_eq!(closed.code, 4003, "attempt {attempt}: {closed:?}");
+        assert_eq!(disconnect.expect("a disconnect frame first")["code"], 4003);
+    }
+    // Others are served meanwhile.
+    let mut calm = WsClient::connect(&gw, &team_token("acme", "calm")).await;
+    assert_eq!(calm.subscribe("team:1").await["type"], "subscribed");
+    sb.cleanup().await;
+}

@@ -34,6 +34,10 @@ const ACTIVE_WAIT: Duration = Duration::from_secs(3);
 /// (its subscriptions and queue are released before).
 const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(15);
 
+/// How long a closed connection keeps reading (and discarding) what its
+/// client still sends, so that the close frame is not lost to a reset.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 type Ws = WebSocketStream<ConnIo>;
 
 /// One subscription of a connection.
@@ -107,6 +111,7 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
             }
             tracing::debug!(code = code as u16, %reason, "closing websocket");
             close(&writer, &ctx, code, &reason).await;
+            linger(&mut ws).await;
         }
     }
     .instrument(span)
@@ -127,6 +132,22 @@ async fn close(writer: &Writer, ctx: &Ctx, code: CloseCode, reason: &str) {
     // has to read before it sees why it was closed.
     let wait = if code == CloseCode::Slow { SLOW_CLOSE_WAIT } else { Duration::from_secs(2) };
     writer.finish(frames.freeze(), wait).await;
+}
+
+/// After the close frame: reads (and ignores) what the client still sends
+/// until its own close frame arrives, or it goes, or [`CLOSE_LINGER`]
+/// passes. Closing a socket with unread bytes makes the kernel reset it,
+/// and the reset can discard the close frame before the client reads it
+/// (the client then sees 1006, not the code that tells it why).
+async fn linger(ws: &mut Ws) {
+    let drained = async {
+        while let Some(Ok(message)) = ws.next().await {
+            if matches!(message, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, drained).await;
 }
 
 /// Reads the `connect` frame and verifies its token.
