@@ -7,6 +7,7 @@
 #   - docker-compose config -q   (docker-compose v1, else `docker compose` v2;
 #     if neither exists and we are root with apt-get, installs docker-compose)
 #   - kubectl kustomize deploy/k8s  (or `kustomize build`)
+#   - Redis runs with AOF on (appendonly yes, appendfsync set) in both
 #
 # Exits non-zero when any check fails.
 set -euo pipefail
@@ -75,6 +76,18 @@ elif out=$("${kustomize[@]}" deploy/k8s 2>&1 >/dev/null); then
 else
     printf '%s\n' "$out" >&2
     fail "${kustomize[*]} deploy/k8s"
+fi
+
+# --- Redis persistence ---------------------------------------------------------
+# The event stream must survive a Redis restart (README "Durability").
+aof_on() { grep -Eq '"--appendonly", *"yes"' "$1" && grep -Eq '"--appendfsync", *"(everysec|always)"' "$1"; }
+for f in docker-compose.yml deploy/k8s/redis.yaml; do
+    if aof_on "$f"; then pass "redis AOF on in $f"; else fail "redis AOF not on in $f (--appendonly yes --appendfsync everysec)"; fi
+done
+if grep -q 'redis.yaml' deploy/k8s/kustomization.yaml; then
+    pass "deploy/k8s renders redis.yaml"
+else
+    fail "deploy/k8s/kustomization.yaml does not list redis.yaml"
 fi
 
 if ((failures)); then

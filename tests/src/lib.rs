@@ -197,12 +197,8 @@ impl Sandbox {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let ops_addr = listener.local_addr().expect("addr");
         let token = self.shutdown.child_token();
-        let task = tokio::spawn(herald_broadcast::run(
-            self.config.clone(),
-            listener,
-            herald_broadcast::consumer_name(),
-            token.clone(),
-        ));
+        let task =
+            tokio::spawn(herald_broadcast::run(self.config.clone(), listener, unique("broadcast-"), token.clone()));
         ServiceHandle { ops_addr, token, task }
     }
 

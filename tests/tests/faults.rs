@@ -170,6 +170,36 @@ async fn entries_read_but_never_acknowledged_are_claimed_and_applied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broadcast_re_reads_its_own_pending_entries_at_once() {
+    // Claiming from dead consumers is far away: only the restarted
+    // instance's own identity can bring the entry back in time.
+    let mut sb = Sandbox::start_with(|c| c.broadcast.claim_idle_ms = 600_000).await;
+    sb.config.broadcast.consumer = Some(herald_tests::unique("broadcast-"));
+    let consumer = sb.config.broadcast.consumer.clone().unwrap();
+    let _capture = sb.spawn_capture().await;
+    let l1 = sb.l1_unchecked();
+    sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
+    assert_eventually!(10, async { sb.stream_len().await == 1 }, "not captured");
+    // The instance read the entry, then was killed before acknowledging it.
+    let group = sb.config.broadcast.group.clone();
+    herald_core::redis::ensure_group(&sb.redis, &sb.keys.stream(), &group).await.unwrap();
+    let read: Value = sb
+        .redis
+        .next()
+        .xreadgroup(group.as_str(), consumer.as_str(), Some(10), None, false, sb.keys.stream(), ">")
+        .await
+        .unwrap();
+    assert!(!matches!(read, Value::Null), "the entry was not read");
+
+    // The same instance, restarted as a new process.
+    let restarted = ChildService::spawn("herald-broadcast", &sb.config);
+    assert_eventually!(10, async { pending(&sb).await == 0 }, "the restarted instance left its own pending entry");
+    assert_eventually!(10, async { l1.cache.applied().events >= 1 }, "the pending entry's invalidation never arrived");
+    restarted.kill().await;
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_killed_mid_burst_then_replaced_applies_everything() {
     const N: u64 = 400;
     let sb = Sandbox::start_with(|c| c.broadcast.read_count = 5).await;

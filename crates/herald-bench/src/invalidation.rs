@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use herald_core::config::{BroadcastConfig, CaptureConfig, Config, L1Config, PostgresConfig, TableConfig};
-use herald_core::l1::L1Cache;
+use herald_core::l1::{Applied, L1Cache};
 use herald_core::time::now_us;
 use herald_proto::v1::InvalidationEvent;
 use herald_tests::Sandbox;
@@ -250,7 +250,9 @@ fn spawn_watcher(cache: &L1Cache, progress: Arc<AtomicU64>, stop: CancellationTo
                 _ = stop.cancelled() => break,
             };
             match next {
-                Ok(event) => watched.observe(&event, now_us(), &progress),
+                Ok(Applied::Event(event)) => watched.observe(&event, now_us(), &progress),
+                // Counted from the cache's metrics.
+                Ok(Applied::Flushed { .. }) => {}
                 Err(RecvError::Lagged(n)) => watched.lagged += n,
                 Err(RecvError::Closed) => break,
             }

@@ -3,7 +3,8 @@
 //! broadcast's team events both use, so the two write identical publications.
 //!
 //! Every channel lives inside a tenant. Its keys carry the tenant as a Redis
-//! Cluster hash tag, so one script can touch all of them:
+//! Cluster hash tag, so one script can touch all of them (the root of them
+//! is built by `KeySpace::channel`, with the rest of the key layout):
 //!
 //! | what | key |
 //! |---|---|
@@ -26,7 +27,7 @@ use bytes::Bytes;
 use fred::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::keys::{KeySpace, Scope, TenantId, validate_identifier};
+use crate::keys::{KeySpace, TenantId, validate_identifier};
 
 const MAX_CHANNEL_ID_LEN: usize = 128;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
@@ -101,10 +102,7 @@ pub struct ChannelKeys {
 
 impl ChannelKeys {
     pub fn new(keys: &KeySpace, tenant: &TenantId, channel: &Channel) -> Self {
-        let pubsub = keys
-            .entry(&Scope::Tenant(tenant.clone()), "ch", channel.as_str())
-            .expect("a validated channel is a valid key part");
-        Self { pubsub }
+        Self { pubsub: keys.channel(tenant, channel.as_str()) }
     }
 
     pub fn meta(&self) -> String {

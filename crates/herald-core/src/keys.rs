@@ -1,19 +1,29 @@
-//! Tenant, tag and Redis key types. Herald builds every key itself; callers
-//! never pass a raw key.
+//! Tenant, tag and Redis key types, and the whole Redis key layout: every
+//! key and channel name Herald uses is built here, and nowhere else. Callers
+//! never pass a raw key. `docs/redis-keys.md` lists each with its type, TTL,
+//! writers, readers and Cluster slot.
 //!
 //! Layout (the braces are Redis Cluster hash tags, so a tenant's entries and
 //! tag sets share a slot and one Lua script can delete them together):
 //!
 //! | what | key |
 //! |---|---|
-//! | cache entry | `herald:{env}:t:{<tenant>}:<resource>:<key>` |
+//! | cache entry of a resource | `herald:{env}:t:{<tenant>}:<resource>:<key>` |
+//! | explicit cache key | `herald:{env}:t:{<tenant>}:kv:<key>` |
 //! | tag set (keys holding a tag) | `herald:{env}:t:{<tenant>}:tag:<tag>` |
 //! | last invalidation time of a tag | `herald:{env}:t:{<tenant>}:tv:<tag>` |
 //! | fill lease of an entry | `herald:{env}:t:{<tenant>}:lease:<resource>:<key>` |
 //! | fill epoch, prefix invalidations | `herald:{env}:t:{<tenant>}:epoch`, `…:prefixes` |
-//! | global data | `herald:{env}:g:{global}:…` |
+//! | a gateway channel and its state | `herald:{env}:t:{<tenant>}:ch:<channel>[:meta\|:hist\|:pres\|:idem:<k>]` |
+//! | a gateway rate-limit bucket | `herald:{env}:t:{<tenant>}:rl:<bucket>` |
+//! | global data | `herald:{env}:g:{global}:…` (same segments) |
 //! | event log | `herald:{env}:events` (and `:dead` for undecodable entries) |
 //! | L1 channel | `herald:{env}:l1` |
+//!
+//! The segment after the scope root says who owns a key ([`SEGMENTS`]); a
+//! resource can never be named like a reserved segment, and a bulk
+//! invalidation of the cache deletes only what the cache owns
+//! ([`Segment::cache_may_sweep`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,8 +32,50 @@ use crate::error::{Error, Result};
 
 const MAX_TENANT_LEN: usize = 64;
 const MAX_KEY_PART_LEN: usize = 512;
-/// Segments after the scope that are Herald's bookkeeping, never a resource.
-pub const RESERVED_SEGMENTS: [&str; 5] = ["tag", "tv", "lease", "epoch", "prefixes"];
+/// Who owns the keys under a reserved segment of a scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// The cache's values (explicit keys).
+    CacheValues,
+    /// The cache's tag sets: rebuilt by the next fills.
+    CacheTagSets,
+    /// What gates fills (tag stamps, leases, epochs, prefix marks): must
+    /// outlive the entries it protects.
+    FillGate,
+    /// The gateway's channels and rate limits: not the cache's to delete.
+    Gateway,
+}
+
+impl Segment {
+    /// Whether a bulk invalidation of the cache (`InvalidatePrefix`) may
+    /// delete keys under this segment.
+    pub fn cache_may_sweep(self) -> bool {
+        matches!(self, Segment::CacheValues | Segment::CacheTagSets)
+    }
+}
+
+/// Every reserved segment after a scope root, and its owner. Anything else
+/// in that place is the name of a cache resource.
+pub const SEGMENTS: [(&str, Segment); 8] = [
+    (KV_SEGMENT, Segment::CacheValues),
+    ("tag", Segment::CacheTagSets),
+    ("tv", Segment::FillGate),
+    ("lease", Segment::FillGate),
+    ("epoch", Segment::FillGate),
+    ("prefixes", Segment::FillGate),
+    (CHANNEL_SEGMENT, Segment::Gateway),
+    (RATE_LIMIT_SEGMENT, Segment::Gateway),
+];
+
+/// Explicit cache keys live under this segment.
+pub const KV_SEGMENT: &str = "kv";
+const CHANNEL_SEGMENT: &str = "ch";
+const RATE_LIMIT_SEGMENT: &str = "rl";
+
+/// The owner of `segment` when it is reserved; `None` for a resource name.
+pub fn reserved_segment(segment: &str) -> Option<Segment> {
+    SEGMENTS.iter().find(|(name, _)| *name == segment).map(|(_, owner)| *owner)
+}
 
 /// Checks an SQL identifier from configuration: `[a-z_][a-z0-9_]*`, at most
 /// 63 bytes. Identifiers are also quoted where they are used.
@@ -106,6 +158,18 @@ impl TagKey {
     }
 }
 
+/// Escapes Redis glob metacharacters (for `SCAN … MATCH`).
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Checks one caller-supplied part of a key (a resource name or key).
 pub fn validate_key_part(what: &'static str, s: &str) -> Result<()> {
     if s.is_empty() || s.len() > MAX_KEY_PART_LEN {
@@ -154,14 +218,52 @@ impl KeySpace {
         format!("{}:{}:tag:{}", self.prefix, tag.scope.hash_tagged(), tag.tag)
     }
 
-    /// A cache entry of `resource` under `key`, both validated.
+    /// A cache entry of `resource` (or of the explicit keys, [`KV_SEGMENT`])
+    /// under `key`, both validated.
     pub fn entry(&self, scope: &Scope, resource: &str, key: &str) -> Result<String> {
         validate_key_part("resource", resource)?;
         validate_key_part("key", key)?;
-        if RESERVED_SEGMENTS.contains(&resource) {
+        if reserved_segment(resource).is_some_and(|owner| owner != Segment::CacheValues) {
             return Err(Error::invalid("resource", format!("{resource:?} is reserved")));
         }
         Ok(format!("{}:{}:{resource}:{key}", self.prefix, scope.hash_tagged()))
+    }
+
+    /// The owner of the key `key` of `scope`, judged by its first segment
+    /// after the scope root; `None` for a resource entry or a key outside
+    /// the scope.
+    pub fn segment_of(&self, scope: &Scope, key: &str) -> Option<Segment> {
+        let rest = key.strip_prefix(&self.scope_root(scope))?;
+        reserved_segment(rest.split(':').next().unwrap_or(""))
+    }
+
+    /// The pub/sub channel of a gateway channel (validated by its caller,
+    /// `channel::Channel`); the channel's other keys extend it.
+    pub fn channel(&self, tenant: &TenantId, channel: &str) -> String {
+        format!("{}:t:{{{tenant}}}:{CHANNEL_SEGMENT}:{channel}", self.prefix)
+    }
+
+    /// A gateway rate-limit bucket of `tenant` (`bucket` is Herald's own
+    /// name, such as `gateway`).
+    pub fn rate_limit(&self, tenant: &TenantId, bucket: &str) -> String {
+        format!("{}:t:{{{tenant}}}:{RATE_LIMIT_SEGMENT}:{bucket}", self.prefix)
+    }
+
+    /// A `SCAN` pattern matching the fill epoch of every tenant. Tenant ids
+    /// never contain `}`, so it matches only epochs.
+    pub fn every_tenant_fill_epoch(&self) -> String {
+        format!("{}:t:{{*}}:epoch", self.prefix)
+    }
+
+    /// A `SCAN` pattern matching the set of `tag` in every tenant's scope.
+    pub fn every_tenant_tag_set(&self, tag: &str) -> String {
+        format!("{}:t:{{*}}:tag:{}", self.prefix, glob_escape(tag))
+    }
+
+    /// The tag version key that belongs to a tag set key built by
+    /// [`KeySpace::tag_set`].
+    pub fn tag_version_of_set(&self, tag_set: &str) -> String {
+        tag_set.replacen("}:tag:", "}:tv:", 1)
     }
 
     /// When `tag` was last invalidated (Redis server time, microseconds).
@@ -216,7 +318,50 @@ mod tests {
         assert_eq!(ks.lease(&entry), "herald:prod:t:{acme}:lease:user_by_slug:alice");
         assert_eq!(ks.scope_root(&acme), "herald:prod:t:{acme}:");
         assert_eq!(ks.fill_epoch(&acme), "herald:prod:t:{acme}:epoch");
-        assert_eq!(ks.tag_version(&TagKey::new(acme, "x")), "herald:prod:t:{acme}:tv:x");
+        assert_eq!(ks.tag_version(&TagKey::new(acme.clone(), "x")), "herald:prod:t:{acme}:tv:x");
+        let tenant = TenantId::new("acme").unwrap();
+        assert_eq!(ks.channel(&tenant, "team:1"), "herald:prod:t:{acme}:ch:team:1");
+        assert_eq!(ks.rate_limit(&tenant, "gateway"), "herald:prod:t:{acme}:rl:gateway");
+        assert_eq!(ks.every_tenant_tag_set("a*b"), "herald:prod:t:{*}:tag:a\\*b");
+        let set = ks.tag_set(&TagKey::new(acme, "x"));
+        assert_eq!(ks.tag_version_of_set(&set), "herald:prod:t:{acme}:tv:x");
+    }
+
+    #[test]
+    fn every_key_says_who_owns_it() {
+        let ks = KeySpace::new("prod").unwrap();
+        let acme = Scope::Tenant(TenantId::new("acme").unwrap());
+        let tenant = TenantId::new("acme").unwrap();
+        let entry = ks.entry(&acme, "user_by_slug", "alice").unwrap();
+        assert_eq!(ks.segment_of(&acme, &entry), None);
+        assert_eq!(ks.segment_of(&acme, &ks.entry(&acme, KV_SEGMENT, "k").unwrap()), Some(Segment::CacheValues));
+        assert_eq!(ks.segment_of(&acme, &ks.tag_set(&TagKey::new(acme.clone(), "t"))), Some(Segment::CacheTagSets));
+        for gate in [
+            ks.lease(&entry),
+            ks.fill_epoch(&acme),
+            ks.prefix_marks(&acme),
+            ks.tag_version(&TagKey::new(acme.clone(), "t")),
+        ] {
+            assert_eq!(ks.segment_of(&acme, &gate), Some(Segment::FillGate), "{gate}");
+        }
+        for gateway in [
+            ks.channel(&tenant, "team:1"),
+            format!("{}:meta", ks.channel(&tenant, "x")),
+            ks.rate_limit(&tenant, "gateway"),
+        ] {
+            assert_eq!(ks.segment_of(&acme, &gateway), Some(Segment::Gateway), "{gateway}");
+            assert!(!Segment::Gateway.cache_may_sweep());
+        }
+        assert_eq!(ks.segment_of(&Scope::Global, &entry), None, "a key outside the scope");
+    }
+
+    #[test]
+    fn no_resource_can_take_a_reserved_segment() {
+        let ks = KeySpace::new("p").unwrap();
+        for (segment, owner) in SEGMENTS {
+            let taken = ks.entry(&Scope::Global, segment, "x");
+            assert_eq!(taken.is_ok(), owner == Segment::CacheValues, "{segment}");
+        }
     }
 
     #[test]

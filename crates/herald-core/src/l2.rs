@@ -25,13 +25,17 @@ use bytes::Bytes;
 use fred::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::keys::{KeySpace, RESERVED_SEGMENTS, Scope, TagKey};
+use crate::keys::{KeySpace, Scope, TagKey, glob_escape};
+use crate::tags;
 
 /// A fill older than this is never stored.
 pub const MAX_FILL_AGE: Duration = Duration::from_secs(30);
 /// How long invalidation stamps and prefix marks live; longer than
 /// [`MAX_FILL_AGE`], so no fill can outlive the stamp that refuses it.
 const STAMP_TTL: Duration = Duration::from_secs(120);
+/// Prefix marks kept per scope before they collapse into one of the whole
+/// scope (see `MARK_PREFIX`).
+const MAX_PREFIX_MARKS: i64 = 256;
 
 /// Redis server time in microseconds, as a string of digits, then:
 /// deletes every key named in the tag sets `KEYS[1..n]`, the sets, and stamps
@@ -136,10 +140,26 @@ if ok then return 1 else return 0 end
 "#;
 
 /// `KEYS[1]` prefix marks: records `ARGV[1]` (a key prefix) at server time.
+/// Marks older than `ARGV[2]` ms are forgotten (no fill that old can still
+/// be stored), and past `ARGV[3]` marks they all collapse into one mark of
+/// the scope root `ARGV[4]` (coarser: it refuses every fill of the scope
+/// that started before). So the hash that every gated store reads stays
+/// small however many distinct prefixes are invalidated.
 const MARK_PREFIX: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
-redis.call('HSET', KEYS[1], ARGV[1], now)
+local oldest = tonumber(now) - tonumber(ARGV[2]) * 1000
+local marks = redis.call('HGETALL', KEYS[1])
+local kept = 0
+for i = 1, #marks, 2 do
+  if tonumber(marks[i + 1]) < oldest then redis.call('HDEL', KEYS[1], marks[i]) else kept = kept + 1 end
+end
+if kept >= tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], ARGV[4], now)
+else
+  redis.call('HSET', KEYS[1], ARGV[1], now)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
@@ -224,6 +244,7 @@ impl L2 {
     /// Stores an entry with its tags, unconditionally (the caller vouches
     /// that the value is current). `ttl` of `None` means no expiry.
     pub async fn store(&self, key: &str, value: Bytes, tags: &[TagKey], ttl: Option<Duration>) -> Result<()> {
+        let tags = tags::indexed_tags(tags.to_vec());
         let mut keys = Vec::with_capacity(tags.len() + 1);
         keys.push(key.to_string());
         keys.extend(tags.iter().map(|t| self.keys.tag_set(t)));
@@ -264,6 +285,9 @@ impl L2 {
         token: &FillToken,
         lease_owner: Option<&str>,
     ) -> Result<bool> {
+        // Indexed (and gated) under the implied any-row tags too, so a
+        // table-wide invalidation during the fill refuses it.
+        let tags = tags::indexed_tags(tags.to_vec());
         let mut keys = Vec::with_capacity(4 + 2 * tags.len());
         keys.push(key.to_string());
         keys.push(self.keys.fill_epoch(scope));
@@ -313,29 +337,33 @@ impl L2 {
         Ok(deleted.max(0) as u64)
     }
 
-    /// Deletes every entry holding `tag` in every tenant's scope (a TRUNCATE
-    /// of a table with a tenant column), and ends every fill in flight by
-    /// dropping the fill epochs. Scans: rare and proportional to the
-    /// keyspace, by design.
-    pub async fn invalidate_all_scopes(&self, tag: &str) -> Result<u64> {
+    /// Deletes every entry holding any of `tags` in every tenant's scope (a
+    /// TRUNCATE of a table with a tenant column), and ends every fill in
+    /// flight by dropping the fill epochs. Scans: rare and proportional to
+    /// the keyspace, by design.
+    pub async fn invalidate_all_scopes(&self, tags: &[String]) -> Result<u64> {
         let client = self.redis.next();
-        let mut deleted = self.invalidate(&Scope::Global, &[tag.to_string()]).await?;
+        let mut deleted = self.invalidate(&Scope::Global, tags).await?;
         // Tenant ids and key parts never contain `}`, so these patterns match
         // Herald's bookkeeping keys only, never entries.
-        for epoch in self.scan(&format!("{}:t:{{*}}:epoch", self.keys.prefix())).await? {
+        for epoch in self.scan(&self.keys.every_tenant_fill_epoch()).await? {
             let _: i64 = client.del(epoch).await?;
         }
-        for set in self.scan(&format!("{}:t:{{*}}:tag:{}", self.keys.prefix(), glob_escape(tag))).await? {
-            let version = set.replacen("}:tag:", "}:tv:", 1);
-            let n: i64 = client.eval(INVALIDATE_TAGS, vec![set, version], vec![millis(STAMP_TTL)]).await?;
-            deleted += n.max(0) as u64;
+        for tag in tags {
+            for set in self.scan(&self.keys.every_tenant_tag_set(tag)).await? {
+                let version = self.keys.tag_version_of_set(&set);
+                let n: i64 = client.eval(INVALIDATE_TAGS, vec![set, version], vec![millis(STAMP_TTL)]).await?;
+                deleted += n.max(0) as u64;
+            }
         }
         Ok(deleted)
     }
 
     /// Deletes every entry of `scope` whose key starts with `prefix` (a full
     /// key prefix within the scope root) and marks the prefix so fills that
-    /// started before cannot store; returns how many entries.
+    /// started before cannot store; returns how many entries. Only what the
+    /// cache owns is deleted (entries and tag sets; never fill gates or the
+    /// gateway's state, which share the scope root).
     pub async fn invalidate_prefix(&self, scope: &Scope, prefix: &str) -> Result<u64> {
         let root = self.keys.scope_root(scope);
         if !prefix.starts_with(&root) {
@@ -343,17 +371,17 @@ impl L2 {
         }
         let client = self.redis.next();
         let _: i64 = client
-            .eval(MARK_PREFIX, vec![self.keys.prefix_marks(scope)], vec![Value::from(prefix), millis(STAMP_TTL).into()])
+            .eval(
+                MARK_PREFIX,
+                vec![self.keys.prefix_marks(scope)],
+                vec![Value::from(prefix), millis(STAMP_TTL).into(), MAX_PREFIX_MARKS.into(), root.as_str().into()],
+            )
             .await?;
         let mut deleted = 0u64;
         let keys = self.scan(&format!("{}*", glob_escape(prefix))).await?;
         let doomed: Vec<String> = keys
             .into_iter()
-            .filter(|k| {
-                let rest = &k[root.len()..];
-                let segment = rest.split(':').next().unwrap_or("");
-                !RESERVED_SEGMENTS.contains(&segment) || segment == "tag"
-            })
+            .filter(|k| self.keys.segment_of(scope, k).is_none_or(|owner| owner.cache_may_sweep()))
             .collect();
         for chunk in doomed.chunks(500) {
             let n: i64 = client.del(chunk.to_vec()).await?;
@@ -378,18 +406,6 @@ impl L2 {
     }
 }
 
-/// Escapes Redis glob metacharacters.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,10 +417,5 @@ mod tests {
         for bad in ["", ".", "x.1", "1.", "1.x", "1", "a1.2"] {
             assert!(bad.parse::<FillToken>().is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn glob_is_escaped() {
-        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

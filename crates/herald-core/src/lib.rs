@@ -16,6 +16,7 @@ pub mod redis;
 pub mod serve;
 pub mod shutdown;
 pub mod stream;
+pub mod tags;
 pub mod telemetry;
 pub mod time;
 

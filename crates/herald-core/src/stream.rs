@@ -1,8 +1,48 @@
-//! Parsing of Redis stream replies (RESP2 shapes) into entries carrying the
-//! event bytes (field `e`), kept apart so it can be tested without a server.
+//! The event stream's entry format, both sides: the writers ([`append`],
+//! [`append_dead_letter`]) and the parsing of Redis stream replies (RESP2
+//! shapes) into entries carrying the event bytes (field [`EVENT_FIELD`]),
+//! kept apart so it can be tested without a server.
 
 use bytes::Bytes;
+use fred::clients::Client;
+use fred::prelude::*;
 use fred::types::Value;
+
+/// The field of a stream entry that holds the encoded event.
+pub const EVENT_FIELD: &str = "e";
+
+/// Appends one entry per payload to `stream` in one pipeline (one round
+/// trip), trimming the stream to about `max_len` entries. The writes go over
+/// `client`'s connection, so a `WAIT` sent on it next covers them.
+pub async fn append(client: &Client, stream: &str, payloads: &[Bytes], max_len: u64) -> Result<(), fred::error::Error> {
+    let max_len = i64::try_from(max_len).unwrap_or(i64::MAX);
+    let pipeline = client.pipeline();
+    for payload in payloads {
+        let _: () = pipeline.xadd(stream, false, ("MAXLEN", "~", max_len), "*", (EVENT_FIELD, payload.clone())).await?;
+    }
+    let _: Vec<Value> = pipeline.all().await?;
+    Ok(())
+}
+
+/// Appends an entry that could not be applied to the dead stream: the
+/// original entry id, the reason and the payload under [`EVENT_FIELD`].
+pub async fn append_dead_letter(
+    client: &Client,
+    stream: &str,
+    entry_id: &str,
+    reason: &str,
+    payload: Bytes,
+    max_len: u64,
+) -> Result<(), fred::error::Error> {
+    let max_len = i64::try_from(max_len).unwrap_or(i64::MAX);
+    let fields = vec![
+        ("id", Bytes::from(entry_id.to_string())),
+        ("reason", Bytes::from(reason.to_string())),
+        (EVENT_FIELD, payload),
+    ];
+    let _: String = client.xadd(stream, false, ("MAXLEN", "~", max_len), "*", fields).await?;
+    Ok(())
+}
 
 /// One stream entry: its id and the event bytes (field `e`), if the entry
 /// still exists and has the field.
@@ -60,7 +100,7 @@ fn entries_of(value: Value) -> Vec<Entry> {
             if let Value::Array(fields) = fields {
                 let mut it = fields.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    if k.as_str().as_deref() == Some("e") {
+                    if k.as_str().as_deref() == Some(EVENT_FIELD) {
                         payload = match v {
                             Value::Bytes(b) => Some(b),
                             Value::String(s) => Some(Bytes::from(s.to_string())),

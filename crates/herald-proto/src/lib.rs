@@ -6,7 +6,7 @@ pub mod v1 {
     tonic::include_proto!("herald.v1");
 }
 
-pub use prost::Message;
+pub use prost::{DecodeError, Message};
 
 /// Every `herald.v1` descriptor, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("herald_descriptor");

@@ -3,20 +3,16 @@
 //! tables with a team column on the `team:{id}` channels, and only then
 //! acknowledge.
 
-use bytes::Bytes;
 use fred::prelude::*;
 use herald_core::channel::{self, Channel, HistoryOptions};
 use herald_core::keys::{KeySpace, Scope, TenantId};
 use herald_core::l2::L2;
 use herald_core::time::now_us;
 use herald_proto::Message as _;
-use herald_proto::v1::{InvalidationBatch, InvalidationEvent, L1Message, l1_message};
+use herald_proto::v1::InvalidationEvent;
 
 use crate::metrics::Metrics;
-use herald_core::stream::Entry;
-
-/// Largest L1 message; bigger batches are split.
-const MAX_L1_MESSAGE: usize = 1 << 20;
+use herald_core::stream::{self, Entry};
 
 #[derive(Clone)]
 pub struct Applier {
@@ -28,6 +24,9 @@ pub struct Applier {
     /// History options of the `team` namespace, when the gateway has one.
     teams: Option<HistoryOptions>,
 }
+
+/// Entries kept in the dead stream at most (approximately).
+const DEAD_STREAM_MAX_LEN: u64 = 100_000;
 
 /// Team publications are idempotent per event and team for this long: a
 /// redelivered event (applied again after a crash before XACK) publishes
@@ -71,11 +70,12 @@ impl Applier {
         // pipelines them): deletes and stamps commute, and every one has
         // finished before anything is published or acknowledged.
         let invalidations = events.iter().map(|event| async move {
+            let tags = herald_core::tags::event_tags(event);
             if event.all_tenants {
-                self.l2.invalidate_all_scopes(&event.table).await
+                self.l2.invalidate_all_scopes(&tags).await
             } else {
                 match Scope::from_event_tenant(&event.tenant) {
-                    Ok(scope) => self.l2.invalidate(&scope, &event.tags).await,
+                    Ok(scope) => self.l2.invalidate(&scope, &tags).await,
                     // Capture validates tenants; an event that still has a bad
                     // one names no key Herald could have written.
                     Err(_) => Ok(0),
@@ -84,7 +84,9 @@ impl Applier {
         });
         let deleted = futures::future::try_join_all(invalidations).await.map_err(core_to_redis)?;
         self.metrics.l2_entries_deleted.inc_by(deleted.iter().sum());
-        self.publish(&events).await?;
+        herald_core::l1::wire::publish_invalidations(&self.redis, &self.keys.l1_channel(), &events)
+            .await
+            .map_err(core_to_redis)?;
         self.publish_teams(&events).await?;
         let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
         let now = now_us();
@@ -93,25 +95,6 @@ impl Applier {
         }
         self.metrics.events_applied.inc_by(events.len() as u64);
         Ok(events.len())
-    }
-
-    async fn publish(&self, events: &[InvalidationEvent]) -> Result<(), fred::error::Error> {
-        let channel = self.keys.l1_channel();
-        let mut batch = Vec::new();
-        let mut size = 0;
-        for event in events {
-            let len = event.encoded_len();
-            if !batch.is_empty() && size + len > MAX_L1_MESSAGE {
-                self.publish_batch(&channel, std::mem::take(&mut batch)).await?;
-                size = 0;
-            }
-            size += len;
-            batch.push(event.clone());
-        }
-        if !batch.is_empty() {
-            self.publish_batch(&channel, batch).await?;
-        }
-        Ok(())
     }
 
     /// One publication per event and team on `team:{id}` of the event's
@@ -147,33 +130,13 @@ impl Applier {
         Ok(())
     }
 
-    async fn publish_batch(&self, channel: &str, events: Vec<InvalidationEvent>) -> Result<(), fred::error::Error> {
-        let message = L1Message { body: Some(l1_message::Body::Invalidations(InvalidationBatch { events })) };
-        let _: i64 = self.redis.next().publish(channel, Bytes::from(message.encode_to_vec())).await?;
-        Ok(())
-    }
-
     /// Keeps an undecodable entry (with the reason) in the dead stream.
     async fn dead_letter(&self, entry: &Entry, reason: &str) -> Result<(), fred::error::Error> {
         self.metrics.malformed.inc();
         tracing::warn!(entry_id = %entry.id, %reason, "malformed stream entry moved to the dead stream");
         let payload = entry.payload.clone().unwrap_or_default();
-        let _: String = self
-            .redis
-            .next()
-            .xadd(
-                self.keys.dead_stream(),
-                false,
-                ("MAXLEN", "~", 100_000),
-                "*",
-                vec![
-                    ("id", Bytes::from(entry.id.clone())),
-                    ("reason", Bytes::from(reason.to_string())),
-                    ("e", payload),
-                ],
-            )
-            .await?;
-        Ok(())
+        let dead = self.keys.dead_stream();
+        stream::append_dead_letter(&self.redis.next(), &dead, &entry.id, reason, payload, DEAD_STREAM_MAX_LEN).await
     }
 }
 

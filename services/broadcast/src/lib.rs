@@ -18,16 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fred::prelude::*;
 use herald_core::backoff::Backoff;
 use herald_core::channel::HistoryOptions;
-use herald_core::config::{Config, ms};
+use herald_core::config::{BroadcastConfig, Config, ms};
 use herald_core::keys::KeySpace;
 use herald_core::ops::{self, ReadyFlag};
 use herald_core::time::now_us;
-use herald_proto::Message as _;
-use herald_proto::v1::{Heartbeat, L1Message, l1_message};
 use tokio::net::TcpListener;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -36,13 +33,15 @@ use crate::apply::{Applier, core_to_redis};
 use crate::metrics::Metrics;
 use herald_core::stream::{autoclaim_entries, read_group_entries};
 
-/// A consumer name unique to this process.
-pub fn consumer_name() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "broadcast".into());
-    format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+/// This instance's consumer name: `broadcast.consumer`, else `$HOSTNAME`
+/// (the pod name on Kubernetes), else `broadcast`. Stable across restarts,
+/// so a restarted instance first re-reads the entries it had read but not
+/// acknowledged.
+pub fn consumer_name(config: &BroadcastConfig, env: impl Fn(&str) -> Option<String>) -> String {
+    config.consumer.clone().or_else(|| env("HOSTNAME").filter(|h| !h.is_empty())).unwrap_or_else(|| "broadcast".into())
 }
 
-/// Runs broadcast until `shutdown` fires, as consumer `consumer` (use
+/// Runs broadcast until `shutdown` fires, as consumer `consumer` (see
 /// [`consumer_name`]). Serves the ops endpoints on `ops`.
 pub async fn run(
     config: Config,
@@ -237,11 +236,7 @@ async fn heartbeat_loop(
         if since_ok > healthy_within.as_micros() as i64 {
             continue;
         }
-        let message = L1Message {
-            body: Some(l1_message::Body::Heartbeat(Heartbeat { instance: instance.clone(), sent_time_us: now_us() })),
-        };
-        let sent: Result<i64, _> = redis.next().publish(&channel, Bytes::from(message.encode_to_vec())).await;
-        match sent {
+        match herald_core::l1::wire::publish_heartbeat(&redis, &channel, &instance).await {
             Ok(_) => {
                 metrics.heartbeats.inc();
             }
@@ -300,4 +295,20 @@ async fn trim_once(redis: &Pool, stream: &str, own_group: &str, metrics: &Metric
 fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consumer_name_is_stable_across_restarts() {
+        let mut config = BroadcastConfig::default();
+        let host = |v: &str| (v == "HOSTNAME").then(|| "broadcast-7f9c".to_string());
+        assert_eq!(consumer_name(&config, host), "broadcast-7f9c");
+        assert_eq!(consumer_name(&config, host), consumer_name(&config, host));
+        assert_eq!(consumer_name(&config, |_| None), "broadcast");
+        config.consumer = Some("b-1".into());
+        assert_eq!(consumer_name(&config, host), "b-1");
+    }
 }

@@ -39,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&config.broadcast.ops_addr)
                 .await
                 .with_context(|| format!("failed to bind broadcast.ops_addr {}", config.broadcast.ops_addr))?;
-            herald_broadcast::run(config, listener, herald_broadcast::consumer_name(), shutdown).await
+            let consumer = herald_broadcast::consumer_name(&config.broadcast, |v| std::env::var(v).ok());
+            herald_broadcast::run(config, listener, consumer, shutdown).await
         }
         Command::Watch { heartbeats } => herald_broadcast::watch::watch(&config, heartbeats, shutdown).await,
     }

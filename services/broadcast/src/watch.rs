@@ -6,9 +6,9 @@ use std::io::Write as _;
 use fred::prelude::*;
 use herald_core::config::Config;
 use herald_core::keys::KeySpace;
+use herald_core::l1::wire::{self, Received};
 use herald_core::time::now_us;
-use herald_proto::Message as _;
-use herald_proto::v1::{InvalidationEvent, L1Message, l1_message};
+use herald_proto::v1::InvalidationEvent;
 use tokio_util::sync::CancellationToken;
 
 /// One event as a JSON object, with the lag from the writer's statement.
@@ -47,13 +47,13 @@ pub async fn watch(config: &Config, heartbeats: bool, shutdown: CancellationToke
         let Some(bytes) = message.value.as_bytes() else { continue };
         let now = now_us();
         let mut out = stdout.lock();
-        match L1Message::decode(bytes) {
-            Ok(L1Message { body: Some(l1_message::Body::Invalidations(batch)) }) => {
-                for event in &batch.events {
+        match wire::decode(bytes) {
+            Ok(Received::Invalidations(events)) => {
+                for event in &events {
                     writeln!(out, "{}", event_json(event, now))?;
                 }
             }
-            Ok(L1Message { body: Some(l1_message::Body::Heartbeat(hb)) }) if heartbeats => {
+            Ok(Received::Heartbeat(hb)) if heartbeats => {
                 writeln!(out, "{}", serde_json::json!({"heartbeat": hb.instance, "sent_time_us": hb.sent_time_us}))?;
             }
             Ok(_) => {}

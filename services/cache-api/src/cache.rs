@@ -34,7 +34,7 @@ use herald_core::l2::{FillToken, L2, Lease};
 use herald_core::ops::ReadyFlag;
 use herald_core::time::now_us;
 use herald_proto::Message as _;
-use herald_proto::v1::{InvalidationBatch, InvalidationEvent, L1Message, Layer, StoredEntry, l1_message};
+use herald_proto::v1::{InvalidationEvent, Layer, StoredEntry};
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
@@ -659,15 +659,8 @@ impl Cache {
             captured_time_us: now_us(),
             ..Default::default()
         };
-        let message =
-            L1Message { body: Some(l1_message::Body::Invalidations(InvalidationBatch { events: vec![event] })) };
-        let payload = Bytes::from(message.encode_to_vec());
         let channel = self.keys.l1_channel();
-        self.redis_op(async {
-            Ok::<_, herald_core::Error>(self.redis.next().publish::<i64, _, _>(channel, payload).await?)
-        })
-        .await?;
-        Ok(())
+        self.redis_op(herald_core::l1::wire::publish_invalidations(&self.redis, &channel, &[event])).await
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -3,16 +3,17 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use herald_core::keys::TenantId;
+use herald_core::l1::Applied;
 use herald_proto::v1::cache_server::Cache as CacheService;
 use herald_proto::v1::{
     DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
     InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest, InvalidationEvent, SetRequest, SetResponse,
     WatchRequest, delete_request, get_item, get_request,
 };
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -174,41 +175,41 @@ impl CacheService for Grpc {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many invalidation watchers on this node"))?;
-        let l1 = self.cache.l1().clone();
+        let l1 = self.cache.l1();
+        // Subscribed before the liveness check: any flush after it (the feed
+        // dropping, however briefly, or an undecodable message) arrives in
+        // order with the events and ends the stream.
+        let mut applied = l1.watch();
         if !l1.is_live() {
             return Err(Status::unavailable("this node's invalidation feed is down; retry"));
         }
-        let mut events = l1.watch();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let _permit = permit;
-            let mut check = tokio::time::interval(Duration::from_millis(250));
             loop {
-                tokio::select! {
-                    received = events.recv() => match received {
-                        Ok(event) => {
-                            if !matches_watch(&event, tenant.as_str(), &req.tables, &req.tags) {
-                                continue;
-                            }
-                            if tx.send(Ok((*event).clone())).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            let msg = format!("watcher fell {n} events behind: drop everything and watch again");
-                            let _ = tx.send(Err(Status::data_loss(msg))).await;
-                            return;
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    },
-                    _ = check.tick() => {
-                        if !l1.is_live() {
-                            let msg = "this node lost its invalidation feed: drop everything and watch again";
-                            let _ = tx.send(Err(Status::unavailable(msg))).await;
-                            return;
-                        }
-                    }
+                let received = tokio::select! {
+                    received = applied.recv() => received,
                     _ = tx.closed() => return,
+                };
+                let event = match received {
+                    Ok(Applied::Event(event)) => event,
+                    Ok(Applied::Flushed { .. }) => {
+                        let msg = "this node dropped its cache (its invalidation feed was interrupted): \
+                                   drop everything and watch again";
+                        let _ = tx.send(Err(Status::unavailable(msg))).await;
+                        return;
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        let msg = format!("watcher fell {n} events behind: drop everything and watch again");
+                        let _ = tx.send(Err(Status::data_loss(msg))).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if matches_watch(&event, tenant.as_str(), &req.tables, &req.tags)
+                    && tx.send(Ok((*event).clone())).await.is_err()
+                {
+                    return;
                 }
             }
         });
@@ -218,12 +219,15 @@ impl CacheService for Grpc {
 
 /// Whether a watcher of `tenant` filtering by `tables` and `tags` gets
 /// `event`. Events of other tenants never pass; tenant-wide events (a
-/// TRUNCATE of a tenant table) reach every tenant's watchers.
+/// TRUNCATE of a tenant table) and global-scope events (tables without a
+/// tenant column, whose entries every tenant may read) reach every tenant's
+/// watchers. The cache API's own invalidations (Delete, Set, InvalidateTags,
+/// InvalidatePrefix) name no table, so a table filter cannot exclude them.
 pub fn matches_watch(event: &InvalidationEvent, tenant: &str, tables: &[String], tags: &[String]) -> bool {
-    let ours = event.tenant == tenant || event.all_tenants;
-    let table_ok = tables.is_empty() || tables.contains(&event.table);
+    let ours = event.tenant == tenant || event.all_tenants || event.tenant.is_empty();
+    let table_ok = tables.is_empty() || event.table.is_empty() || tables.contains(&event.table);
     let tags_ok = tags.is_empty()
-        || event.widened
+        || herald_core::tags::is_table_wide(event)
         || !event.key_prefixes.is_empty()
         || event.tags.iter().any(|t| tags.iter().any(|w| w == t));
     ours && table_ok && tags_ok
@@ -256,6 +260,11 @@ mod tests {
         assert!(matches_watch(&event, "acme", &["res_users".into()], &["res_users.id=1".into()]));
         assert!(!matches_watch(&event, "acme", &["other".into()], &[]));
         assert!(!matches_watch(&event, "acme", &[], &["res_users.id=2".into()]));
+        let api = InvalidationEvent { table: String::new(), ..event.clone() };
+        assert!(matches_watch(&api, "acme", &["res_users".into()], &[]));
+        assert!(!matches_watch(&api, "globex", &["res_users".into()], &[]));
+        let global = InvalidationEvent { tenant: String::new(), ..event.clone() };
+        assert!(matches_watch(&global, "globex", &["res_users".into()], &[]));
         let truncate = InvalidationEvent { all_tenants: true, ..event };
         assert!(matches_watch(&truncate, "globex", &[], &[]));
     }

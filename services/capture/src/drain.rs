@@ -5,15 +5,17 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use fred::clients::Client;
 use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
 use herald_core::config::{Config, TableConfig};
 use herald_core::time::now_us;
 use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 use tracing::Instrument;
 
-use crate::error::Result;
-use crate::events::{OutboxRow, events_of};
+use crate::error::{Error, Result};
+use crate::events::{OutboxRow, Parsed, events_of};
 use crate::metrics::Metrics;
 
 /// What one batch did.
@@ -35,6 +37,8 @@ pub struct Drainer {
     batch_size: i64,
     max_event_bytes: usize,
     stream_max_len: u64,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
     metrics: Metrics,
 }
 
@@ -55,6 +59,14 @@ const DEAD_LETTER: &str = "\
     FROM herald.outbox o JOIN unnest($1::int8[], $2::text[]) AS r(id, reason) ON r.id = o.id \
     ON CONFLICT (id) DO NOTHING";
 
+/// The images of one outbox row that cannot become events, kept with the
+/// reason; the rest of the row is applied.
+const SET_ASIDE: &str = "\
+    INSERT INTO herald.dead_letter (id, table_name, op, rows, txid, changed_at, traceparent, reason) \
+    SELECT o.id, o.table_name, o.op, $2, o.txid, o.changed_at, o.traceparent, $3 \
+    FROM herald.outbox o WHERE o.id = $1 \
+    ON CONFLICT (id) DO NOTHING";
+
 impl Drainer {
     pub fn new(config: &Config, pool: deadpool_postgres::Pool, redis: Pool, stream: String, metrics: Metrics) -> Self {
         let tables = config.tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
@@ -67,6 +79,8 @@ impl Drainer {
             batch_size: config.capture.batch_size,
             max_event_bytes: config.capture.max_event_bytes,
             stream_max_len: config.capture.stream_max_len,
+            wait_replicas: config.capture.wait_replicas,
+            wait_timeout_ms: config.capture.wait_timeout_ms,
             metrics,
         }
     }
@@ -102,13 +116,20 @@ impl Drainer {
         let mut done = Vec::with_capacity(rows.len());
         let mut dead_ids = Vec::new();
         let mut dead_reasons = Vec::new();
+        let mut set_aside = Vec::new();
         let mut events = Vec::with_capacity(rows.len());
         let captured = now_us();
         for row in &rows {
             let id: i64 = row.get(0);
             done.push(id);
             match self.events_from_row(row, captured) {
-                Ok(row_events) => events.extend(row_events),
+                Ok(parsed) => {
+                    events.extend(parsed.events);
+                    if !parsed.set_aside.is_empty() {
+                        tracing::warn!(outbox_id = id, reason = %parsed.reason, "row images set aside in herald.dead_letter");
+                        set_aside.push((id, parsed.set_aside, parsed.reason));
+                    }
+                }
                 Err(reason) => {
                     tracing::warn!(outbox_id = id, %reason, "malformed outbox row moved to herald.dead_letter");
                     dead_ids.push(id);
@@ -118,10 +139,20 @@ impl Drainer {
         }
         let encoded: Vec<(Bytes, i64)> = events.iter().map(|e| (self.encode(e), e.commit_time_us)).collect();
         if !encoded.is_empty() {
-            self.append(&encoded).instrument(tracing::debug_span!("capture.append", events = encoded.len())).await?;
+            let payloads: Vec<Bytes> = encoded.iter().map(|(bytes, _)| bytes.clone()).collect();
+            let client = self.redis.next();
+            herald_core::stream::append(client, &self.stream, &payloads, self.stream_max_len.saturating_mul(2))
+                .instrument(tracing::debug_span!("capture.append", events = encoded.len()))
+                .await?;
+            // Dropping `tx` on error rolls back: the rows stay and the batch
+            // is appended again later.
+            self.wait_for_replicas(client).await?;
         }
         if !dead_ids.is_empty() {
             tx.execute(DEAD_LETTER, &[&dead_ids, &dead_reasons]).await?;
+        }
+        for (id, images, reason) in &set_aside {
+            tx.execute(SET_ASIDE, &[id, images, reason]).await?;
         }
         tx.execute(&delete, &[&done]).await?;
         tx.commit().await?;
@@ -132,19 +163,34 @@ impl Drainer {
         }
         self.metrics.rows_drained.inc_by(rows.len() as u64);
         self.metrics.events_appended.inc_by(encoded.len() as u64);
-        self.metrics.dead_lettered.inc_by(dead_ids.len() as u64);
+        self.metrics.dead_lettered.inc_by((dead_ids.len() + set_aside.len()) as u64);
         self.metrics.batches.inc();
         Ok(Drained { rows: rows.len(), appended: encoded.len(), dead: dead_ids.len() })
     }
 
-    async fn append(&self, encoded: &[(Bytes, i64)]) -> Result<()> {
-        let hard_cap = self.stream_max_len.saturating_mul(2);
-        let pipeline = self.redis.next().pipeline();
-        for (bytes, _) in encoded {
-            let _: () =
-                pipeline.xadd(&self.stream, false, ("MAXLEN", "~", hard_cap as i64), "*", ("e", bytes.clone())).await?;
+    /// With `capture.wait_replicas` set, waits until that many replicas have
+    /// the appends just made on `client`'s connection. An acknowledgement
+    /// from the primary alone is not durability: a failover to a replica
+    /// that lacks the entries, or a restart that loses them, would lose the
+    /// invalidations while their outbox rows are already deleted.
+    async fn wait_for_replicas(&self, client: &Client) -> Result<()> {
+        if self.wait_replicas == 0 {
+            return Ok(());
         }
-        let _: Vec<Value> = pipeline.all().await?;
+        // In a cluster, WAIT must reach the node that holds the stream.
+        let slot = fred::util::redis_keyslot(self.stream.as_bytes());
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
+        let args = vec![i64::from(self.wait_replicas), i64::try_from(self.wait_timeout_ms).unwrap_or(i64::MAX)];
+        let acked: i64 = client.custom(wait, args).await?;
+        if acked < i64::from(self.wait_replicas) {
+            self.metrics.unreplicated.inc();
+            tracing::warn!(
+                acked,
+                wanted = self.wait_replicas,
+                "too few redis replicas acknowledged the appends; the rows stay in the outbox and are appended again"
+            );
+            return Err(Error::NotReplicated { acked, wanted: self.wait_replicas });
+        }
         Ok(())
     }
 
@@ -168,11 +214,7 @@ impl Drainer {
     }
 
     /// Builds the events of one outbox row, or the reason it is malformed.
-    fn events_from_row(
-        &self,
-        row: &tokio_postgres::Row,
-        captured: i64,
-    ) -> std::result::Result<Vec<InvalidationEvent>, String> {
+    fn events_from_row(&self, row: &tokio_postgres::Row, captured: i64) -> std::result::Result<Parsed, String> {
         let id: i64 = row.get(0);
         let table: String = row.try_get(1).map_err(|e| format!("table_name: {e}"))?;
         let op: String = row.try_get(2).map_err(|e| format!("op: {e}"))?;

@@ -9,6 +9,8 @@ pub enum Error {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    #[error("only {acked} of {wanted} redis replicas acknowledged the appends in time")]
+    NotReplicated { acked: i64, wanted: u32 },
     #[error("schema: {0}")]
     Schema(String),
     #[error(transparent)]

@@ -8,7 +8,7 @@ use herald_core::config::Config;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
-use crate::schema::{SCHEMA_VERSION, full_sql, install_lock_id};
+use crate::schema::{SCHEMA_VERSION, full_sql, install_lock_id, q, qualified};
 
 /// What an install did.
 #[derive(Debug, Default)]
@@ -16,6 +16,8 @@ pub struct InstallReport {
     pub tables: Vec<String>,
     /// Herald triggers removed from tables that are no longer configured.
     pub removed_triggers: Vec<String>,
+    /// Herald trigger functions no trigger used any more, dropped.
+    pub removed_functions: Vec<String>,
 }
 
 /// Installs (or updates) the `herald` schema and the triggers of every
@@ -45,7 +47,7 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
             .query(
                 "SELECT attname::text FROM pg_attribute \
                  WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
-                &[&format!("\"{}\".\"{}\"", table.schema, table.pg_table())],
+                &[&qualified(&table.schema, table.pg_table())],
             )
             .await?
             .iter()
@@ -67,27 +69,53 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
                 )));
             }
         }
-        targets.insert(target);
+        targets.insert((table.schema.clone(), table.pg_table().to_string()));
     }
 
     tx.batch_execute(&full_sql(&config.tables, &config.capture)).await?;
 
+    // Only triggers Herald made: named like ours *and* running a function in
+    // the `herald` schema. Any role that can create a table can name a
+    // trigger anything, so every catalog name is quoted.
     let mut removed = Vec::new();
     let rows = tx
         .query(
             "SELECT n.nspname::text, c.relname::text, t.tgname::text FROM pg_trigger t \
              JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE t.tgname LIKE 'herald\\_capture\\_%' AND NOT t.tgisinternal",
+             JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace \
+             WHERE t.tgname LIKE 'herald\\_capture\\_%' AND NOT t.tgisinternal AND pn.nspname = 'herald'",
             &[],
         )
         .await?;
     for row in rows {
         let (schema, relation, trigger): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-        if !targets.contains(&format!("{schema}.{relation}")) {
-            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS \"{trigger}\" ON \"{schema}\".\"{relation}\"")).await?;
+        if !targets.contains(&(schema.clone(), relation.clone())) {
+            tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", q(&trigger), qualified(&schema, &relation)))
+                .await?;
             removed.push(format!("{schema}.{relation}.{trigger}"));
         }
     }
+    // Trigger functions no trigger uses any more (a table removed from the
+    // config, or a function renamed); a function still in use cannot be
+    // dropped without CASCADE, so a concurrent install's cannot go.
+    let orphans = tx
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'herald' AND p.proname LIKE 'capture\\_%' \
+             AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)",
+            &[],
+        )
+        .await?;
+    let mut removed_functions = Vec::new();
+    for row in orphans {
+        let function: String = row.get(0);
+        tx.batch_execute(&format!("DROP FUNCTION IF EXISTS herald.{}()", q(&function))).await?;
+        removed_functions.push(function);
+    }
     tx.commit().await?;
-    Ok(InstallReport { tables: config.tables.iter().map(|t| t.name.clone()).collect(), removed_triggers: removed })
+    Ok(InstallReport {
+        tables: config.tables.iter().map(|t| t.name.clone()).collect(),
+        removed_triggers: removed,
+        removed_functions,
+    })
 }

@@ -1,11 +1,12 @@
 //! Capture: Postgres changes into Herald's durable event log.
 //!
-//! Writers' statement triggers put one row per statement and table into
-//! `herald.outbox`, inside the writer's transaction. Capture drains the outbox
-//! in bounded batches, appends one protobuf `InvalidationEvent` per row to the
-//! Redis stream, and deletes the rows it appended. It sleeps on a doorbell
-//! (`NOTIFY`, rung by writers only while capture is idle), drains continuously
-//! while busy, and polls slowly as a backstop.
+//! Writers' statement triggers put one row per statement, table and chunk of
+//! rows into `herald.outbox`, inside the writer's transaction. Capture drains
+//! the outbox in bounded batches, appends protobuf `InvalidationEvent`s to the
+//! Redis stream (one per outbox row, tenant and chunk of ids), and deletes the
+//! rows it appended. It sleeps on a doorbell (`NOTIFY`, rung by writers only
+//! while capture is idle), drains continuously while busy, and polls slowly as
+//! a backstop.
 
 pub mod doorbell;
 pub mod drain;
@@ -167,7 +168,7 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
             Err(error) => {
                 metrics.errors.inc();
                 match &error {
-                    Error::Redis(_) => redis_ready.set(false),
+                    Error::Redis(_) | Error::NotReplicated { .. } => redis_ready.set(false),
                     _ => pg_ready.set(false),
                 }
                 tracing::warn!(%error, "drain failed; the rows stay in the outbox and are retried");

@@ -60,6 +60,9 @@ async fn main() -> anyhow::Result<()> {
             for trigger in &report.removed_triggers {
                 println!("  removed trigger {trigger} (table no longer configured)");
             }
+            for function in &report.removed_functions {
+                println!("  removed function herald.{function} (no trigger uses it)");
+            }
             Ok(())
         }
         Command::Status => {

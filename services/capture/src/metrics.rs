@@ -13,6 +13,7 @@ pub struct Metrics {
     pub widened: Counter,
     pub batches: Counter,
     pub errors: Counter,
+    pub unreplicated: Counter,
     pub doorbells: Counter,
     pub busy: Gauge,
     pub outbox_depth: Gauge,
@@ -31,6 +32,7 @@ impl Default for Metrics {
             widened: Counter::default(),
             batches: Counter::default(),
             errors: Counter::default(),
+            unreplicated: Counter::default(),
             doorbells: Counter::default(),
             busy: Gauge::default(),
             outbox_depth: Gauge::default(),
@@ -46,10 +48,19 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("herald_capture");
         r.register("events_appended", "events appended to the stream", self.events_appended.clone());
         r.register("rows_drained", "outbox rows drained", self.rows_drained.clone());
-        r.register("dead_lettered", "outbox rows moved to herald.dead_letter", self.dead_lettered.clone());
+        r.register(
+            "dead_lettered",
+            "outbox rows moved to herald.dead_letter, whole or only their bad images",
+            self.dead_lettered.clone(),
+        );
         r.register("widened", "events widened to a table-wide tag to fit the size limit", self.widened.clone());
         r.register("batches", "drain transactions committed", self.batches.clone());
         r.register("errors", "drain attempts that failed and were retried", self.errors.clone());
+        r.register(
+            "unreplicated",
+            "batches kept in the outbox because fewer than capture.wait_replicas replicas acknowledged them in time",
+            self.unreplicated.clone(),
+        );
         r.register("doorbells", "doorbell notifications received", self.doorbells.clone());
         r.register("busy", "1 while this instance holds the doorbell lease (writers skip NOTIFY)", self.busy.clone());
         r.register("outbox_depth", "rows waiting in herald.outbox (sampled, capped at 1e6)", self.outbox_depth.clone());

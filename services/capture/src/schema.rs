@@ -1,11 +1,12 @@
 //! The `herald` schema: outbox, dead-letter table, doorbell functions and the
 //! per-table statement triggers, generated from configuration.
 //!
-//! One outbox row per statement, table, tenant and chunk of `chunk_rows`
-//! rows: the trigger reads the statement's transition tables, keeps the rows
-//! whose watched columns changed, and aggregates ids, tags and teams. Trigger
-//! functions are generated per table with static SQL (no `EXECUTE`), so
-//! Postgres caches their plans.
+//! One outbox row per statement, table and chunk of `chunk_rows` rows: the
+//! trigger reads the statement's transition tables, keeps the rows whose
+//! watched columns changed, and flattens their images (tenant, id, team, key
+//! columns) into the row. Grouping by tenant and building tags happen in
+//! capture (`events.rs`). Trigger functions are generated per table with
+//! static SQL (no `EXECUTE`), so Postgres caches their plans.
 
 use herald_core::config::{CaptureConfig, TableConfig};
 use herald_core::hash::advisory_lock_id;
@@ -28,9 +29,15 @@ pub fn image_width(table: &TableConfig) -> usize {
     3 + table.key_columns.len()
 }
 
-/// Quotes an identifier (already validated by config).
-fn q(ident: &str) -> String {
+/// Quotes an identifier: the one helper every generated or catalog-derived
+/// name goes through (a `"` inside is doubled), whatever its origin.
+pub(crate) fn q(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// `schema.relation`, both quoted.
+pub(crate) fn qualified(schema: &str, relation: &str) -> String {
+    format!("{}.{}", q(schema), q(relation))
 }
 
 /// Quotes a string literal.
@@ -101,15 +108,14 @@ $fn$;
 /// Trigger functions and triggers of one watched table.
 pub fn table_sql(table: &TableConfig, capture: &CaptureConfig) -> String {
     let name = &table.name;
-    let target = format!("{}.{}", q(&table.schema), q(table.pg_table()));
-    let fn_base = format!("capture_{name}");
+    let target = qualified(&table.schema, table.pg_table());
     let mut sql = String::new();
     for (op, suffix, event, images) in [
         ("I", "ins", "INSERT", images_of("n", "new_rows", table)),
         ("D", "del", "DELETE", images_of("o", "old_rows", table)),
         ("U", "upd", "UPDATE", update_images(table)),
     ] {
-        let function = format!("herald.{}", q(&format!("{fn_base}_{suffix}")));
+        let function = format!("herald.{}", q(&function_name(name, suffix)));
         let referencing = match event {
             "INSERT" => "REFERENCING NEW TABLE AS new_rows",
             "DELETE" => "REFERENCING OLD TABLE AS old_rows",
@@ -117,33 +123,37 @@ pub fn table_sql(table: &TableConfig, capture: &CaptureConfig) -> String {
         };
         let trigger = q(&format!("herald_capture_{suffix}"));
         let image = (0..table.key_columns.len())
-            .fold("r.tenant, r.id, r.team".to_string(), |acc, i| acc + &format!(", r.k{i}"));
+            .fold("_herald_r.tenant, _herald_r.id, _herald_r.team".to_string(), |acc, i| {
+                acc + &format!(", _herald_r.k{i}")
+            });
         sql.push_str(&format!(
             r#"
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    r record;
-    images text[] := '{{}}';
-    n int := 0;
-    emitted boolean := false;
-    trace text := nullif(current_setting('herald.traceparent', true), '');
+    _herald_r record;
+    _herald_images text[] := '{{}}';
+    _herald_count int := 0;
+    _herald_emitted boolean := false;
+    _herald_trace text := nullif(current_setting('herald.traceparent', true), '');
 BEGIN
-    FOR r IN {images} LOOP
-        images := images || ARRAY[{image}];
-        n := n + 1;
-        IF n >= {chunk} THEN
-            INSERT INTO herald.outbox (table_name, op, rows, traceparent) VALUES ({name_lit}, '{op}', images, trace);
-            emitted := true;
-            images := '{{}}';
-            n := 0;
+    FOR _herald_r IN {images} LOOP
+        _herald_images := _herald_images || ARRAY[{image}];
+        _herald_count := _herald_count + 1;
+        IF _herald_count >= {chunk} THEN
+            INSERT INTO herald.outbox (table_name, op, rows, traceparent)
+            VALUES ({name_lit}, '{op}', _herald_images, _herald_trace);
+            _herald_emitted := true;
+            _herald_images := '{{}}';
+            _herald_count := 0;
         END IF;
     END LOOP;
-    IF n > 0 THEN
-        INSERT INTO herald.outbox (table_name, op, rows, traceparent) VALUES ({name_lit}, '{op}', images, trace);
-        emitted := true;
+    IF _herald_count > 0 THEN
+        INSERT INTO herald.outbox (table_name, op, rows, traceparent)
+        VALUES ({name_lit}, '{op}', _herald_images, _herald_trace);
+        _herald_emitted := true;
     END IF;
-    IF emitted THEN
+    IF _herald_emitted THEN
         PERFORM herald.ring();
     END IF;
     RETURN NULL;
@@ -158,7 +168,7 @@ CREATE TRIGGER {trigger} AFTER {event} ON {target}
             chunk = capture.chunk_rows,
         ));
     }
-    let function = format!("herald.{}", q(&format!("{fn_base}_trunc")));
+    let function = format!("herald.{}", q(&function_name(name, "trunc")));
     sql.push_str(&format!(
         r#"
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
@@ -177,6 +187,28 @@ CREATE TRIGGER "herald_capture_trunc" AFTER TRUNCATE ON {target}
         name_lit = lit(name),
     ));
     sql
+}
+
+/// Postgres's identifier limit; longer names are silently truncated.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The name of a table's trigger function for `suffix` (ins, del, upd,
+/// trunc). Table names may be up to 63 bytes, and Postgres would truncate
+/// `capture_<name>_<suffix>` silently, making the four functions of a long
+/// name (or two long names sharing a prefix) one object. A name that does
+/// not fit is shortened and given a hash of the whole name instead of being
+/// refused: every name the config accepts keeps working.
+pub fn function_name(table: &str, suffix: &str) -> String {
+    let plain = format!("capture_{table}_{suffix}");
+    if plain.len() <= MAX_IDENTIFIER_BYTES {
+        return plain;
+    }
+    let mut cut = 30.min(table.len());
+    while !table.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let hash = herald_core::hash::fnv1a64(table.as_bytes()) & 0xffff_ffff_ffff;
+    format!("capture_{}_{hash:012x}_{suffix}", &table[..cut])
 }
 
 /// `SELECT` of the image columns (tenant, id, team, k0..kn) of `alias`.
@@ -219,10 +251,14 @@ pub fn watched_columns(table: &TableConfig) -> Vec<String> {
 fn update_images(table: &TableConfig) -> String {
     let id = q(&table.id_column);
     let watched = watched_columns(table);
+    // Compared as text: a column type without an equality operator (json,
+    // point) must not break the writer's statement. Every reference is
+    // qualified (`o.*`, never a bare `o`), because a bare name resolves to a
+    // column first: a table with a column `n` would otherwise compare it.
     let changed = if watched.is_empty() {
-        "o::text IS DISTINCT FROM n::text".to_string()
+        "(o.*)::text IS DISTINCT FROM (n.*)::text".to_string()
     } else {
-        let side = |a: &str| watched.iter().map(|c| format!("{a}.{}", q(c))).collect::<Vec<_>>().join(", ");
+        let side = |a: &str| watched.iter().map(|c| format!("{a}.{}::text", q(c))).collect::<Vec<_>>().join(", ");
         format!("ROW({}) IS DISTINCT FROM ROW({})", side("o"), side("n"))
     };
     format!(
@@ -279,9 +315,20 @@ mod tests {
     fn generated_sql_names_what_it_should() {
         let sql = full_sql(&[users()], &CaptureConfig::default());
         assert!(sql.contains("REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
-        assert!(sql.contains("images := images || ARRAY[r.tenant, r.id, r.team, r.k0, r.k1]"));
-        assert!(sql.contains("IF n >= 500 THEN"));
+        assert!(sql.contains("ARRAY[_herald_r.tenant, _herald_r.id, _herald_r.team, _herald_r.k0, _herald_r.k1]"));
+        assert!(sql.contains("IF _herald_count >= 500 THEN"));
         assert!(!sql.contains("EXECUTE format"), "trigger functions must use static SQL");
+    }
+
+    #[test]
+    fn function_names_fit_postgres_and_stay_distinct() {
+        assert_eq!(function_name("res_users", "ins"), "capture_res_users_ins");
+        let long = "a".repeat(63);
+        let names: Vec<String> = ["ins", "del", "upd", "trunc"].iter().map(|s| function_name(&long, s)).collect();
+        assert!(names.iter().all(|n| n.len() <= MAX_IDENTIFIER_BYTES), "{names:?}");
+        assert_eq!(names.iter().collect::<std::collections::HashSet<_>>().len(), 4);
+        let sibling = format!("{}b", "a".repeat(62));
+        assert_ne!(function_name(&long, "ins"), function_name(&sibling, "ins"));
     }
 
     #[test]

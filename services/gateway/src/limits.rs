@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fred::prelude::*;
-use herald_core::keys::{KeySpace, Scope, TenantId};
+use herald_core::keys::{KeySpace, TenantId};
 
 use crate::metrics::Metrics;
 
@@ -72,6 +72,16 @@ pub enum TenantBucket {
     Publish,
 }
 
+impl TenantBucket {
+    /// The bucket's name in its Redis key (`…:rl:<name>`).
+    fn name(self) -> &'static str {
+        match self {
+            TenantBucket::Clients => "gateway",
+            TenantBucket::Publish => "gateway-publish",
+        }
+    }
+}
+
 /// Per-tenant limit shared through Redis.
 pub struct TenantLimiter {
     bucket: TenantBucket,
@@ -102,12 +112,7 @@ impl TenantLimiter {
 
     /// Takes one token from `tenant`'s bucket.
     pub async fn take(&self, tenant: &TenantId) -> bool {
-        let key = self.keys.entry(&Scope::Tenant(tenant.clone()), "rl", "gateway").expect("valid key");
-        // The publish API's bucket sits beside the clients' one.
-        let key = match self.bucket {
-            TenantBucket::Clients => key,
-            TenantBucket::Publish => key + ":publish",
-        };
+        let key = self.keys.rate_limit(tenant, self.bucket.name());
         let args = vec![self.rate.to_string(), self.rate.to_string()];
         let taken: Result<i64, fred::error::Error> = if self.redis_up.load(Ordering::Relaxed) {
             self.redis.next().eval(TAKE, vec![key], args).await

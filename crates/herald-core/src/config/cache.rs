@@ -204,7 +204,7 @@ impl CacheConfig {
             if let Err(e) = validate_identifier(&r.name) {
                 return err(at("name"), &e);
             }
-            if crate::keys::RESERVED_SEGMENTS.contains(&r.name.as_str()) || r.name == "kv" {
+            if crate::keys::reserved_segment(&r.name).is_some() {
                 return err(at("name"), "is reserved");
             }
             if !names.insert(r.name.as_str()) {

@@ -108,6 +108,12 @@ pub struct CaptureConfig {
     pub stream_max_len: u64,
     /// Largest encoded event; a larger one is widened to a table-wide event.
     pub max_event_bytes: usize,
+    /// Replicas that must acknowledge a batch's appends (Redis `WAIT`) before
+    /// its outbox rows are deleted; 0 deletes once the primary answered.
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may block; must be shorter than
+    /// `redis.command_timeout_ms`.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for CaptureConfig {
@@ -120,6 +126,8 @@ impl Default for CaptureConfig {
             linger_ms: 200,
             stream_max_len: 1_000_000,
             max_event_bytes: 256 * 1024,
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
         }
     }
 }
@@ -138,6 +146,13 @@ pub struct BroadcastConfig {
     pub claim_idle_ms: u64,
     /// Heartbeat period on the L1 channel.
     pub heartbeat_ms: u64,
+    /// This instance's consumer name in the group. Keep it stable across
+    /// restarts (the default, `$HOSTNAME`, is the pod name on Kubernetes),
+    /// so a restarted instance re-reads the entries it had read but not
+    /// acknowledged at once, instead of leaving them to `XAUTOCLAIM` after
+    /// `claim_idle_ms`. Two live instances should not share a name; if they
+    /// do, nothing is lost (each may re-apply the other's pending entries).
+    pub consumer: Option<String>,
 }
 
 impl Default for BroadcastConfig {
@@ -149,6 +164,7 @@ impl Default for BroadcastConfig {
             block_ms: 1_000,
             claim_idle_ms: 5_000,
             heartbeat_ms: 1_000,
+            consumer: None,
         }
     }
 }
@@ -260,6 +276,20 @@ impl Config {
         }
         if self.capture.max_event_bytes < 4096 {
             return Err(Error::Config("capture.max_event_bytes: must be at least 4096".into()));
+        }
+        if let Some(name) = &self.broadcast.consumer
+            && (name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(Error::Config(format!("broadcast.consumer: {name:?} must be 1 to 64 of A-Z a-z 0-9 _ - .")));
+        }
+        if self.capture.wait_replicas > 0
+            && (self.capture.wait_timeout_ms == 0 || self.capture.wait_timeout_ms >= self.redis.command_timeout_ms)
+        {
+            return Err(Error::Config(
+                "capture.wait_timeout_ms: must be greater than 0 and shorter than redis.command_timeout_ms".into(),
+            ));
         }
         if self.l1.heartbeat_timeout_ms <= self.broadcast.heartbeat_ms {
             return Err(Error::Config("l1.heartbeat_timeout_ms: must be longer than broadcast.heartbeat_ms".into()));
@@ -408,6 +438,16 @@ mod tests {
         assert!(err.to_string().contains("env"), "{err}");
         let dup = "[[tables]]\nname = \"a\"\n[[tables]]\nname = \"a\"\n";
         assert!(Config::load(dup, &env(&[])).unwrap_err().to_string().contains("duplicate"));
+    }
+
+    #[test]
+    fn replica_wait_must_fit_the_command_timeout() {
+        assert_eq!(Config::load("", &env(&[])).unwrap().capture.wait_replicas, 0);
+        let wait = "[capture]\nwait_replicas = 1\nwait_timeout_ms = 5000\n";
+        let err = Config::load(wait, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("capture.wait_timeout_ms"), "{err}");
+        let ok = Config::load("[capture]\nwait_replicas = 1\nwait_timeout_ms = 500\n", &env(&[])).unwrap();
+        assert_eq!((ok.capture.wait_replicas, ok.capture.wait_timeout_ms), (1, 500));
     }
 
     #[test]

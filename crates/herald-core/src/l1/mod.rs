@@ -22,6 +22,7 @@
 //! * **Bounded.** By bytes (`l1.max_bytes`) and by age (`l1.max_ttl_ms`).
 
 pub mod subscriber;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,11 +40,15 @@ use prometheus_client::registry::Registry;
 
 use crate::config::L1Config;
 use crate::keys::{Scope, TagKey};
+use crate::tags;
 
 /// Bookkeeping bytes charged per entry on top of its key, value and tags.
 const ENTRY_OVERHEAD: u32 = 96;
 /// Prune the recent-invalidation map once it holds this many tags.
 const RECENT_PRUNE_AT: usize = 4096;
+/// Past this many remembered tags or prefixes (a fill that never ends keeps
+/// them all), every fill in flight is refused and the memory is dropped.
+const RECENT_MAX: usize = 4 * RECENT_PRUNE_AT;
 
 /// A cache entry.
 #[derive(Clone)]
@@ -73,6 +78,18 @@ struct TagIndex {
 }
 
 impl TagIndex {
+    /// Bounds what is remembered for fills in flight: past [`RECENT_MAX`],
+    /// forgets it all and returns true; the caller must then refuse every
+    /// fill that started before (as a flush does, without dropping entries).
+    fn over_bound(&mut self) -> bool {
+        if self.recent.len() <= RECENT_MAX && self.recent_prefixes.len() <= RECENT_MAX {
+            return false;
+        }
+        self.recent.clear();
+        self.recent_prefixes.clear();
+        true
+    }
+
     fn forget_evicted(&mut self) {
         while let Ok((key, tags, id)) = self.evicted.try_recv() {
             self.remove_membership(&key, &tags, id);
@@ -96,10 +113,26 @@ impl TagIndex {
 /// The applied position of an L1 cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Position {
-    /// Highest `commit_lsn` of an event applied since the cache was last live.
+    /// Highest `commit_lsn` of an event applied since start (a maximum, not
+    /// a low-water mark: see `fresh_enough` in cache-api).
     pub commit_lsn: u64,
     /// Events applied since start.
     pub events: u64,
+    /// The cache's generation: changes on every flush, so a position of
+    /// another generation says nothing about what this cache holds.
+    pub generation: u64,
+}
+
+/// What a watcher of an L1 cache ([`L1Cache::watch`]) receives, in the
+/// order it happened.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// An event, after it was applied.
+    Event(Arc<InvalidationEvent>),
+    /// Everything was dropped (a flush, or the feed going down): whoever
+    /// mirrors this cache must drop everything too. `generation` is the new
+    /// one.
+    Flushed { generation: u64 },
 }
 
 /// L1 metrics, registered under `herald_l1_*`.
@@ -148,11 +181,13 @@ struct Inner {
     flushed_at: AtomicU64,
     next_id: AtomicU64,
     live: AtomicBool,
+    /// Bumped by every flush (and so by every live → not-live change).
+    generation: AtomicU64,
     applied_lsn: AtomicU64,
     applied_events: AtomicU64,
     max_ttl: Duration,
     metrics: L1Metrics,
-    applied_tx: tokio::sync::broadcast::Sender<Arc<InvalidationEvent>>,
+    applied_tx: tokio::sync::broadcast::Sender<Applied>,
 }
 
 /// The L1 cache. Cheap to clone; clones share the cache.
@@ -237,6 +272,7 @@ impl L1Cache {
                 flushed_at: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
                 live: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
                 applied_lsn: AtomicU64::new(0),
                 applied_events: AtomicU64::new(0),
                 max_ttl: Duration::from_millis(config.max_ttl_ms),
@@ -292,6 +328,7 @@ impl L1Cache {
     ) -> bool {
         let inner = &self.inner;
         let ttl = ttl.map_or(inner.max_ttl, |t| t.min(inner.max_ttl));
+        let tags = tags::indexed_tags(tags);
         let mut index = lock(&inner.index);
         index.forget_evicted();
         let stale = ticket.seq < inner.flushed_at.load(Ordering::SeqCst)
@@ -338,6 +375,9 @@ impl L1Cache {
                     keys.extend(holders.into_keys());
                 }
             }
+            if index.over_bound() {
+                inner.flushed_at.store(seq, Ordering::SeqCst);
+            }
         }
         for key in &keys {
             inner.cache.invalidate(key);
@@ -357,6 +397,9 @@ impl L1Cache {
             if !index.in_flight.is_empty() {
                 index.recent_prefixes.push((prefix.into(), seq));
             }
+            if index.over_bound() {
+                inner.flushed_at.store(seq, Ordering::SeqCst);
+            }
         }
         // Entries inserted after the lock was released started their fill
         // after the mark or were refused by it; the ones before are here.
@@ -371,7 +414,8 @@ impl L1Cache {
     }
 
     /// Applies one invalidation event: drops the entries its tags (and key
-    /// prefixes) name in its scope, and advances the applied position.
+    /// prefixes) name in its scope, every entry with a row tag of its table
+    /// when it is table-wide, and advances the applied position.
     pub fn apply(&self, event: &InvalidationEvent) {
         if event.all_tenants {
             // A TRUNCATE of a tenant table: rare and drastic, so drop it all.
@@ -388,7 +432,7 @@ impl L1Cache {
                 return;
             }
         };
-        let tags: Vec<TagKey> = event.tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
+        let tags: Vec<TagKey> = tags::event_tags(event).into_iter().map(|t| TagKey::new(scope.clone(), t)).collect();
         self.invalidate(&tags);
         for prefix in &event.key_prefixes {
             self.invalidate_prefix(prefix);
@@ -401,30 +445,44 @@ impl L1Cache {
         self.inner.applied_events.fetch_add(1, Ordering::SeqCst);
         self.inner.metrics.events_applied.inc();
         if self.inner.applied_tx.receiver_count() > 0 {
-            let _ = self.inner.applied_tx.send(Arc::new(event.clone()));
+            let _ = self.inner.applied_tx.send(Applied::Event(Arc::new(event.clone())));
         }
     }
 
-    /// Every event this cache applies, after it was applied (for near caches
-    /// that mirror invalidations, and for measuring). A receiver that falls
-    /// more than 4096 events behind sees `Lagged` and must assume it missed
-    /// invalidations.
-    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<Arc<InvalidationEvent>> {
+    /// Everything this cache does to its entries, in order: each event after
+    /// it was applied, and each flush (for near caches that mirror this
+    /// cache, and for measuring). Subscribe *before* checking
+    /// [`L1Cache::is_live`]: a flush after that arrives as
+    /// [`Applied::Flushed`]. A receiver that falls more than 4096 items
+    /// behind sees `Lagged` and must assume it missed invalidations.
+    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<Applied> {
         self.inner.applied_tx.subscribe()
     }
 
-    /// Drops everything, and refuses every fill that started before.
+    /// Drops everything, refuses every fill that started before, and starts
+    /// a new generation (which watchers are told of).
     pub fn flush(&self) {
         let inner = &self.inner;
-        {
+        let generation = {
             let mut index = lock(&inner.index);
             let seq = inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
             inner.flushed_at.store(seq, Ordering::SeqCst);
             index.by_tag.clear();
             inner.cache.invalidate_all();
-        }
+            let generation = inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            if inner.applied_tx.receiver_count() > 0 {
+                let _ = inner.applied_tx.send(Applied::Flushed { generation });
+            }
+            generation
+        };
+        tracing::debug!(generation, "l1 flushed");
         inner.metrics.flushes.inc();
         self.update_gauges();
+    }
+
+    /// The current generation (see [`Applied::Flushed`]).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::SeqCst)
     }
 
     /// Marks the cache live or not. Going down flushes everything.
@@ -445,6 +503,7 @@ impl L1Cache {
         Position {
             commit_lsn: self.inner.applied_lsn.load(Ordering::SeqCst),
             events: self.inner.applied_events.load(Ordering::SeqCst),
+            generation: self.generation(),
         }
     }
 

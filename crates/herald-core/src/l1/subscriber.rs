@@ -6,14 +6,13 @@
 use std::time::Duration;
 
 use fred::prelude::*;
-use herald_proto::Message as _;
-use herald_proto::v1::{L1Message, l1_message};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::L1Cache;
+use super::wire::{self, Received};
 use crate::backoff::Backoff;
 use crate::config::{L1Config, RedisConfig};
 use crate::ops::ReadyFlag;
@@ -104,8 +103,8 @@ async fn subscribe_once(
                 message = messages.recv() => match message {
                     Ok(message) => {
                         let Some(bytes) = message.value.as_bytes() else { continue };
-                        match L1Message::decode(bytes) {
-                            Ok(L1Message { body: Some(l1_message::Body::Heartbeat(_)) }) => {
+                        match wire::decode(bytes) {
+                            Ok(Received::Heartbeat(_)) => {
                                 deadline = Instant::now() + options.heartbeat_timeout;
                                 if !cache.is_live() {
                                     tracing::info!(channel = %options.channel, "l1 live");
@@ -113,14 +112,16 @@ async fn subscribe_once(
                                 cache.set_live(true);
                                 options.ready.set(true);
                             }
-                            Ok(L1Message { body: Some(l1_message::Body::Invalidations(batch)) }) => {
-                                for event in &batch.events {
+                            Ok(Received::Invalidations(events)) => {
+                                for event in &events {
                                     cache.apply(event);
                                 }
                             }
-                            Ok(L1Message { body: None }) => {}
+                            Ok(Received::Unknown) => {}
                             Err(error) => {
                                 // We cannot tell what it invalidated: be safe.
+                                // (The flush also ends every watch of this
+                                // cache, so near caches flush too.)
                                 tracing::warn!(%error, "undecodable l1 message, flushing");
                                 cache.flush();
                             }

@@ -121,5 +121,58 @@ fn apply_advances_position() {
     };
     l1.apply(&event);
     assert_eq!(l1.get("a"), None);
-    assert_eq!(l1.applied(), Position { commit_lsn: 42, events: 1 });
+    assert_eq!(l1.applied(), Position { commit_lsn: 42, events: 1, generation: 0 });
+}
+
+#[test]
+fn a_fill_that_never_ends_cannot_grow_the_bookkeeping_without_bound() {
+    let l1 = cache();
+    let stuck = l1.begin_fill();
+    for i in 0..100_000 {
+        l1.invalidate_prefix(&format!("herald:e:t:{{acme}}:kv:p{i}"));
+        l1.invalidate(&[tag(&format!("users.id={i}"))]);
+    }
+    {
+        let index = lock(&l1.inner.index);
+        assert!(index.recent_prefixes.len() <= RECENT_MAX, "{} prefixes kept", index.recent_prefixes.len());
+        assert!(index.recent.len() <= RECENT_MAX, "{} tags kept", index.recent.len());
+    }
+    // Forgetting is safe: the fill that started before is refused.
+    assert!(!l1.insert(stuck, "late", Bytes::from_static(b"v"), vec![tag("other")], None));
+    assert!(put(&l1, "fresh", "v", &["other"]), "a fill after the bound is kept as usual");
+}
+
+#[test]
+fn row_tagged_entries_fall_to_a_table_wide_event() {
+    let l1 = cache();
+    assert!(put(&l1, "slug:alice", "1", &["users.slug=alice"]));
+    assert!(put(&l1, "list", "[1]", &["users"]));
+    assert!(put(&l1, "other", "x", &["orders.id=1"]));
+    let event = |widened| InvalidationEvent {
+        tenant: "acme".into(),
+        table: "users".into(),
+        tags: vec!["users".into()],
+        widened,
+        ..Default::default()
+    };
+    l1.apply(&event(false));
+    assert!(l1.get("slug:alice").is_some(), "an ordinary event of the table dropped a row entry");
+    assert!(l1.get("list").is_none());
+    l1.apply(&event(true));
+    assert!(l1.get("slug:alice").is_none(), "a widened event left a row entry");
+    assert!(l1.get("other").is_some());
+}
+
+#[test]
+fn watchers_hear_of_every_flush_in_order() {
+    let l1 = cache();
+    let mut applied = l1.watch();
+    let generation = l1.generation();
+    l1.apply(&InvalidationEvent { tenant: "acme".into(), tags: vec!["t".into()], ..Default::default() });
+    l1.set_live(false);
+    l1.set_live(true);
+    assert!(matches!(applied.try_recv(), Ok(Applied::Event(_))));
+    assert!(matches!(applied.try_recv(), Ok(Applied::Flushed { generation: g }) if g == generation + 1));
+    assert!(applied.try_recv().is_err(), "going live again is no flush");
+    assert_eq!(l1.applied().generation, generation + 1);
 }
