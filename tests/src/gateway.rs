@@ -188,6 +188,12 @@ impl WsClient {
         Self { stream, next_id: 1, buffered: Default::default() }
     }
 
+    /// Opens a socket, or `None` when the upgrade is refused.
+    pub async fn try_open(gateway: &GatewayHandle) -> Option<Self> {
+        let (stream, _) = tokio_tungstenite::connect_async(gateway.ws_url()).await.ok()?;
+        Some(Self { stream, next_id: 1, buffered: Default::default() })
+    }
+
     /// Opens a socket and connects with `token`; panics unless connected.
     pub async fn connect(gateway: &GatewayHandle, token: &str) -> Self {
         let mut client = Self::open(gateway).await;
@@ -198,6 +204,18 @@ impl WsClient {
 
     pub async fn send(&mut self, frame: Value) {
         self.stream.send(Message::text(frame.to_string())).await.expect("send frame");
+    }
+
+    /// Sends `frame` `n` times as fast as the socket takes them, without
+    /// reading; stops at the first error (the server closed).
+    pub async fn flood(&mut self, frame: Value, n: usize) {
+        let text = frame.to_string();
+        for _ in 0..n {
+            if self.stream.feed(Message::text(text.clone())).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.stream.flush().await;
     }
 
     pub async fn send_raw(&mut self, message: Message) {
@@ -265,6 +283,23 @@ impl WsClient {
                 // means no publication is coming: say so now.
                 Some("unsubscribed" | "error" | "disconnect") => panic!("waiting for a publication, got {frame}"),
                 _ => {}
+            }
+        }
+    }
+
+    /// Sends a WebSocket ping every `every` and reads until the socket
+    /// closes; returns how it closed (panics if it stays open for 10 s).
+    pub async fn ping_until_closed(&mut self, every: Duration) -> Closed {
+        let mut tick = tokio::time::interval(every);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            assert!(tokio::time::Instant::now() < deadline, "socket still open after 10 s of pings");
+            tokio::select! {
+                frame = self.next_raw() => if let Err(closed) = frame { return closed },
+                _ = tick.tick() => {
+                    // The server may have closed already: the read says how.
+                    let _ = self.stream.send(Message::Ping(Vec::new().into())).await;
+                }
             }
         }
     }

@@ -199,9 +199,10 @@ async fn a_reconnect_with_its_offset_receives_exactly_the_missed_messages() {
     }
     let mut client = WsClient::connect(&gw, &token).await;
     let reply = client.subscribe_recover("team:7", offset, &epoch).await;
+    // `offset` is where the replay starts (safe to store), `head` its end.
     assert_eq!(
-        (reply["recovered"].as_bool(), reply["missed"].as_u64(), reply["offset"].as_u64()),
-        (Some(true), Some(3), Some(5)),
+        (reply["recovered"].as_bool(), reply["missed"].as_u64(), reply["offset"].as_u64(), reply["head"].as_u64()),
+        (Some(true), Some(3), Some(2), Some(5)),
         "{reply}"
     );
     for n in 3..=5 {
@@ -448,6 +449,7 @@ async fn node_limits_refuse_connections_and_commands() {
         .spawn_gateway_with(|c| {
             c.gateway.limits.max_connections = 1;
             c.gateway.limits.connection_commands_per_s = 2;
+            c.gateway.limits.max_subscriptions_per_connection = 1;
         })
         .await;
     let mut first = WsClient::connect(&gw, &team_token("acme", "a")).await;
@@ -457,7 +459,8 @@ async fn node_limits_refuse_connections_and_commands() {
         other => panic!("second socket was not refused: {:?}", other.map(|_| ())),
     };
     assert_eq!(status, 503);
-    // A burst of commands over the connection's bucket (burst 4) closes it.
+    // A burst of commands over the connection's bucket (burst 2 × 2 + 1)
+    // closes it.
     for _ in 0..10 {
         first.send(json!({"type": "ping"})).await;
     }
@@ -544,5 +547,76 @@ async fn a_redelivered_event_publishes_its_team_change_once() {
     assert_eq!(first["data"], json!({"type": "change", "table": "res_users", "op": "update", "ids": ["5"]}));
     let second = client.next_pub().await;
     assert_eq!((second["offset"].as_u64(), &second["data"]), (Some(2), &json!({"after": true})), "published twice");
+    sb.cleanup().await;
+}
+
+/// A channel position kept the way `docs/gateway-protocol.md` tells a
+/// client to: from `subscribed`, then from every `pub`.
+#[derive(Debug, Clone)]
+struct Stored {
+    offset: u64,
+    epoch: String,
+}
+
+impl Stored {
+    fn apply(&mut self, frame: &serde_json::Value) {
+        let offset = frame["offset"].as_u64().expect("an offset");
+        if offset != 0 {
+            self.offset = offset;
+            self.epoch = frame["epoch"].as_str().expect("an epoch").to_string();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dropped_during_a_recovery_replay_loses_nothing() {
+    let sb = sandbox().await;
+    let gw = sb.spawn_gateway().await;
+    let token = team_token("acme", "alice");
+    let mut stored = Stored { offset: 0, epoch: String::new() };
+    let mut first = WsClient::connect(&gw, &token).await;
+    stored.apply(&first.subscribe("team:9").await);
+    for n in 1..=2 {
+        publish(&gw, "acme", "team:9", json!(n)).await;
+        stored.apply(&first.next_pub().await);
+    }
+    first.close().await;
+    for n in 3..=40 {
+        publish(&gw, "acme", "team:9", json!(n)).await;
+    }
+
+    // Dropped right after the reply, before any replayed publication.
+    let mut second = WsClient::connect(&gw, &token).await;
+    let reply = second.subscribe_recover("team:9", stored.offset, &stored.epoch).await;
+    assert_eq!((reply["recovered"].as_bool(), reply["missed"].as_u64()), (Some(true), Some(38)), "{reply}");
+    assert_eq!(reply["head"], 40, "{reply}");
+    stored.apply(&reply);
+    drop(second);
+
+    // Dropped in the middle of the replay.
+    let mut third = WsClient::connect(&gw, &token).await;
+    let reply = third.subscribe_recover("team:9", stored.offset, &stored.epoch).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    stored.apply(&reply);
+    let mut received = Vec::new();
+    for _ in 0..10 {
+        let p = third.next_pub().await;
+        received.push(p["data"].as_u64().unwrap());
+        stored.apply(&p);
+    }
+    drop(third);
+
+    // The last reconnect gets the rest: nothing lost, nothing twice.
+    let mut last = WsClient::connect(&gw, &token).await;
+    let reply = last.subscribe_recover("team:9", stored.offset, &stored.epoch).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    stored.apply(&reply);
+    for _ in 0..reply["missed"].as_u64().unwrap() {
+        let p = last.next_pub().await;
+        received.push(p["data"].as_u64().unwrap());
+        stored.apply(&p);
+    }
+    assert_eq!(received, (3..=40).collect::<Vec<u64>>());
+    assert_eq!(stored.offset, 40);
     sb.cleanup().await;
 }

@@ -13,6 +13,7 @@ pub mod l2;
 pub mod ops;
 pub mod pg;
 pub mod redis;
+pub mod serve;
 pub mod shutdown;
 pub mod stream;
 pub mod tags;

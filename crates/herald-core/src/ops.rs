@@ -15,6 +15,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::serve::HttpConfig;
+
 /// Named readiness conditions. Each component holds its [`ReadyFlag`] and
 /// sets it as its dependency comes and goes.
 #[derive(Clone, Default)]
@@ -108,21 +110,37 @@ async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
 }
 
 /// Serves the ops endpoints on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: OpsState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+pub async fn serve(
+    listener: TcpListener,
+    state: OpsState,
+    http: HttpConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    crate::serve::serve(listener, router(state), &http, shutdown).await
 }
 
 /// A service's ops server: builds the metrics registry with `register`,
 /// spawns the server on `listener`, and returns the readiness set the service
 /// fills with its conditions, and the server's task.
+/// Its HTTP limits are `[http]`'s defaults; [`start_with`] takes them.
 pub fn start(
     listener: TcpListener,
     register: impl FnOnce(&mut Registry),
+    shutdown: CancellationToken,
+) -> (Readiness, tokio::task::JoinHandle<std::io::Result<()>>) {
+    start_with(listener, register, &HttpConfig::default(), shutdown)
+}
+
+/// [`start`] with the configured HTTP limits.
+pub fn start_with(
+    listener: TcpListener,
+    register: impl FnOnce(&mut Registry),
+    http: &HttpConfig,
     shutdown: CancellationToken,
 ) -> (Readiness, tokio::task::JoinHandle<std::io::Result<()>>) {
     let mut registry = Registry::default();
     register(&mut registry);
     let readiness = Readiness::default();
     let state = OpsState { registry: Arc::new(registry), readiness: readiness.clone() };
-    (readiness, tokio::spawn(serve(listener, state, shutdown)))
+    (readiness, tokio::spawn(serve(listener, state, http.clone(), shutdown)))
 }

@@ -142,7 +142,9 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
+        config
+            .grpc
+            .server()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
@@ -155,15 +157,11 @@ pub async fn run(
     let http_addr = listeners.http.local_addr()?;
     let router = http::router(http::HttpState { cache: cache.clone(), auth }, config.cache.max_value_bytes);
     let http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        use axum::serve::ListenerExt as _;
-        let listener = listeners.http.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, router).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
-    });
+    let http_config = config.http.clone();
+    let http_task =
+        tokio::spawn(
+            async move { herald_core::serve::serve(listeners.http, router, &http_config, http_shutdown).await },
+        );
     tracing::info!(%node, %grpc_addr, %http_addr, resources = ?cache.resource_names(), "cache-api started");
 
     shutdown.cancelled().await;

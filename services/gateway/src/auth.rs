@@ -45,6 +45,7 @@ enum OneOrMany {
 struct RawClaims {
     tenant: String,
     sub: String,
+    exp: u64,
     #[serde(default)]
     channels: Option<OneOrMany>,
 }
@@ -57,6 +58,8 @@ pub struct Claims {
     /// Patterns: `*` (every channel), `ns:*` (every channel of a
     /// namespace), or an exact `ns:id`.
     pub channels: Vec<String>,
+    /// When the socket must close (`exp` plus the leeway), Unix seconds.
+    pub valid_until: u64,
 }
 
 impl Claims {
@@ -72,6 +75,8 @@ impl Claims {
 pub struct Verifier {
     keys: HashMap<String, (DecodingKey, Algorithm)>,
     leeway: u64,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl Verifier {
@@ -97,7 +102,12 @@ impl Verifier {
             };
             keys.insert(key.kid.clone(), decoding);
         }
-        Ok(Self { keys, leeway: config.jwt_leeway_s })
+        Ok(Self {
+            keys,
+            leeway: config.jwt_leeway_s,
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+        })
     }
 
     /// The claims of a valid token. The key is chosen by the token's `kid`
@@ -115,12 +125,23 @@ impl Verifier {
         }
         let mut validation = Validation::new(*alg);
         validation.leeway = self.leeway;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if let Some(audience) = &self.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_nbf = true;
         let data = decode::<RawClaims>(token, key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::InvalidSignature => unauthorized("invalid signature"),
             ErrorKind::ImmatureSignature => unauthorized("token not valid yet"),
+            ErrorKind::InvalidIssuer => unauthorized("wrong issuer"),
+            ErrorKind::InvalidAudience => unauthorized("wrong audience"),
             ErrorKind::Json(_) | ErrorKind::MissingRequiredClaim(_) => unauthorized("missing or malformed claims"),
             _ => unauthorized("invalid token"),
         })?;
@@ -131,7 +152,8 @@ impl Verifier {
             Some(OneOrMany::One(c)) => vec![c],
             Some(OneOrMany::Many(c)) => c,
         };
-        Ok(Claims { tenant, subject: data.claims.sub, channels })
+        let valid_until = data.claims.exp.saturating_add(self.leeway);
+        Ok(Claims { tenant, subject: data.claims.sub, channels, valid_until })
     }
 }
 
@@ -248,6 +270,33 @@ mod tests {
         assert!(matches!(v.verify(none), Err(AuthError::Unauthorized(_))));
         let bad_tenant = serde_json::json!({"tenant": "a:b", "sub": "u1"});
         assert!(matches!(v.verify(&token(Some("k1"), SECRET, 60, bad_tenant)), Err(AuthError::Forbidden(_))));
+    }
+
+    #[test]
+    fn issuer_and_audience_are_required_when_configured() {
+        let mut config = config();
+        config.jwt_issuer = Some("https://auth.example".into());
+        config.jwt_audience = Some("herald".into());
+        let v = Verifier::new(&config, |_| None).unwrap();
+        let with = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"tenant": "acme", "sub": "u1"});
+            claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v.verify(&token(Some("k1"), SECRET, 60, claims))
+        };
+        assert!(with(serde_json::json!({"iss": "https://auth.example", "aud": "herald"})).is_ok());
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({"iss": "https://auth.example"}),
+            serde_json::json!({"aud": "herald"}),
+            serde_json::json!({"iss": "https://evil.example", "aud": "herald"}),
+            serde_json::json!({"iss": "https://auth.example", "aud": "other"}),
+        ] {
+            assert!(matches!(with(bad.clone()), Err(AuthError::Unauthorized(_))), "{bad}");
+        }
+        // The socket closes at exp plus the leeway.
+        let c = with(serde_json::json!({"iss": "https://auth.example", "aud": "herald"})).unwrap();
+        let expected = jsonwebtoken::get_current_timestamp() + 60 + config.jwt_leeway_s;
+        assert!(c.valid_until.abs_diff(expected) <= 1, "{} vs {expected}", c.valid_until);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt as _, StreamExt as _};
-use herald_core::channel::{self, Channel, ChannelKeys, HistoryOptions};
+use herald_core::channel::{Channel, ChannelKeys, HistoryOptions};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_tungstenite::WebSocketStream;
@@ -23,6 +23,7 @@ use crate::hub::{ConnId, SubLink};
 use crate::limits::Bucket;
 use crate::metrics::{CodeLabel, ResultLabel};
 use crate::protocol::{ClientFrame, CloseCode, Position, ServerFrame, publication_frame};
+use crate::recovery;
 use crate::socket::{self, ConnIo, Writer};
 
 /// How long a subscribe waits for the node's Redis subscription before it
@@ -32,6 +33,10 @@ const ACTIVE_WAIT: Duration = Duration::from_secs(3);
 /// How long a connection closed as slow may take to accept its close frame
 /// (its subscriptions and queue are released before).
 const SLOW_CLOSE_WAIT: Duration = Duration::from_secs(15);
+
+/// How long a closed connection keeps reading (and discarding) what its
+/// client still sends, so that the close frame is not lost to a reset.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 type Ws = WebSocketStream<ConnIo>;
 
@@ -81,6 +86,9 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
             Ok((claims, request_id)) => {
                 tracing::Span::current().record("tenant", claims.tenant.as_str());
                 let rate = limits.connection_commands_per_s as f64;
+                // A client subscribing to all its channels right after
+                // connecting is not flooding: the burst covers that.
+                let burst = rate * 2.0 + limits.max_subscriptions_per_connection as f64;
                 let mut conn = Conn {
                     ctx: &ctx,
                     id,
@@ -88,7 +96,7 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
                     claims,
                     writer: writer.clone(),
                     subs: HashMap::new(),
-                    commands: Bucket::new(rate, rate * 2.0),
+                    commands: Bucket::new(rate, burst),
                 };
                 let end = conn.run(&mut ws, request_id).await;
                 conn.release().await;
@@ -103,6 +111,7 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, ctx: Arc<Ctx>) {
             }
             tracing::debug!(code = code as u16, %reason, "closing websocket");
             close(&writer, &ctx, code, &reason).await;
+            linger(&mut ws).await;
         }
     }
     .instrument(span)
@@ -125,11 +134,28 @@ async fn close(writer: &Writer, ctx: &Ctx, code: CloseCode, reason: &str) {
     writer.finish(frames.freeze(), wait).await;
 }
 
+/// After the close frame: reads (and ignores) what the client still sends
+/// until its own close frame arrives, or it goes, or [`CLOSE_LINGER`]
+/// passes. Closing a socket with unread bytes makes the kernel reset it,
+/// and the reset can discard the close frame before the client reads it
+/// (the client then sees 1006, not the code that tells it why).
+async fn linger(ws: &mut Ws) {
+    let drained = async {
+        while let Some(Ok(message)) = ws.next().await {
+            if matches!(message, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, drained).await;
+}
+
 /// Reads the `connect` frame and verifies its token.
 async fn handshake(ws: &mut Ws, ctx: &Ctx) -> Result<(Claims, Option<u64>), End> {
-    let deadline = Duration::from_millis(ctx.gateway.connect_timeout_ms);
+    // One deadline for the whole handshake: pings do not extend it.
+    let deadline = Instant::now() + Duration::from_millis(ctx.gateway.connect_timeout_ms);
     let first = loop {
-        match tokio::time::timeout(deadline, ws.next()).await {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => return Err(End::Close(CloseCode::ConnectTimeout, "no connect frame".into())),
             Ok(None) => return Err(End::Gone),
             Ok(Some(Err(e))) => return Err(recv_error(e)),
@@ -206,10 +232,13 @@ impl Conn<'_> {
         tokio::pin!(shutdown);
         let writer = self.writer.clone();
         let mut wake = std::pin::pin!(writer.wake.notified());
+        let expiry = tokio::time::sleep_until(token_deadline(self.claims.valid_until));
+        tokio::pin!(expiry);
         loop {
             let pending = writer.has_pending();
             tokio::select! {
                 _ = &mut shutdown => return End::Close(CloseCode::Shutdown, "node shutting down".into()),
+                _ = &mut expiry => return End::Close(CloseCode::TokenExpired, "token expired".into()),
                 _ = &mut wake => {
                     wake.set(writer.wake.notified());
                     if let Some(end) = Box::pin(self.on_wake()).await {
@@ -342,10 +371,10 @@ impl Conn<'_> {
         self.subs.insert(key, Sub { pubsub: pubsub.clone(), link: link.clone(), presence: None });
 
         let active = self.ctx.hub.wait_active(&pubsub, ACTIVE_WAIT).await;
-        let limit = if recover.is_some() { history.size } else { 0 };
-        let since = recover.as_ref().map_or(0, |p| p.offset);
         let read = if active {
-            channel::history_since(&self.ctx.redis, self.ctx.hub.keys(), &tenant, &channel, since, limit).await.ok()
+            let max_bytes = self.ctx.gateway.limits.max_queue_bytes;
+            let (redis, keys) = (&self.ctx.redis, self.ctx.hub.keys());
+            recovery::read(redis, keys, &tenant, &channel, recover.as_ref(), history.size, max_bytes).await.ok()
         } else {
             None
         };
@@ -368,6 +397,7 @@ impl Conn<'_> {
                 channel: name,
                 offset: 0,
                 epoch: "",
+                head: 0,
                 recovered: recover.map(|_| false),
                 missed: 0,
                 degraded: true,
@@ -375,30 +405,34 @@ impl Conn<'_> {
             socket::put_text(&mut replies, &frame.text());
             return self.written(link.go_live(None, true, replies.freeze()));
         };
+        self.ctx.metrics.recovery_reads.inc_by(h.read);
         let epoch = h.epoch.clone().unwrap_or_default();
-        let recovered =
-            recover.as_ref().map(|p| h.epoch.as_deref() == Some(p.epoch.as_str()) && h.complete_after(p.offset));
+        let recovered = h.recovered;
         if let Some(ok) = recovered {
             let result = if ok { "recovered" } else { "not_recovered" };
             self.ctx.metrics.recoveries.get_or_create(&ResultLabel { result }).inc();
         }
-        let position = h.epoch.as_ref().map(|_| (Arc::<str>::from(epoch.as_str()), h.offset));
-        let missed = if recovered == Some(true) { h.publications.len() } else { 0 };
+        let position = h.epoch.as_ref().map(|_| (Arc::<str>::from(epoch.as_str()), h.head));
+        // What the client stores must never run ahead of what it has
+        // received: during a replay that is where the replay starts.
+        let offset = match (&recover, recovered) {
+            (Some(from), Some(true)) => from.offset,
+            _ => h.head,
+        };
         let frame = ServerFrame::Subscribed {
             id,
             channel: name,
-            offset: h.offset,
+            offset,
             epoch: &epoch,
+            head: h.head,
             recovered,
-            missed,
+            missed: h.publications.len(),
             degraded: false,
         };
         socket::put_text(&mut replies, &frame.text());
-        if recovered == Some(true) {
-            for p in &h.publications {
-                if let Ok(data) = std::str::from_utf8(&p.data) {
-                    socket::put_text(&mut replies, &publication_frame(name, p.offset, &epoch, data));
-                }
+        for p in &h.publications {
+            if let Ok(data) = std::str::from_utf8(&p.data) {
+                socket::put_text(&mut replies, &publication_frame(name, p.offset, &epoch, data));
             }
         }
         self.written(link.go_live(position, false, replies.freeze()))
@@ -438,6 +472,12 @@ impl Conn<'_> {
             self.end_subscription(&channel).await;
         }
     }
+}
+
+/// The instant a token valid until `valid_until` (Unix seconds) runs out.
+fn token_deadline(valid_until: u64) -> Instant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Instant::now() + Duration::from_secs(valid_until).saturating_sub(now)
 }
 
 fn error(id: Option<u64>, code: u16, message: &str) -> String {

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod presence;
 pub mod protocol;
 pub mod publish;
+pub mod recovery;
 pub mod socket;
 pub mod subscriber;
 
@@ -27,7 +28,6 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt as _;
 use fred::prelude::*;
 use herald_core::config::{Config, GatewayConfig};
 use herald_core::keys::KeySpace;
@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{ServiceAuth, Verifier};
 use crate::hub::Hub;
-use crate::limits::{Bucket, TenantLimiter};
+use crate::limits::{Bucket, TenantBucket, TenantLimiter};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::presence::Presence;
 use crate::publish::Publisher;
@@ -59,7 +59,10 @@ pub struct Ctx {
     pub gateway: GatewayConfig,
     pub hub: Arc<Hub>,
     pub verifier: Verifier,
+    /// WebSocket clients' connects and subscribes.
     pub tenant_limiter: TenantLimiter,
+    /// The publish API's calls.
+    pub publish_limiter: TenantLimiter,
     pub presence: Arc<Presence>,
     pub metrics: Metrics,
     pub redis: Pool,
@@ -86,7 +89,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let verifier = Verifier::new(&config.gateway, env)?;
     let service_auth = ServiceAuth::new(&config.gateway, env)?;
     let metrics = Metrics::default();
-    let (readiness, ops_task) = herald_core::ops::start(listeners.ops, |r| metrics.register(r), shutdown.clone());
+    let (readiness, ops_task) =
+        herald_core::ops::start_with(listeners.ops, |r| metrics.register(r), &config.http, shutdown.clone());
     let ready = readiness.flag("redis");
 
     let keys = KeySpace::new(&config.env)?;
@@ -100,9 +104,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         hub: hub.clone(),
         verifier,
         tenant_limiter: TenantLimiter::new(
+            TenantBucket::Clients,
             redis.clone(),
             keys.clone(),
             limits.tenant_ops_per_s,
+            metrics.clone(),
+            hub.redis_flag(),
+        ),
+        publish_limiter: TenantLimiter::new(
+            TenantBucket::Publish,
+            redis.clone(),
+            keys.clone(),
+            limits.publish_ops_per_s,
             metrics.clone(),
             hub.redis_flag(),
         ),
@@ -133,25 +146,24 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let app = router(ctx.clone(), publisher.clone());
     let http_addr = listeners.http.local_addr()?;
     let http = {
-        let shutdown = shutdown.clone();
-        // Small frames go out at once (no Nagle delay behind an unacked one).
-        let listener = listeners.http.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY not set");
-            }
-        });
-        tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
-        })
+        let (shutdown, http_config) = (shutdown.clone(), config.http.clone());
+        tokio::spawn(async move { herald_core::serve::serve(listeners.http, app, &http_config, shutdown).await })
     };
+    // A publication's data travels as bytes: twice the limit leaves room
+    // for the request's other fields, and anything larger is refused from
+    // its length prefix, before it is read.
+    let decode_limit = ctx.gateway.limits.max_publication_bytes * 2 + 4096;
     let grpc = listeners.grpc.map(|listener| {
         let shutdown = shutdown.clone();
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(PublisherServer::new(publisher))
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
-                    shutdown.cancelled().await
-                }),
+            config
+                .grpc
+                .server()
+                .add_service(PublisherServer::new(publisher).max_decoding_message_size(decode_limit))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled_owned(),
+                ),
         )
     });
     tracing::info!(%http_addr, node = %ctx.node, "gateway started");

@@ -62,8 +62,29 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return ok
 "#;
 
+/// Which of a tenant's buckets a limiter takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantBucket {
+    /// Connects and subscribes of (untrusted) WebSocket clients.
+    Clients,
+    /// The app servers' publish API: a bucket of its own, so clients
+    /// cannot use up the publications.
+    Publish,
+}
+
+impl TenantBucket {
+    /// The bucket's name in its Redis key (`…:rl:<name>`).
+    fn name(self) -> &'static str {
+        match self {
+            TenantBucket::Clients => "gateway",
+            TenantBucket::Publish => "gateway-publish",
+        }
+    }
+}
+
 /// Per-tenant limit shared through Redis.
 pub struct TenantLimiter {
+    bucket: TenantBucket,
     redis: Pool,
     keys: KeySpace,
     rate: f64,
@@ -78,13 +99,20 @@ pub struct TenantLimiter {
 const MAX_FALLBACK_TENANTS: usize = 10_000;
 
 impl TenantLimiter {
-    pub fn new(redis: Pool, keys: KeySpace, per_s: u32, metrics: Metrics, redis_up: Arc<AtomicBool>) -> Self {
-        Self { redis, keys, rate: per_s as f64, fallback: Mutex::new(HashMap::new()), metrics, redis_up }
+    pub fn new(
+        bucket: TenantBucket,
+        redis: Pool,
+        keys: KeySpace,
+        per_s: u32,
+        metrics: Metrics,
+        redis_up: Arc<AtomicBool>,
+    ) -> Self {
+        Self { bucket, redis, keys, rate: per_s as f64, fallback: Mutex::new(HashMap::new()), metrics, redis_up }
     }
 
     /// Takes one token from `tenant`'s bucket.
     pub async fn take(&self, tenant: &TenantId) -> bool {
-        let key = self.keys.rate_limit(tenant, "gateway");
+        let key = self.keys.rate_limit(tenant, self.bucket.name());
         let args = vec![self.rate.to_string(), self.rate.to_string()];
         let taken: Result<i64, fred::error::Error> = if self.redis_up.load(Ordering::Relaxed) {
             self.redis.next().eval(TAKE, vec![key], args).await

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub publications: Family<ResultLabel, Counter>,
     pub publish_errors: Counter,
     pub recoveries: Family<ResultLabel, Counter>,
+    /// Publications read from history to answer recovering subscribes.
+    pub recovery_reads: Counter,
     pub gaps: Family<ResultLabel, Counter>,
     pub rate_limited: Counter,
     pub rate_limit_fallbacks: Counter,
@@ -55,6 +57,11 @@ impl Metrics {
         r.register("publications", "publish API calls by result", self.publications.clone());
         r.register("publish_errors", "publications that could not be written to Redis", self.publish_errors.clone());
         r.register("recoveries", "subscriptions that asked to recover, by result", self.recoveries.clone());
+        r.register(
+            "recovery_reads",
+            "publications read from history to answer recovering subscribes",
+            self.recovery_reads.clone(),
+        );
         r.register("gaps", "offset gaps seen on the live path, by how they were resolved", self.gaps.clone());
         r.register(
             "rate_limited",

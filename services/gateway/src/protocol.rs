@@ -112,8 +112,12 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         channel: &'a str,
+        /// The position the client may store now: where a recovery replay
+        /// starts (each replayed `pub` then moves it), else `head`.
         offset: u64,
         epoch: &'a str,
+        /// The channel's latest offset: a recovery replay ends there.
+        head: u64,
         /// Present when the client asked to recover.
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,

@@ -24,6 +24,11 @@ use crate::protocol::check_data;
 /// Idempotency keys are remembered this long (per channel).
 pub const IDEMPOTENCY_TTL_S: u64 = 3_600;
 
+/// Idempotency keys starting with this are broadcast's own
+/// (`ev:{event_id}:team:{team}`, `services/broadcast/src/apply.rs`): a
+/// service that could use one would suppress a row change's publication.
+pub const RESERVED_IDEMPOTENCY_PREFIX: &str = "ev:";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("{0}")]
@@ -145,11 +150,16 @@ impl Publisher {
         let idempotency = match idempotency_key.filter(|k| !k.is_empty()) {
             Some(key) => {
                 channel::validate_idempotency_key(key).map_err(|e| PublishError::Invalid(e.to_string()))?;
+                if key.starts_with(RESERVED_IDEMPOTENCY_PREFIX) {
+                    return Err(PublishError::Invalid(format!(
+                        "idempotency key uses the reserved prefix {RESERVED_IDEMPOTENCY_PREFIX:?}"
+                    )));
+                }
                 Some((key, IDEMPOTENCY_TTL_S))
             }
             None => None,
         };
-        if !self.ctx.tenant_limiter.take(&tenant).await {
+        if !self.ctx.publish_limiter.take(&tenant).await {
             self.ctx.metrics.rate_limited.inc();
             return Err(PublishError::RateLimited);
         }

@@ -24,8 +24,13 @@ pub struct GatewayConfig {
     pub grpc_addr: String,
     /// Keys that verify client tokens, chosen by the token's `kid`.
     pub jwt_keys: Vec<JwtKey>,
-    /// Clock skew allowed when checking `exp` and `nbf`, seconds.
+    /// Clock skew allowed when checking `exp` and `nbf`, seconds. A socket
+    /// is closed (4502) once its token's `exp` plus this has passed.
     pub jwt_leeway_s: u64,
+    /// When set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this `aud` (or list it).
+    pub jwt_audience: Option<String>,
     /// Bearer tokens of the app servers that may publish.
     pub service_tokens: Vec<ServiceToken>,
     /// Channel namespaces (`team` in `team:42`); other namespaces are refused.
@@ -50,6 +55,8 @@ impl Default for GatewayConfig {
             grpc_addr: "0.0.0.0:50052".into(),
             jwt_keys: Vec::new(),
             jwt_leeway_s: 5,
+            jwt_issuer: None,
+            jwt_audience: None,
             service_tokens: Vec::new(),
             namespaces: vec![NamespaceConfig::default()],
             limits: GatewayLimits::default(),
@@ -159,12 +166,18 @@ pub struct GatewayLimits {
     pub max_publication_bytes: usize,
     /// Channels one connection may be subscribed to.
     pub max_subscriptions_per_connection: usize,
-    /// Commands one connection may send per second (burst: twice this).
+    /// Commands one connection may send per second (burst: twice this plus
+    /// `max_subscriptions_per_connection`, so a client may subscribe to all
+    /// its channels at connect).
     pub connection_commands_per_s: u32,
-    /// Commands plus publications per second for one tenant across all
-    /// gateway nodes (a token bucket in Redis; each node falls back to a
-    /// local bucket of the same size while Redis is down).
+    /// Connects and subscribes of WebSocket clients per second for one
+    /// tenant across all gateway nodes (a token bucket in Redis; each node
+    /// falls back to a local bucket of the same size while Redis is down).
     pub tenant_ops_per_s: u32,
+    /// Publish API calls per second for one tenant across all gateway
+    /// nodes: a bucket of its own, so untrusted clients cannot use up the
+    /// app servers' publications.
+    pub publish_ops_per_s: u32,
     /// Server pings this often; a client that has not answered (any frame) in
     /// `ping_timeout_ms` is closed.
     pub ping_interval_ms: u64,
@@ -182,6 +195,7 @@ impl Default for GatewayLimits {
             max_subscriptions_per_connection: 128,
             connection_commands_per_s: 50,
             tenant_ops_per_s: 5_000,
+            publish_ops_per_s: 5_000,
             ping_interval_ms: 25_000,
             ping_timeout_ms: 60_000,
         }
@@ -204,6 +218,7 @@ impl GatewayConfig {
             ("limits.max_subscriptions_per_connection", l.max_subscriptions_per_connection as u64),
             ("limits.connection_commands_per_s", l.connection_commands_per_s as u64),
             ("limits.tenant_ops_per_s", l.tenant_ops_per_s as u64),
+            ("limits.publish_ops_per_s", l.publish_ops_per_s as u64),
             ("limits.ping_interval_ms", l.ping_interval_ms),
             ("presence_ttl_ms", self.presence_ttl_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),

@@ -44,6 +44,12 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// Limits of every HTTP listener.
+    #[serde(default)]
+    pub http: crate::serve::HttpConfig,
+    /// Limits of every gRPC listener.
+    #[serde(default)]
+    pub grpc: crate::serve::GrpcConfig,
     /// The watched tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
@@ -290,6 +296,8 @@ impl Config {
         }
         self.cache.validate(&self.tables)?;
         self.gateway.validate()?;
+        self.http.validate()?;
+        self.grpc.validate()?;
         let mut names = HashSet::new();
         for (i, t) in self.tables.iter().enumerate() {
             let at = |field: &str| format!("tables[{i}] ({}).{field}", t.name);
