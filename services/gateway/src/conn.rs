@@ -44,7 +44,8 @@ type Ws = WebSocketStream<ConnIo>;
 struct Sub {
     pubsub: String,
     link: Arc<SubLink>,
-    presence: Option<String>,
+    /// The presence set joined and the member written there, if any.
+    presence: Option<(String, String)>,
 }
 
 /// Why the session ended.
@@ -383,7 +384,7 @@ impl Conn<'_> {
             let member = crate::presence::Presence::member(&self.client, &self.claims.subject);
             self.ctx.presence.join(&key, member.clone()).await;
             if let Some(sub) = self.subs.get_mut(name) {
-                sub.presence = Some(member);
+                sub.presence = Some((key, member));
             }
         }
         let mut replies = BytesMut::new();
@@ -459,8 +460,8 @@ impl Conn<'_> {
         let Some(sub) = self.subs.remove(channel) else { return false };
         sub.link.end();
         self.ctx.hub.leave(self.id, &sub.pubsub);
-        if let Some(member) = sub.presence {
-            self.ctx.presence.leave(&format!("{}:pres", sub.pubsub), member).await;
+        if let Some((key, member)) = sub.presence {
+            self.ctx.presence.leave(&key, member).await;
         }
         true
     }
