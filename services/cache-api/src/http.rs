@@ -39,7 +39,11 @@ pub struct HttpState {
 
 /// The HTTP routes; `max_value_bytes` bounds request bodies (413 past it).
 pub fn router(state: HttpState, max_value_bytes: usize) -> Router {
-    let document = Bytes::from(crate::openapi::document(state.cache.config()).to_string());
+    let cache = &state.cache;
+    let param_schema = |name: &str, i: usize| {
+        cache.resource(name).map_or_else(|_| serde_json::json!({ "type": "string" }), |r| r.param_schema(i))
+    };
+    let document = Bytes::from(crate::openapi::document(cache.config(), &param_schema).to_string());
     Router::new()
         .route(
             "/openapi.json",

@@ -19,12 +19,17 @@ pub const TAG_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
 /// `x-herald-min-lsn`: a Postgres LSN (`16/B374D848`) or its 64-bit value.
 pub const LSN_PATTERN: &str = "^([0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}|[0-9]{1,20})$";
 
+/// The JSON Schema of a resource's parameter (by resource name and index):
+/// what the server accepts, from the types Postgres gave the query.
+pub type ParamSchema<'a> = &'a dyn Fn(&str, usize) -> Value;
+
 /// The document for a node with `config`.
-pub fn document(config: &CacheConfig) -> Value {
+pub fn document(config: &CacheConfig, param_schema: ParamSchema<'_>) -> Value {
     let mut paths = serde_json::Map::new();
+    let names: Vec<&str> = config.resources.iter().map(|r| r.name.as_str()).collect();
     paths.insert("/v1/t/{tenant}/r/{resource}".into(), generic_resource_path());
     for res in &config.resources {
-        paths.insert(format!("/v1/t/{{tenant}}/r/{}", res.name), resource_path(res));
+        paths.insert(format!("/v1/t/{{tenant}}/r/{}", res.name), resource_path(res, param_schema));
     }
     paths.insert("/v1/t/{tenant}/k/{key}".into(), key_path(config));
     paths.insert("/v1/t/{tenant}/get".into(), get_many_path());
@@ -41,13 +46,13 @@ pub fn document(config: &CacheConfig) -> Value {
                 body over cache.max_value_bytes), 500 (a resource query failed; the message carries an \
                 error id for the node's log), 503 (a dependency is down)."
         },
-        "components": components(config),
+        "components": components(config, &names),
         "security": [{ "bearer": [] }],
         "paths": paths,
     })
 }
 
-fn components(config: &CacheConfig) -> Value {
+fn components(config: &CacheConfig, resources: &[&str]) -> Value {
     json!({
         "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
         "parameters": {
@@ -58,7 +63,11 @@ fn components(config: &CacheConfig) -> Value {
             "resource": {
                 "name": "resource", "in": "path", "required": true,
                 "description": "a configured resource's name",
-                "schema": { "type": "string", "minLength": 1 }
+                "schema": if resources.is_empty() {
+                    json!({ "type": "string", "minLength": 1 })
+                } else {
+                    json!({ "type": "string", "enum": resources })
+                }
             },
             "key": {
                 "name": "key", "in": "path", "required": true,
@@ -228,7 +237,7 @@ fn generic_resource_path() -> Value {
 }
 
 /// One configured resource, its parameters by name (`?slug=alice`).
-fn resource_path(res: &ResourceConfig) -> Value {
+fn resource_path(res: &ResourceConfig, param_schema: ParamSchema<'_>) -> Value {
     let query = res
         .params
         .iter()
@@ -237,7 +246,7 @@ fn resource_path(res: &ResourceConfig) -> Value {
             json!({
                 "name": name, "in": "query", "required": true,
                 "description": format!("${} of the resource's query, as text Postgres reads as its type", i + 1),
-                "schema": { "type": "string" }
+                "schema": param_schema(&res.name, i)
             })
         })
         .collect();
@@ -395,7 +404,7 @@ mod tests {
             global: false,
             allow_secret_columns: Vec::new(),
         }];
-        let doc = document(&config);
+        let doc = document(&config, &|_, _| json!({ "type": "integer" }));
         let paths = doc["paths"].as_object().unwrap();
         for route in [
             "/v1/t/{tenant}/r/{resource}",
@@ -409,7 +418,7 @@ mod tests {
         let get = &paths["/v1/t/{tenant}/r/user_by_slug"]["get"];
         assert_eq!(get["operationId"], "getResourceUserBySlug");
         let slug = get["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "slug").unwrap();
-        assert_eq!(slug["required"], true);
+        assert_eq!((&slug["required"], &slug["schema"]["type"]), (&json!(true), &json!("integer")));
         let tags = &doc["components"]["schemas"]["Tag"];
         assert_eq!(tags["maxLength"], config.max_tag_bytes);
         assert_eq!(
