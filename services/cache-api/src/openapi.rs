@@ -390,20 +390,22 @@ mod tests {
 
     #[test]
     fn document_has_a_path_per_resource_with_its_parameters() {
-        let mut config = CacheConfig::default();
-        config.resources = vec![ResourceConfig {
-            name: "user_by_slug".into(),
-            sql: "SELECT 1 WHERE $1 = $tenant".into(),
-            params: vec!["slug".into()],
-            shape: Shape::Row,
-            tags: Vec::new(),
-            ttl_ms: 1000,
-            unlimited_ttl_reason: None,
-            negative_ttl_ms: 0,
-            ttl_jitter_pct: 0,
-            global: false,
-            allow_secret_columns: Vec::new(),
-        }];
+        let config = CacheConfig {
+            resources: vec![ResourceConfig {
+                name: "user_by_slug".into(),
+                sql: "SELECT 1 WHERE $1 = $tenant".into(),
+                params: vec!["slug".into()],
+                shape: Shape::Row,
+                tags: Vec::new(),
+                ttl_ms: 1000,
+                unlimited_ttl_reason: None,
+                negative_ttl_ms: 0,
+                ttl_jitter_pct: 0,
+                global: false,
+                allow_secret_columns: Vec::new(),
+            }],
+            ..CacheConfig::default()
+        };
         let doc = document(&config, &|_, _| json!({ "type": "integer" }));
         let paths = doc["paths"].as_object().unwrap();
         for route in [
