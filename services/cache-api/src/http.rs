@@ -1,5 +1,8 @@
 //! The HTTP/JSON API on axum: the same operations as gRPC, with
-//! `Authorization: Bearer` and the OpenAPI document at `/openapi.json`.
+//! `Authorization: Bearer` and the OpenAPI document at `/openapi.json`
+//! (built from the config by `openapi.rs`: keep the two in step). Every
+//! error has the body `{"error": {"code", "message"}}`; a value or body over
+//! `cache.max_value_bytes` is 413.
 //!
 //! | route | operation |
 //! |---|---|
@@ -34,15 +37,24 @@ pub struct HttpState {
     pub auth: Arc<Auth>,
 }
 
-/// The HTTP routes; `max_value_bytes` bounds request bodies.
+/// The HTTP routes; `max_value_bytes` bounds request bodies (413 past it).
 pub fn router(state: HttpState, max_value_bytes: usize) -> Router {
+    let cache = &state.cache;
+    let param_schema = |name: &str, i: usize| {
+        cache.resource(name).map_or_else(|_| serde_json::json!({ "type": "string" }), |r| r.param_schema(i))
+    };
+    let document = Bytes::from(crate::openapi::document(cache.config(), &param_schema).to_string());
     Router::new()
-        .route("/openapi.json", get(openapi))
+        .route(
+            "/openapi.json",
+            get(move || std::future::ready(([(header::CONTENT_TYPE, "application/json")], document.clone()))),
+        )
         .route("/v1/t/{tenant}/r/{resource}", get(get_resource).delete(delete_resource))
         .route("/v1/t/{tenant}/k/{key}", get(get_key).put(put_key).delete(delete_key))
         .route("/v1/t/{tenant}/get", post(get_many))
         .route("/v1/t/{tenant}/invalidate", post(invalidate))
         .layer(DefaultBodyLimit::max(max_value_bytes + 64 * 1024))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(trace))
         .with_state(state)
 }
@@ -56,8 +68,44 @@ async fn trace(request: axum::extract::Request, next: axum::middleware::Next) ->
     response
 }
 
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::DOCUMENT)
+/// Every error in the documented `{"error": {"code", "message"}}` form,
+/// axum's own too (an unknown route, a path that is not UTF-8, a body over
+/// the limit), which come as plain text.
+async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_argument",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => TOO_LARGE,
+        _ => "http_error",
+    };
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
+    }
+    let mut response = error_body(status, code, &message);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            response.headers_mut().append(name, value.clone());
+        }
+    }
+    response
+}
+
+/// The error code of a 413: a value or request body over the size limit.
+const TOO_LARGE: &str = "too_large";
+
+fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": { "code": code, "message": message } }))).into_response()
 }
 
 fn layer_name(layer: Layer) -> &'static str {
@@ -110,21 +158,21 @@ fn percent_decode(s: &str) -> Result<String> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-/// `x-herald-min-lsn`: a Postgres LSN (`16/B374D848`) or its 64-bit value.
+/// `x-herald-min-lsn`: a Postgres LSN (`16/B374D848`) or its 64-bit value,
+/// exactly as `openapi::LSN_PATTERN` states.
 fn min_lsn(headers: &HeaderMap) -> Result<u64> {
     let Some(value) = headers.get("x-herald-min-lsn") else { return Ok(0) };
     let bad = || Error::InvalidArgument("x-herald-min-lsn: expected an LSN like 16/B374D848".into());
     let s = value.to_str().map_err(|_| bad())?.trim();
+    let hex = |h: &str| (1..=8).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit());
     match s.split_once('/') {
-        Some((hi, lo)) => {
+        Some((hi, lo)) if hex(hi) && hex(lo) => {
             let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
             let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
-            if hi > u64::from(u32::MAX) || lo > u64::from(u32::MAX) {
-                return Err(bad());
-            }
             Ok(hi << 32 | lo)
         }
-        None => s.parse().map_err(|_| bad()),
+        None if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().map_err(|_| bad()),
+        _ => Err(bad()),
     }
 }
 
@@ -220,6 +268,11 @@ async fn put_key(
     body: Bytes,
 ) -> Result<Response> {
     let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let max = state.cache.config().max_value_bytes;
+    if body.len() > max {
+        let message = format!("value of {} bytes is over the limit of {max} (cache.max_value_bytes)", body.len());
+        return Ok(error_body(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE, &message));
+    }
     let mut ttl_ms = 0;
     let mut tags = Vec::new();
     let mut fill_token =
@@ -386,8 +439,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-herald-min-lsn", HeaderValue::from_static("16/B374D848"));
         assert_eq!(min_lsn(&h).unwrap(), 0x16_B374_D848);
-        h.insert("x-herald-min-lsn", HeaderValue::from_static("nope"));
-        assert!(min_lsn(&h).is_err());
+        h.insert("x-herald-min-lsn", HeaderValue::from_static("12345"));
+        assert_eq!(min_lsn(&h).unwrap(), 12345);
+        for bad in ["nope", "+1", "16/", "/1", "123456789/1", "1/+2", "99999999999999999999"] {
+            h.insert("x-herald-min-lsn", HeaderValue::from_static(bad));
+            assert!(min_lsn(&h).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -119,6 +119,16 @@ impl ParamKind {
         }
     }
 
+    /// The JSON Schema of the values `canonical` accepts (the OpenAPI
+    /// document's; integers as the query parameter's text).
+    fn schema(self) -> serde_json::Value {
+        match self {
+            Self::Int(min, max) => serde_json::json!({ "type": "integer", "minimum": min, "maximum": max }),
+            Self::Uuid => serde_json::json!({ "type": "string", "format": "uuid" }),
+            Self::Text | Self::Other => serde_json::json!({ "type": "string" }),
+        }
+    }
+
     fn expected(self) -> &'static str {
         match self {
             Self::Int(..) => "an integer in range",
@@ -217,6 +227,11 @@ impl Resource {
             negative_ttl,
             jitter_pct: config.ttl_jitter_pct,
         })
+    }
+
+    /// The JSON Schema of parameter `i` (a string when out of range).
+    pub fn param_schema(&self, i: usize) -> serde_json::Value {
+        self.kinds.get(i).map_or_else(|| serde_json::json!({ "type": "string" }), |k| k.schema())
     }
 
     /// The caller's parameters, checked and canonical: the text an event's
