@@ -7,7 +7,8 @@ help: ## list targets
 dev: ## run Herald (capture, broadcast, cache API, gateway) on local Postgres/Redis (throwaway ones unless DATABASE_URL/REDIS_URL are set) and watch invalidations
 	scripts/dev.sh
 
-test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults)
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test
+	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace
 
