@@ -13,11 +13,8 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(data) = std::str::from_utf8(data) else { return };
     let (text, env_text) = data.split_once('\0').unwrap_or((data, ""));
-    let env: BTreeMap<String, String> = env_text
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env: BTreeMap<String, String> =
+        env_text.lines().filter_map(|line| line.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let Ok(config) = Config::load(text, &env) else { return };
     let dumped = toml::to_string(&config).expect("a loaded config serialises");
     let again = Config::load(&dumped, &BTreeMap::new())
