@@ -36,17 +36,20 @@ for t in $targets; do
     mkdir -p "corpus/$t" "seeds/$t"
     before=$(find "artifacts/$t" -type f 2>/dev/null | wc -l)
     echo "== $t: ${seconds}s" >&2
+    started=$(date +%s)
     # One process (no -jobs/-workers): other work shares this machine.
     nice -n 19 cargo fuzz run "${build[@]}" "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 2>&1 | tee "logs/$t.log" | grep -E '^#[0-9]+.*(pulse|DONE)|^(==|SUMMARY|Done)' >&2
     status=${PIPESTATUS[0]}
+    # Wall time: shorter than asked when the target crashed.
+    ran=$(($(date +%s) - started))
     runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "logs/$t.log" | grep -oE '[0-9]+$' | tail -1)
     rate=$(grep -oE 'stat::average_exec_per_sec: *[0-9]+' "logs/$t.log" | grep -oE '[0-9]+$' | tail -1)
     after=$(find "artifacts/$t" -type f 2>/dev/null | wc -l)
     crashes=$((after - before))
     if [ "$status" -ne 0 ] && [ "$crashes" -eq 0 ]; then crashes="err"; fi
     [ "$status" -ne 0 ] && failed=1
-    summary+=$(printf '\n%-16s %8s %12s %8s %8s' "$t" "$seconds" "${runs:-?}" "${rate:-?}" "$crashes")
+    summary+=$(printf '\n%-16s %8s %12s %8s %8s' "$t" "$ran" "${runs:-?}" "${rate:-?}" "$crashes")
 done
 echo "$summary"
 if [ "$failed" -ne 0 ]; then
