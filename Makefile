@@ -1,5 +1,5 @@
 # Herald — the two commands a newcomer needs are `make dev` and `make test`.
-.PHONY: help dev test lint fmt bench check-deploy build clean-dev
+.PHONY: help dev test lint fmt bench check-deploy build clean-dev fuzz fuzz-smoke
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,6 +30,12 @@ check-deploy: ## static checks of docker-compose.yml and the kustomize manifests
 
 build: ## release binaries
 	cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway
+
+fuzz: ## cargo-fuzz every decoder of outside bytes, one target at a time, FUZZ_SECONDS each (default 600); prints executions and crashes
+	fuzz/run.sh
+
+fuzz-smoke: ## every fuzz target for 25 s (a short check, not part of make test)
+	FUZZ_SECONDS=25 fuzz/run.sh
 
 clean-dev: ## remove the throwaway dev servers' data
 	rm -rf .dev

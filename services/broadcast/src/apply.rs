@@ -140,7 +140,7 @@ impl Applier {
     }
 }
 
-fn decode(entry: &Entry) -> Result<InvalidationEvent, String> {
+pub fn decode(entry: &Entry) -> Result<InvalidationEvent, String> {
     let payload = entry.payload.as_ref().ok_or("entry has no field e")?;
     let event = InvalidationEvent::decode(payload.as_ref()).map_err(|e| format!("undecodable event: {e}"))?;
     if event.table.is_empty() {

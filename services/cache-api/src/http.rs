@@ -127,7 +127,7 @@ impl HttpState {
 }
 
 /// Decodes `application/x-www-form-urlencoded` pairs, keeping repeats.
-fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>> {
+pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>> {
     let Some(raw) = raw else { return Ok(Vec::new()) };
     raw.split('&')
         .filter(|s| !s.is_empty())
@@ -147,7 +147,7 @@ fn percent_decode(s: &str) -> Result<String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = s.get(i + 1..i + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit())).ok_or_else(bad)?;
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
                 i += 2;
             }
@@ -160,7 +160,7 @@ fn percent_decode(s: &str) -> Result<String> {
 
 /// `x-herald-min-lsn`: a Postgres LSN (`16/B374D848`) or its 64-bit value,
 /// exactly as `openapi::LSN_PATTERN` states.
-fn min_lsn(headers: &HeaderMap) -> Result<u64> {
+pub fn min_lsn(headers: &HeaderMap) -> Result<u64> {
     let Some(value) = headers.get("x-herald-min-lsn") else { return Ok(0) };
     let bad = || Error::InvalidArgument("x-herald-min-lsn: expected an LSN like 16/B374D848".into());
     let s = value.to_str().map_err(|_| bad())?.trim();
@@ -375,7 +375,7 @@ fn is_json(a: &Answer) -> bool {
     serde_json::from_slice::<serde::de::IgnoredAny>(&a.value).is_ok()
 }
 
-fn base64(bytes: &[u8]) -> String {
+pub fn base64(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -445,6 +445,15 @@ mod tests {
             h.insert("x-herald-min-lsn", HeaderValue::from_static(bad));
             assert!(min_lsn(&h).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn percent_needs_two_hex_digits() {
+        // Found by `make fuzz` (cache_api_http): `%+0` decoded to a NUL byte.
+        assert!(query_pairs(Some("\u{6}&%+0+++000000000")).is_err());
+        assert!(query_pairs(Some("a=%+1")).is_err());
+        assert!(query_pairs(Some("a=%-1")).is_err());
+        assert_eq!(query_pairs(Some("a=%2B1")).unwrap(), vec![("a".into(), "+1".into())]);
     }
 
     #[test]
