@@ -1,11 +1,14 @@
 # Herald — the two commands a newcomer needs are `make dev` and `make test`.
-.PHONY: help dev test lint fmt bench check-deploy build clean-dev fuzz fuzz-smoke
+.PHONY: help dev readme-examples test lint fmt bench check-deploy build clean-dev fuzz fuzz-smoke
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-dev: ## run Herald (capture, broadcast, cache API, gateway) on local Postgres/Redis (throwaway ones unless DATABASE_URL/REDIS_URL are set) and watch invalidations
+dev: ## run Herald's four services (capture, broadcast, cache API, gateway) on throwaway Postgres/Redis and watch invalidations; writes .dev/env (an exported DATABASE_URL/REDIS_URL only with HERALD_DEV_USE_EXISTING=1; the first run builds for several minutes)
 	scripts/dev.sh
+
+readme-examples: ## run the README's examples against a running `make dev` (in another shell)
+	scripts/readme-examples.sh
 
 test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test
 	scripts/setup-python.sh

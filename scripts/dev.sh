@@ -3,6 +3,9 @@
 # Used by `make dev`.
 #
 # What it does:
+#   0. An exported DATABASE_URL or REDIS_URL is used only with
+#      HERALD_DEV_USE_EXISTING=1 (this script creates a table, installs
+#      triggers and writes demo rows there); otherwise it stops and says so.
 #   1. PostgreSQL: if DATABASE_URL is unset, starts a throwaway server from the
 #      machine's binaries (initdb/pg_ctl on PATH or /usr/lib/postgresql/*/bin),
 #      data in .dev/pg (reused if present), 127.0.0.1:55432, trust auth,
@@ -13,9 +16,13 @@
 #   2. Redis: if REDIS_URL is unset, starts a throwaway redis-server on
 #      127.0.0.1:56379 without persistence and exports REDIS_URL.
 #   3. Applies deploy/demo.sql (table public.res_users + seed rows alice, bob,
-#      carol; idempotent).
+#      carol; idempotent), puts back the seed slugs of alice, bob and carol if
+#      an earlier run renamed them, and adds the rows the demo loop changes
+#      (dave, erin, frank; ids 101-103). alice, bob and carol are the user's:
+#      the demo never touches them (the README's examples use them).
 #   4. cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway
-#      (binaries in ${CARGO_TARGET_DIR:-target}/release).
+#      (binaries in ${CARGO_TARGET_DIR:-target}/release; the first build takes
+#      several minutes).
 #   5. herald-capture install, then herald-capture run, herald-broadcast run
 #      and herald-cache-api run in the background (logs: .dev/capture.log,
 #      .dev/broadcast.log, .dev/cache-api.log; the cache API on
@@ -26,6 +33,10 @@
 #      with HERALD_GATEWAY_JWT_SECRET; dev defaults below; log
 #      .dev/gateway.log), and
 #      herald-broadcast watch whose output is printed here prefixed with [l1].
+#      Prints the environment (DATABASE_URL, REDIS_URL, HERALD_CONFIG,
+#      HERALD_ENV, tokens, PATH with the binaries) and writes it to .dev/env,
+#      so another shell can `source .dev/env` and run the commands against
+#      these servers; .dev/env is removed when this script stops.
 #   6. Every 2 s changes a random demo row (its name, or its slug) and says
 #      what it did, so you see the invalidation arrive on the [l1] lines, then
 #      reads the row through the cache API ([cache] lines: which layer
@@ -34,7 +45,10 @@
 #   (never servers it found already running, nor ones given by URL).
 #
 # Environment:
-#   DATABASE_URL, REDIS_URL  use these servers instead of throwaway ones
+#   DATABASE_URL, REDIS_URL  use these servers instead of throwaway ones; only
+#                            together with HERALD_DEV_USE_EXISTING=1
+#   HERALD_DEV_USE_EXISTING=1  allow writing the demo table, triggers and rows
+#                            into the servers of DATABASE_URL / REDIS_URL
 #   CARGO_TARGET_DIR         cargo's target directory (default: target)
 #   PG_BIN                   directory holding initdb/pg_ctl (default: search)
 #   DEV_ONLY_SERVERS=1       only start the throwaway servers, apply
@@ -80,6 +94,7 @@ PID_NAMES=()
 PG_STARTED=0
 REDIS_STARTED=0
 CLEANED=0
+ENV_WRITTEN=0     # .dev/env written by this run (removed at exit)
 PG_RUN=()         # prefix running a command as the postgres user when root
 
 as_pg() { ${PG_RUN[@]+"${PG_RUN[@]}"} "$@"; }
@@ -90,6 +105,7 @@ cleanup() {
     CLEANED=1
     trap '' INT TERM
     local i pid deadline
+    if ((ENV_WRITTEN)); then rm -f "$DEV/env"; fi
     if ((${#PIDS[@]})); then
         log "stopping ${PID_NAMES[*]}"
         for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -150,6 +166,17 @@ find_pg_bin() {
 PSQL=$(command -v psql 2>/dev/null || true)
 
 # ---------------------------------------------------------------------------
+# an exported DATABASE_URL / REDIS_URL needs an explicit opt-in
+# ---------------------------------------------------------------------------
+if [[ -n ${DATABASE_URL:-}${REDIS_URL:-} && ${HERALD_DEV_USE_EXISTING:-0} != 1 ]]; then
+    [[ -n ${DATABASE_URL:-} ]] && log "DATABASE_URL is set: $(redact "$DATABASE_URL")"
+    [[ -n ${REDIS_URL:-} ]] && log "REDIS_URL is set: $(redact "$REDIS_URL")"
+    die "make dev would create public.res_users, install Herald's triggers and write demo rows (and Redis keys under herald:dev:) there.
+[dev] To use throwaway servers instead:  env -u DATABASE_URL -u REDIS_URL make dev
+[dev] To use these servers anyway:       HERALD_DEV_USE_EXISTING=1 make dev"
+fi
+
+# ---------------------------------------------------------------------------
 # PostgreSQL
 # ---------------------------------------------------------------------------
 if [[ -z ${DATABASE_URL:-} ]]; then
@@ -202,7 +229,7 @@ if [[ -z ${DATABASE_URL:-} ]]; then
         PG_DESC="throwaway from an earlier run, data .dev/pg; left running"
     fi
 else
-    PG_DESC="from DATABASE_URL"
+    PG_DESC="from DATABASE_URL, HERALD_DEV_USE_EXISTING=1"
 fi
 [[ -n $PSQL && -x $PSQL ]] || die "psql not found; install the PostgreSQL client"
 
@@ -234,7 +261,7 @@ if [[ -z ${REDIS_URL:-} ]]; then
         REDIS_DESC="already running; left running"
     fi
 else
-    REDIS_DESC="from REDIS_URL"
+    REDIS_DESC="from REDIS_URL, HERALD_DEV_USE_EXISTING=1"
 fi
 
 log "PostgreSQL: $(redact "$DATABASE_URL")  ($PG_DESC)"
@@ -251,7 +278,22 @@ for _ in $(seq 30); do
     sleep 1
 done
 psql_q -f "$ROOT/deploy/demo.sql" >/dev/null || die "applying deploy/demo.sql failed"
-log "applied deploy/demo.sql (public.res_users)"
+# The demo loop changes only rows with ids above 100; alice, bob and carol
+# (the README's examples) keep their seed slugs, which an earlier version of
+# this script renamed.
+DEMO_ROWS_SQL="
+UPDATE public.res_users u SET website_slug = s.slug, updated_at = now()
+FROM (VALUES (1, 'alice'), (2, 'bob'), (3, 'carol')) AS s(id, slug)
+WHERE u.id = s.id AND u.website_slug IS DISTINCT FROM s.slug
+  AND NOT EXISTS (SELECT 1 FROM public.res_users o WHERE o.website_slug = s.slug AND o.id <> s.id);
+INSERT INTO public.res_users (id, tenant_id, team_id, website_slug, callsign, name)
+VALUES (101, 'demo', 1, 'dave', 'DELTA', 'Dave Demo'),
+       (102, 'demo', 2, 'erin', 'ECHO', 'Erin Demo'),
+       (103, 'demo', 2, 'frank', 'FOXTROT', 'Frank Demo')
+ON CONFLICT DO NOTHING;
+SELECT setval(pg_get_serial_sequence('public.res_users', 'id'), GREATEST((SELECT max(id) FROM public.res_users), 1));"
+psql_q -c "$DEMO_ROWS_SQL" >/dev/null || die "adding the demo loop's rows failed"
+log "applied deploy/demo.sql (public.res_users; the demo changes dave, erin and frank only)"
 
 if [[ ${DEV_ONLY_SERVERS:-0} == 1 ]]; then
     echo "DATABASE_URL=$DATABASE_URL"
@@ -269,6 +311,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN="$TARGET_DIR/release"
 if [[ ${DEV_SKIP_BUILD:-0} != 1 ]]; then
     log "cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway"
+    log "(the first build takes several minutes; later ones only rebuild what changed)"
     cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api -p herald-gateway
 fi
 for b in herald-capture herald-broadcast herald-cache-api herald-gateway; do
@@ -293,11 +336,44 @@ export HERALD_GATEWAY_JWT_SECRET=${HERALD_GATEWAY_JWT_SECRET:-dev-jwt-secret-012
 export HERALD_GATEWAY_SERVICE_TOKEN=${HERALD_GATEWAY_SERVICE_TOKEN:-dev-service-token-0123456789}
 CFG=(--config "$CONFIG")
 
-log "binaries:   $BIN"
+export HERALD_CONFIG="$CONFIG"
+CLIENT_TOKEN=$("$BIN/herald-gateway" "${CFG[@]}" token --tenant demo --sub dev --channels 'team:*' --ttl 86400) ||
+    die "herald-gateway token failed"
+export HERALD_CLIENT_TOKEN="$CLIENT_TOKEN"
+
+# The environment of this run, for another shell: `source .dev/env`.
+ENV_FILE="$DEV/env"
+ENV_VARS=(DATABASE_URL REDIS_URL HERALD_CONFIG HERALD_ENV HERALD_CACHE_TOKEN HERALD_GATEWAY_JWT_SECRET
+    HERALD_GATEWAY_SERVICE_TOKEN HERALD_CLIENT_TOKEN
+    HERALD_CAPTURE__OPS_ADDR HERALD_BROADCAST__OPS_ADDR HERALD_CACHE__OPS_ADDR HERALD_CACHE__HTTP_ADDR
+    HERALD_CACHE__GRPC_ADDR HERALD_GATEWAY__LISTEN_ADDR HERALD_GATEWAY__GRPC_ADDR HERALD_GATEWAY__OPS_ADDR)
+write_env() {
+    local v
+    printf '# The environment of the running `make dev` (pid %s, %s); removed when it stops.\n' "$$" "$(date -Is)"
+    printf '# In another shell: source .dev/env\n'
+    for v in "${ENV_VARS[@]}"; do printf 'export %s=%q\n' "$v" "${!v}"; done
+    printf 'export HERALD_BIN=%q\n' "$BIN"
+    printf 'case ":$PATH:" in *":$HERALD_BIN:"*) ;; *) export PATH="$HERALD_BIN:$PATH" ;; esac\n'
+}
+(umask 077 && write_env >"$ENV_FILE.tmp") && mv "$ENV_FILE.tmp" "$ENV_FILE"
+ENV_WRITTEN=1
+
+log "environment (also in .dev/env; in another shell: source .dev/env):"
+for v in "${ENV_VARS[@]}"; do
+    case $v in
+    DATABASE_URL | REDIS_URL) log "  $v=$(redact "${!v}")" ;;
+    *) log "  $v=${!v}" ;;
+    esac
+done
+log "  PATH=$BIN:\$PATH"
+log "binaries:   $BIN/herald-capture, herald-broadcast, herald-cache-api, herald-gateway"
 log "config:     deploy/herald.toml (env=$HERALD_ENV)"
-log "ops:        capture http://$HERALD_CAPTURE__OPS_ADDR/metrics, broadcast http://$HERALD_BROADCAST__OPS_ADDR/metrics, cache-api http://$HERALD_CACHE__OPS_ADDR/metrics"
-log "cache API:  curl -H 'Authorization: Bearer $HERALD_CACHE_TOKEN' 'http://$HERALD_CACHE__HTTP_ADDR/v1/t/demo/r/user_by_slug?slug=alice'"
-log "gateway:    ws://$HERALD_GATEWAY__LISTEN_ADDR/v1/ws (docs/gateway-protocol.md); publish: curl -H 'Authorization: Bearer $HERALD_GATEWAY_SERVICE_TOKEN' -d '{\"tenant\":\"demo\",\"channel\":\"team:1\",\"data\":{}}' http://$HERALD_GATEWAY__LISTEN_ADDR/v1/publish"
+log "ops:        capture http://$HERALD_CAPTURE__OPS_ADDR/metrics, broadcast http://$HERALD_BROADCAST__OPS_ADDR/metrics, cache-api http://$HERALD_CACHE__OPS_ADDR/metrics, gateway http://$HERALD_GATEWAY__OPS_ADDR/metrics"
+log "cache API:  curl -fsS -H 'Authorization: Bearer $HERALD_CACHE_TOKEN' 'http://$HERALD_CACHE__HTTP_ADDR/v1/t/demo/r/user_by_slug?slug=alice'"
+log "publish:    curl -fsS -H 'Authorization: Bearer $HERALD_GATEWAY_SERVICE_TOKEN' -d '{\"tenant\":\"demo\",\"channel\":\"team:1\",\"data\":{\"text\":\"hello\"}}' http://$HERALD_GATEWAY__LISTEN_ADDR/v1/publish"
+log "WebSocket:  ws://$HERALD_GATEWAY__LISTEN_ADDR/v1/ws with the client token \$HERALD_CLIENT_TOKEN (docs/gateway-protocol.md);"
+log "            another: herald-gateway token --tenant demo --sub alice --channels 'team:*' --ttl 3600"
+log "commands:   source .dev/env; herald-capture status; herald-broadcast watch"
 log "logs:       .dev/capture.log .dev/broadcast.log .dev/cache-api.log .dev/gateway.log .dev/watch.log"
 
 log "herald-capture install"
@@ -382,13 +458,13 @@ while true; do
     sleep "$INTERVAL"
     check_alive
     n=$((n + 1))
-    row=$(psql_q -F $'\t' -c 'SELECT id, website_slug, name FROM public.res_users WHERE website_slug IS NOT NULL ORDER BY random() LIMIT 1') || {
+    row=$(psql_q -F $'\t' -c 'SELECT id, website_slug, name FROM public.res_users WHERE id > 100 AND website_slug IS NOT NULL ORDER BY random() LIMIT 1') || {
         log "#$n query failed; retrying"
         continue
     }
     if [[ -z $row ]]; then
-        log "#$n res_users has no rows; re-applying deploy/demo.sql"
-        psql_q -f "$ROOT/deploy/demo.sql" >/dev/null || true
+        log "#$n res_users has no demo rows (ids above 100); adding them again"
+        psql_q -c "$DEMO_ROWS_SQL" >/dev/null || true
         continue
     fi
     IFS=$'\t' read -r id slug name <<<"$row"

@@ -2,9 +2,12 @@
 //! `HERALD_LOG_FORMAT=json`), filtered by `HERALD_LOG` or `RUST_LOG`, and
 //! OpenTelemetry export over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //! W3C trace context travels inside events (`traceparent`), so one trace shows
-//! commit → capture → broadcast → flush.
+//! commit → capture → broadcast → flush. Colour codes only when stderr is a
+//! terminal (and `NO_COLOR` is unset). [`announce`] tells the user which
+//! servers a command talks to, passwords hidden.
 
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
@@ -37,7 +40,9 @@ pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_new(filter)?;
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f == "json");
     let json_fmt = json.then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
-    let text_fmt = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    // Colour only for a person at a terminal: log files and collectors get plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let text_fmt = (!json).then(|| tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr));
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
@@ -50,6 +55,56 @@ pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
     let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
     tracing_subscriber::registry().with(otel).with(filter).with(json_fmt).with(text_fmt).try_init()?;
     Ok(TelemetryGuard { provider })
+}
+
+/// Prints (to stderr) which servers `command` uses, passwords hidden, so a
+/// command pointed at the wrong servers says so at once.
+pub fn announce(command: &str, config: &crate::config::Config) {
+    eprintln!(
+        "{command}: postgres {}, redis {}, env {}",
+        redact_url(&config.postgres.url),
+        redact_url(&config.redis.url),
+        config.env
+    );
+}
+
+/// `url` with the password of its user-info (`user:password@`) and any
+/// `password=` parameter (query, or key=value form) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    if !url.contains("://") {
+        // key=value form (`host=… password=…`)
+        let words: Vec<String> = url
+            .split(' ')
+            .map(|w| match w.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => w.to_string(),
+            })
+            .collect();
+        return words.join(" ");
+    }
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..].find(['/', '?', '#']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    if let Some(query) = out.find('?') {
+        let (head, params) = out.split_at(query + 1);
+        let params: Vec<String> = params
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", params.join("&"));
+    }
+    out
 }
 
 /// Makes `span` a child of the trace named by a W3C `traceparent` value.
@@ -68,4 +123,22 @@ pub fn traceparent(span: &tracing::Span) -> String {
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
     carrier.remove("traceparent").unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("redis://:p%40ss@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=x&sslmode=off"),
+            "postgres://u@h/db?password=***&sslmode=off"
+        );
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("postgres://u:a@b@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("host=h user=u password=x dbname=d"), "host=h user=u password=*** dbname=d");
+    }
 }

@@ -6,6 +6,9 @@ pub mod v1 {
     tonic::include_proto!("herald.v1");
 }
 
+mod descriptors;
+
+pub use descriptors::service_descriptor_set;
 pub use prost::{DecodeError, Message};
 
 /// Every `herald.v1` descriptor, for gRPC server reflection.

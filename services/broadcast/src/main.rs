@@ -33,7 +33,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
     let shutdown = herald_core::shutdown::on_signal();
-    match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    let name = match command {
+        Command::Run => "herald-broadcast run",
+        Command::Watch { .. } => "herald-broadcast watch",
+    };
+    herald_core::telemetry::announce(name, &config);
+    match command {
         Command::Run => {
             let _telemetry = herald_core::telemetry::init("herald-broadcast")?;
             let listener = tokio::net::TcpListener::bind(&config.broadcast.ops_addr)

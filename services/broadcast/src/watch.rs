@@ -2,6 +2,7 @@
 //! line per invalidation event (and per heartbeat with `--heartbeats`).
 
 use std::io::Write as _;
+use std::time::Duration;
 
 use fred::prelude::*;
 use herald_core::config::Config;
@@ -9,6 +10,7 @@ use herald_core::keys::KeySpace;
 use herald_core::l1::wire::{self, Received};
 use herald_core::time::now_us;
 use herald_proto::v1::InvalidationEvent;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// One event as a JSON object, with the lag from the writer's statement.
@@ -29,7 +31,9 @@ pub fn event_json(event: &InvalidationEvent, received_us: i64) -> serde_json::Va
     })
 }
 
-/// Prints L1 traffic to stdout until `shutdown` fires.
+/// Prints L1 traffic to stdout until `shutdown` fires. Warns on stderr when
+/// no heartbeat arrives within `l1.heartbeat_timeout_ms` (no broadcast runs
+/// against this Redis and env), and again once heartbeats are back.
 pub async fn watch(config: &Config, heartbeats: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
     let channel = KeySpace::new(&config.env)?.l1_channel();
     let client = herald_core::redis::build_subscriber(&config.redis)?;
@@ -38,9 +42,22 @@ pub async fn watch(config: &Config, heartbeats: bool, shutdown: CancellationToke
     client.subscribe(channel.as_str()).await?;
     eprintln!("watching {channel}");
     let stdout = std::io::stdout();
+    let timeout = Duration::from_millis(config.l1.heartbeat_timeout_ms);
+    let mut deadline = Instant::now() + timeout;
+    let mut silent = false;
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline), if !silent => {
+                silent = true;
+                eprintln!(
+                    "warning: no heartbeat on {channel} within {} ms: no herald-broadcast runs against redis {} with env {}",
+                    timeout.as_millis(),
+                    herald_core::telemetry::redact_url(&config.redis.url),
+                    config.env,
+                );
+                continue;
+            }
             message = messages.recv() => message,
         };
         let Ok(message) = message else { break };
@@ -53,8 +70,18 @@ pub async fn watch(config: &Config, heartbeats: bool, shutdown: CancellationToke
                     writeln!(out, "{}", event_json(event, now))?;
                 }
             }
-            Ok(Received::Heartbeat(hb)) if heartbeats => {
-                writeln!(out, "{}", serde_json::json!({"heartbeat": hb.instance, "sent_time_us": hb.sent_time_us}))?;
+            Ok(Received::Heartbeat(hb)) => {
+                deadline = Instant::now() + timeout;
+                if std::mem::take(&mut silent) {
+                    eprintln!("heartbeats are back (from {})", hb.instance);
+                }
+                if heartbeats {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"heartbeat": hb.instance, "sent_time_us": hb.sent_time_us})
+                    )?;
+                }
             }
             Ok(_) => {}
             Err(error) => writeln!(out, "{}", serde_json::json!({"undecodable": error.to_string()}))?,

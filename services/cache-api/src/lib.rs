@@ -130,10 +130,17 @@ pub async fn run(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CacheServer<grpc::Grpc>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("failed to build gRPC reflection")?;
+    // Reflection (v1, and v1alpha for older clients) describes what this port serves.
+    let descriptors = herald_proto::service_descriptor_set("herald.v1.Cache");
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(&descriptors)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("failed to build gRPC reflection")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("failed to build gRPC reflection")?;
     let limit = config.cache.max_value_bytes + 64 * 1024;
     let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone()))
         .max_decoding_message_size(limit)
@@ -146,7 +153,8 @@ pub async fn run(
             .grpc
             .server()
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(service)
             .serve_with_incoming_shutdown(
                 // Small replies must not wait for Nagle's algorithm.

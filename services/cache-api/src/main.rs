@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let Command::Run = cli.command.unwrap_or(Command::Run);
     let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
+    herald_core::telemetry::announce("herald-cache-api run", &config);
     let _telemetry = herald_core::telemetry::init("herald-cache-api")?;
     let listeners = herald_cache_api::Listeners::bind(&config).await?;
     let shutdown = herald_core::shutdown::on_signal();

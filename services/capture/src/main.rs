@@ -26,7 +26,8 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
-    /// Print outbox depth, oldest pending age and the last appended event.
+    /// Print outbox depth, oldest pending age and the last appended event;
+    /// fails when the herald schema is not installed.
     Status,
 }
 
@@ -34,7 +35,14 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
-    match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    match command {
+        Command::Run => herald_core::telemetry::announce("herald-capture run", &config),
+        Command::Install { print: false } => herald_core::telemetry::announce("herald-capture install", &config),
+        Command::Install { print: true } => {}
+        Command::Status => herald_core::telemetry::announce("herald-capture status", &config),
+    }
+    match command {
         Command::Run => {
             let _telemetry = herald_core::telemetry::init("herald-capture")?;
             let listener = tokio::net::TcpListener::bind(&config.capture.ops_addr)
@@ -67,6 +75,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status => {
             let status = herald_capture::status::status(&config).await?;
+            if !status.installed {
+                anyhow::bail!(
+                    "the herald schema is not installed in {}: run `herald-capture install` with the same \
+                     configuration, or point --config / HERALD_CONFIG / DATABASE_URL at the database Herald uses",
+                    herald_core::telemetry::redact_url(&config.postgres.url)
+                );
+            }
             print!("{}", status.render());
             Ok(())
         }

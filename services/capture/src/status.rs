@@ -14,6 +14,8 @@ use crate::error::Result;
 /// A report of what capture has done and what waits.
 #[derive(Debug, Default)]
 pub struct Status {
+    /// Whether the herald schema exists; when not, nothing else is read.
+    pub installed: bool,
     pub schema_version: Option<String>,
     pub outbox_depth: i64,
     pub oldest_pending_seconds: Option<f64>,
@@ -27,25 +29,24 @@ pub struct Status {
 pub async fn status(config: &Config) -> Result<Status> {
     let pool = herald_core::pg::pool(&config.postgres)?;
     let client = pool.get().await?;
-    let mut status = Status::default();
-    let installed: bool = client.query_one("SELECT to_regclass('herald.outbox') IS NOT NULL", &[]).await?.get(0);
-    if installed {
-        status.schema_version = client
-            .query_opt("SELECT value FROM herald.meta WHERE key = 'schema_version'", &[])
-            .await?
-            .map(|r| r.get(0));
-        let row = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM herald.outbox), \
-                        (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8 FROM herald.outbox), \
-                        (SELECT count(*) FROM herald.dead_letter)",
-                &[],
-            )
-            .await?;
-        status.outbox_depth = row.get(0);
-        status.oldest_pending_seconds = row.get(1);
-        status.dead_letters = row.get(2);
+    let installed = client.query_one("SELECT to_regclass('herald.outbox') IS NOT NULL", &[]).await?.get(0);
+    let mut status = Status { installed, ..Status::default() };
+    if !status.installed {
+        return Ok(status);
     }
+    status.schema_version =
+        client.query_opt("SELECT value FROM herald.meta WHERE key = 'schema_version'", &[]).await?.map(|r| r.get(0));
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM herald.outbox), \
+                    (SELECT extract(epoch FROM clock_timestamp() - min(changed_at))::float8 FROM herald.outbox), \
+                    (SELECT count(*) FROM herald.dead_letter)",
+            &[],
+        )
+        .await?;
+    status.outbox_depth = row.get(0);
+    status.oldest_pending_seconds = row.get(1);
+    status.dead_letters = row.get(2);
 
     let redis = herald_core::redis::connect_pool(&config.redis).await?;
     let keys = KeySpace::new(&config.env)?;

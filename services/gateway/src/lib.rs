@@ -153,12 +153,29 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     // for the request's other fields, and anything larger is refused from
     // its length prefix, before it is read.
     let decode_limit = ctx.gateway.limits.max_publication_bytes * 2 + 4096;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<PublisherServer<Publisher>>().await;
+    // Reflection (v1, and v1alpha for older clients) describes what this port serves.
+    let descriptors = herald_proto::service_descriptor_set("herald.v1.Publisher");
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(&descriptors)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let failed = |e| anyhow::anyhow!("failed to build gRPC reflection: {e}");
+    let reflection_v1 = reflection().build_v1().map_err(failed)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(failed)?;
     let grpc = listeners.grpc.map(|listener| {
         let shutdown = shutdown.clone();
         tokio::spawn(
             config
                 .grpc
                 .server()
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .add_service(PublisherServer::new(publisher).max_decoding_message_size(decode_limit))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -169,6 +186,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tracing::info!(%http_addr, node = %ctx.node, "gateway started");
 
     shutdown.cancelled().await;
+    health_reporter.set_not_serving::<PublisherServer<Publisher>>().await;
     tracing::info!(sockets = ctx.metrics.sockets.get(), "gateway stopping; telling sockets to reconnect");
     ctx.tracker.close();
     let grace = Duration::from_millis(ctx.gateway.shutdown_grace_ms);

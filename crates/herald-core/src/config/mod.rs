@@ -234,12 +234,18 @@ impl Config {
     /// Parses `text` (TOML), applies the overrides found in `env`, and
     /// validates the result.
     pub fn load(text: &str, env: &BTreeMap<String, String>) -> Result<Self> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
-        apply_env(&mut table, env)?;
-        // Round-trip through text so that serde's errors point at the line
-        // and name the key.
-        let text = toml::to_string(&table).map_err(|e| Error::Config(e.to_string()))?;
-        let config: Config = toml::from_str(&text).map_err(|e| Error::Config(e.to_string()))?;
+        let file: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        let overrides = env_overrides(env)?;
+        // Without overrides serde's errors point at the file's own lines.
+        let config: Config = if overrides.is_empty() {
+            toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?
+        } else {
+            let mut table = file.clone();
+            for o in &overrides {
+                o.apply(&mut table)?;
+            }
+            deserialize(&table).map_err(|e| blame(text, &file, &overrides, e))?
+        };
         config.validate()?;
         Ok(config)
     }
@@ -328,26 +334,43 @@ impl Config {
     }
 }
 
-fn apply_env(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<()> {
-    let mut set = |path: &[&str], raw: &str| -> Result<()> {
-        let mut cursor = &mut *table;
-        for section in &path[..path.len() - 1] {
-            let entry = cursor.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            cursor =
-                entry.as_table_mut().ok_or_else(|| Error::Config(format!("{}: is not a table", path.join("."))))?;
+/// One environment variable that sets a configuration key.
+struct Override {
+    /// The variable, e.g. `HERALD_CAPTURE__BATCH_SIZE`.
+    name: String,
+    /// The key's path, e.g. `["capture", "batch_size"]`.
+    path: Vec<String>,
+    value: String,
+}
+
+impl Override {
+    fn apply(&self, table: &mut toml::Table) -> Result<()> {
+        let mut cursor = table;
+        let (key, sections) = self.path.split_last().expect("a path has a key");
+        for section in sections {
+            let entry = cursor.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry
+                .as_table_mut()
+                .ok_or_else(|| Error::Config(format!("{}: {} is not a table", self.name, self.path.join("."))))?;
         }
-        cursor.insert(path[path.len() - 1].to_string(), parse_env_value(raw));
+        cursor.insert(key.clone(), parse_env_value(&self.value));
         Ok(())
+    }
+}
+
+/// The overrides found in `env`: `DATABASE_URL`, `REDIS_URL`, `HERALD_ENV`
+/// and `HERALD_<SECTION>__<KEY>`.
+fn env_overrides(env: &BTreeMap<String, String>) -> Result<Vec<Override>> {
+    let mut overrides = Vec::new();
+    let mut add = |name: &str, path: &[&str]| {
+        if let Some(value) = env.get(name) {
+            let path = path.iter().map(|s| s.to_string()).collect();
+            overrides.push(Override { name: name.to_string(), path, value: value.clone() });
+        }
     };
-    if let Some(url) = env.get("DATABASE_URL") {
-        set(&["postgres", "url"], url)?;
-    }
-    if let Some(url) = env.get("REDIS_URL") {
-        set(&["redis", "url"], url)?;
-    }
-    if let Some(name) = env.get("HERALD_ENV") {
-        set(&["env"], name)?;
-    }
+    add("DATABASE_URL", &["postgres", "url"]);
+    add("REDIS_URL", &["redis", "url"]);
+    add("HERALD_ENV", &["env"]);
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("HERALD_") else { continue };
         if !rest.contains("__") {
@@ -357,10 +380,33 @@ fn apply_env(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<
         if path.iter().any(String::is_empty) {
             return Err(Error::Config(format!("{name}: empty section or key")));
         }
-        let path: Vec<&str> = path.iter().map(String::as_str).collect();
-        set(&path, value)?;
+        overrides.push(Override { name: name.clone(), path, value: value.clone() });
     }
-    Ok(())
+    Ok(overrides)
+}
+
+fn deserialize(table: &toml::Table) -> std::result::Result<Config, toml::de::Error> {
+    table.clone().try_into()
+}
+
+/// The error of a configuration that fails only with the environment's
+/// overrides applied, naming the variable to blame rather than a line of a
+/// document the user never wrote.
+fn blame(text: &str, file: &toml::Table, overrides: &[Override], error: toml::de::Error) -> Error {
+    if let Err(e) = toml::from_str::<Config>(text) {
+        return Error::Config(e.to_string());
+    }
+    for o in overrides {
+        let mut table = file.clone();
+        if let Err(e) = o.apply(&mut table) {
+            return e;
+        }
+        if let Err(e) = deserialize(&table) {
+            return Error::Config(format!("{} (key {}): {}", o.name, o.path.join("."), e.message().trim()));
+        }
+    }
+    let names: Vec<&str> = overrides.iter().map(|o| o.name.as_str()).collect();
+    Error::Config(format!("environment overrides {}: {}", names.join(", "), error.message().trim()))
 }
 
 /// An environment value as TOML when it parses as a number, boolean or
