@@ -237,6 +237,40 @@ impl Sandbox {
             .collect()
     }
 
+    /// Reads the stream's new entries as broadcast consumer `consumer` and
+    /// acknowledges nothing: a broadcast instance killed after reading.
+    /// Returns whether anything was read.
+    pub async fn read_without_ack(&self, consumer: &str) -> bool {
+        let group = self.config.broadcast.group.as_str();
+        herald_core::redis::ensure_group(&self.redis, &self.keys.stream(), group).await.expect("group");
+        let read: Value = self
+            .redis
+            .next()
+            .xreadgroup(group, consumer, Some(10), None, false, self.keys.stream(), ">")
+            .await
+            .expect("xreadgroup");
+        !matches!(read, Value::Null)
+    }
+
+    /// Kills the Redis pub/sub connection named `name` (`CLIENT SETNAME`),
+    /// and only that one: other tests share the server.
+    pub async fn kill_pubsub_client(&self, name: &str) {
+        let list: String = self
+            .redis
+            .next()
+            .client_list::<String, String>(Some(fred::types::client::ClientKillType::Pubsub), None)
+            .await
+            .expect("client list");
+        let id = list
+            .lines()
+            .find(|line| line.contains(&format!("name={name} ")))
+            .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+            .unwrap_or_else(|| panic!("{name} not in CLIENT LIST"))
+            .to_string();
+        let _: Value =
+            self.redis.next().custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id.as_str()]).await.expect("client kill");
+    }
+
     /// Stops everything the sandbox started, drops the database and deletes
     /// every Redis key of its namespace. A sandbox dropped without this (a
     /// failed test) does the same from its `Drop`.

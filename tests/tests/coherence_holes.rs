@@ -18,21 +18,6 @@ async fn applied_events(node: &CacheNode) -> f64 {
     node.metric("herald_l1_events_applied_total", "").await
 }
 
-/// The id of the Redis pub/sub connection named `name` (`CLIENT LIST`).
-async fn pubsub_client_id(sb: &Sandbox, name: &str) -> String {
-    let list: String = sb
-        .redis
-        .next()
-        .client_list::<String, String>(Some(fred::types::client::ClientKillType::Pubsub), None)
-        .await
-        .unwrap();
-    list.lines()
-        .find(|line| line.contains(&format!("name={name} ")))
-        .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .unwrap_or_else(|| panic!("{name} not in CLIENT LIST"))
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_drops_row_tagged_entries_from_l2() {
     let sb = sandbox().await;
@@ -96,8 +81,7 @@ async fn a_watch_ends_when_the_nodes_subscription_flaps() {
     let mut stream = client.watch_invalidations(authed(watch, ACME_TOKEN)).await.unwrap().into_inner();
 
     // The node's feed drops and comes back faster than any liveness poll.
-    let id = pubsub_client_id(&sb, &format!("herald-cache-api-{node_name}")).await;
-    let _: Value = sb.redis.next().custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id.as_str()]).await.unwrap();
+    sb.kill_pubsub_client(&format!("herald-cache-api-{node_name}")).await;
     sb.sql("UPDATE res_users SET name = 'x' WHERE id = 1").await;
 
     // Whatever arrives, the stream must not carry on as if nothing was lost.

@@ -149,15 +149,7 @@ async fn entries_read_but_never_acknowledged_are_claimed_and_applied() {
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a'), (2, 'acme', 'b')").await;
     assert_eventually!(10, async { sb.stream_len().await == 1 }, "not captured");
     // A broadcast consumer that reads the entry and dies before acknowledging.
-    let group = sb.config.broadcast.group.clone();
-    herald_core::redis::ensure_group(&sb.redis, &sb.keys.stream(), &group).await.unwrap();
-    let read: Value = sb
-        .redis
-        .next()
-        .xreadgroup(group.as_str(), "crashed-consumer", Some(10), None, false, sb.keys.stream(), ">")
-        .await
-        .unwrap();
-    assert!(!matches!(read, Value::Null), "the dead consumer read the entry");
+    assert!(sb.read_without_ack("crashed-consumer").await, "the dead consumer read the entry");
 
     // A live broadcast must claim it and apply it.
     let broadcast = sb.spawn_broadcast().await;
@@ -181,15 +173,7 @@ async fn a_restarted_broadcast_re_reads_its_own_pending_entries_at_once() {
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
     assert_eventually!(10, async { sb.stream_len().await == 1 }, "not captured");
     // The instance read the entry, then was killed before acknowledging it.
-    let group = sb.config.broadcast.group.clone();
-    herald_core::redis::ensure_group(&sb.redis, &sb.keys.stream(), &group).await.unwrap();
-    let read: Value = sb
-        .redis
-        .next()
-        .xreadgroup(group.as_str(), consumer.as_str(), Some(10), None, false, sb.keys.stream(), ">")
-        .await
-        .unwrap();
-    assert!(!matches!(read, Value::Null), "the entry was not read");
+    assert!(sb.read_without_ack(&consumer).await, "the entry was not read");
 
     // The same instance, restarted as a new process.
     let restarted = ChildService::spawn("herald-broadcast", &sb.config);
@@ -224,19 +208,7 @@ async fn killed_subscriber_connection_flushes_resubscribes_and_stays_coherent() 
     assert!(l1.put("acme", "kept-before-kill", "v", &["res_users.id=99"]));
     let flushes = l1.cache.metrics().flushes.get();
 
-    let list: String = sb
-        .redis
-        .next()
-        .client_list::<String, String>(Some(fred::types::client::ClientKillType::Pubsub), None)
-        .await
-        .unwrap();
-    let id = list
-        .lines()
-        .find(|line| line.contains(&format!("name={} ", l1.client_name)))
-        .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .expect("subscriber connection in CLIENT LIST")
-        .to_string();
-    let _: Value = sb.redis.next().custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id.as_str()]).await.unwrap();
+    sb.kill_pubsub_client(&l1.client_name).await;
 
     assert_eventually!(10, async { l1.cache.metrics().flushes.get() > flushes }, "lost subscription did not flush");
     assert_eventually!(10, async { l1.cache.is_live() }, "never resubscribed");

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod channel;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod hash;
 pub mod keys;
 pub mod l1;

@@ -132,15 +132,8 @@ pub async fn run(
     health_reporter.set_serving::<CacheServer<grpc::Grpc>>().await;
     // Reflection (v1, and v1alpha for older clients) describes what this port serves.
     let descriptors = herald_proto::service_descriptor_set("herald.v1.Cache");
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(&descriptors)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1().context("failed to build gRPC reflection")?;
-    let reflection_v1alpha = reflection().build_v1alpha().context("failed to build gRPC reflection")?;
+    let (reflection_v1, reflection_v1alpha) =
+        herald_core::grpc::reflection(&descriptors).context("failed to build gRPC reflection")?;
     let limit = config.cache.max_value_bytes + 64 * 1024;
     let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone()))
         .max_decoding_message_size(limit)

@@ -157,16 +157,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     health_reporter.set_serving::<PublisherServer<Publisher>>().await;
     // Reflection (v1, and v1alpha for older clients) describes what this port serves.
     let descriptors = herald_proto::service_descriptor_set("herald.v1.Publisher");
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(&descriptors)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-    };
-    let failed = |e| anyhow::anyhow!("failed to build gRPC reflection: {e}");
-    let reflection_v1 = reflection().build_v1().map_err(failed)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(failed)?;
+    let (reflection_v1, reflection_v1alpha) = herald_core::grpc::reflection(&descriptors)
+        .map_err(|e| anyhow::anyhow!("failed to build gRPC reflection: {e}"))?;
     let grpc = listeners.grpc.map(|listener| {
         let shutdown = shutdown.clone();
         tokio::spawn(
