@@ -119,20 +119,11 @@ pub async fn serve(
     crate::serve::serve(listener, router(state), &http, shutdown).await
 }
 
-/// A service's ops server: builds the metrics registry with `register`,
-/// spawns the server on `listener`, and returns the readiness set the service
-/// fills with its conditions, and the server's task.
-/// Its HTTP limits are `[http]`'s defaults; [`start_with`] takes them.
+/// A service's ops server, with the configured HTTP limits (`[http]`):
+/// builds the metrics registry with `register`, spawns the server on
+/// `listener`, and returns the readiness set the service fills with its
+/// conditions, and the server's task.
 pub fn start(
-    listener: TcpListener,
-    register: impl FnOnce(&mut Registry),
-    shutdown: CancellationToken,
-) -> (Readiness, tokio::task::JoinHandle<std::io::Result<()>>) {
-    start_with(listener, register, &HttpConfig::default(), shutdown)
-}
-
-/// [`start`] with the configured HTTP limits.
-pub fn start_with(
     listener: TcpListener,
     register: impl FnOnce(&mut Registry),
     http: &HttpConfig,

@@ -50,7 +50,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::default();
-    let (readiness, ops_task) = ops::start(ops, |registry| metrics.register(registry), shutdown.clone());
+    let (readiness, ops_task) = ops::start(ops, |registry| metrics.register(registry), &config.http, shutdown.clone());
 
     let keys = KeySpace::new(&config.env)?;
     let redis = herald_core::redis::build_pool(&config.redis)?;

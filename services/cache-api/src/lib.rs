@@ -94,6 +94,7 @@ pub async fn run(
             metrics.register(registry);
             l1.metrics().register(registry);
         },
+        &config.http,
         shutdown.clone(),
     );
     let resources_ready = readiness.flag("resources");

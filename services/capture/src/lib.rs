@@ -40,7 +40,7 @@ const BUSY_POLL_MAX: Duration = Duration::from_millis(8);
 /// `/metrics` on `ops`. Returns after the batch in flight has committed.
 pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::default();
-    let (readiness, ops_task) = ops::start(ops, |registry| metrics.register(registry), shutdown.clone());
+    let (readiness, ops_task) = ops::start(ops, |registry| metrics.register(registry), &config.http, shutdown.clone());
 
     let keys = KeySpace::new(&config.env)?;
     // Every write capture makes (drains, dead letters, the doorbell lease)

@@ -90,7 +90,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let service_auth = ServiceAuth::new(&config.gateway, env)?;
     let metrics = Metrics::default();
     let (readiness, ops_task) =
-        herald_core::ops::start_with(listeners.ops, |r| metrics.register(r), &config.http, shutdown.clone());
+        herald_core::ops::start(listeners.ops, |r| metrics.register(r), &config.http, shutdown.clone());
     let ready = readiness.flag("redis");
 
     let keys = KeySpace::new(&config.env)?;
