@@ -167,13 +167,25 @@ impl CacheNode {
         resource: &str,
         params: &[&str],
     ) -> Result<GetResponse, tonic::Status> {
+        self.get_at(token, tenant, resource, params, 0).await
+    }
+
+    /// `Get` of a resource with `token` and a read-your-writes position.
+    pub async fn get_at(
+        &self,
+        token: &str,
+        tenant: &str,
+        resource: &str,
+        params: &[&str],
+        min_commit_lsn: u64,
+    ) -> Result<GetResponse, tonic::Status> {
         let request = GetRequest {
             tenant: tenant.into(),
             target: Some(get_request::Target::Resource(ResourceRef {
                 resource: resource.into(),
                 params: params.iter().map(|s| s.to_string()).collect(),
             })),
-            min_commit_lsn: 0,
+            min_commit_lsn,
         };
         self.client().await.get(authed(request, token)).await.map(|r| r.into_inner())
     }

@@ -194,11 +194,17 @@ impl Sandbox {
 
     /// Starts broadcast in-process.
     pub async fn spawn_broadcast(&self) -> ServiceHandle {
+        self.spawn_broadcast_with(|_| {}).await
+    }
+
+    /// A broadcast instance with its own adjustments of the sandbox's config.
+    pub async fn spawn_broadcast_with(&self, adjust: impl FnOnce(&mut Config)) -> ServiceHandle {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let ops_addr = listener.local_addr().expect("addr");
         let token = self.shutdown.child_token();
-        let task =
-            tokio::spawn(herald_broadcast::run(self.config.clone(), listener, unique("broadcast-"), token.clone()));
+        let mut config = self.config.clone();
+        adjust(&mut config);
+        let task = tokio::spawn(herald_broadcast::run(config, listener, unique("broadcast-"), token.clone()));
         ServiceHandle { ops_addr, token, task }
     }
 
@@ -222,8 +228,8 @@ impl Sandbox {
     }
 
     /// Events in the stream.
-    pub async fn stream_len(&self) -> u64 {
-        self.redis.next().xlen(self.keys.stream()).await.expect("xlen")
+    pub async fn stream_event_count(&self) -> u64 {
+        self.stream_events().await.len() as u64
     }
 
     /// Every event in the stream, decoded.

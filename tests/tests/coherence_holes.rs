@@ -68,6 +68,69 @@ async fn a_widened_update_drops_row_tagged_entries_from_l1_and_l2() {
     sb.cleanup().await;
 }
 
+/// Item 3: a read-your-writes position is approved once every older
+/// commit's invalidation was applied, not as soon as a newer one's was.
+/// Here a consumer that read the older commit's event is slow (it never
+/// acknowledges until another consumer claims it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_waits_for_an_older_commit_a_slow_consumer_holds() {
+    let sb = sandbox_with(|c| {
+        c.broadcast.claim_idle_ms = 600_000;
+        c.l1.heartbeat_timeout_ms = 60_000;
+    })
+    .await;
+    sb.sql("INSERT INTO res_users (id, tenant_id, website_slug, name) VALUES (1, 'acme', 'alice', 'A'), (2, 'acme', 'bob', 'B')")
+        .await;
+    let first = sb.spawn_broadcast().await;
+    let node = sb.spawn_cache_api(Options::default()).await;
+    let _capture = sb.spawn_capture().await;
+    assert_eventually!(10, async { applied_events(&node).await >= 1.0 }, "the inserts were not applied");
+    for slug in ["alice", "bob"] {
+        node.get(ACME_TOKEN, "acme", "user_by_slug", &[slug]).await.unwrap();
+        assert_eq!(node.get(ACME_TOKEN, "acme", "user_by_slug", &[slug]).await.unwrap().layer(), Layer::L1);
+    }
+    first.stop().await.unwrap();
+
+    // The older commit: its event is read by a consumer that stalls.
+    let events = sb.stream_event_count().await;
+    sb.sql("UPDATE res_users SET name = 'A2' WHERE id = 1").await;
+    assert_eventually!(10, async { sb.stream_event_count().await > events }, "the first update was not captured");
+    assert!(sb.read_without_ack("stalled").await, "the stalled consumer read nothing");
+
+    // The newer commit, applied by a healthy consumer.
+    let _second = sb.spawn_broadcast().await;
+    let before = applied_events(&node).await;
+    sb.sql("UPDATE res_users SET name = 'B2' WHERE id = 2").await;
+    let position = u64::try_from(sb.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await).unwrap();
+    assert_eventually!(10, async { applied_events(&node).await > before }, "the second update was not applied");
+    let bob = node.get_at(ACME_TOKEN, "acme", "user_by_slug", &["bob"], position).await.unwrap();
+    assert_eq!(name(&bob), "B2");
+
+    // Alice's invalidation is still in flight: the position is not reached.
+    let alice = node.get_at(ACME_TOKEN, "acme", "user_by_slug", &["alice"], position).await.unwrap();
+    assert_eq!(name(&alice), "A2", "read-your-writes served a value older than the position, from {:?}", alice.layer());
+    assert_eq!(alice.layer(), Layer::Database);
+
+    // Once a consumer claims and applies the stalled entry, the position is
+    // reached and the cache answers again.
+    let _claimer = sb.spawn_broadcast_with(|c| c.broadcast.claim_idle_ms = 100).await;
+    assert_eventually!(
+        20,
+        async {
+            let alice = node.get_at(ACME_TOKEN, "acme", "user_by_slug", &["alice"], position).await.unwrap();
+            assert_eq!(name(&alice), "A2");
+            alice.layer() != Layer::Database
+        },
+        "the position was never reached"
+    );
+    sb.cleanup().await;
+}
+
+fn name(answer: &herald_proto::v1::GetResponse) -> String {
+    let row: serde_json::Value = serde_json::from_slice(&answer.value).unwrap();
+    row["name"].as_str().unwrap_or_default().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_ends_when_the_nodes_subscription_flaps() {
     let sb = sandbox().await;

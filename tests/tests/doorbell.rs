@@ -17,7 +17,7 @@ async fn idle_capture_is_woken_by_the_doorbell() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     sb.sql("INSERT INTO res_users (tenant_id, website_slug) VALUES ('acme', 'ding')").await;
-    assert_eventually!(10, async { sb.stream_len().await == 1 }, "doorbell did not wake capture");
+    assert_eventually!(10, async { sb.stream_event_count().await == 1 }, "doorbell did not wake capture");
     assert!(started.elapsed() < Duration::from_secs(5), "woken by something slower than the doorbell");
     assert!(metric(&capture, "herald_capture_doorbells_total").await >= Some(1));
     sb.cleanup().await;
@@ -42,7 +42,11 @@ async fn busy_to_idle_handover_loses_no_wakeup() {
         tokio::time::sleep(pause).await;
         sb.sql(&format!("INSERT INTO res_users (tenant_id, website_slug) VALUES ('acme', 'r{round}-last')")).await;
         let expected = (round + 1) * 21;
-        assert_eventually!(10, async { sb.stream_len().await == expected }, "round {round}: a write was left behind");
+        assert_eventually!(
+            10,
+            async { sb.stream_event_count().await == expected },
+            "round {round}: a write was left behind"
+        );
     }
     drop(capture);
     sb.cleanup().await;
@@ -82,7 +86,7 @@ async fn a_long_writer_transaction_that_skipped_the_bell_is_still_captured() {
     long.batch_execute("COMMIT").await.unwrap();
     assert_eventually!(
         10,
-        async { sb.stream_len().await == 51 },
+        async { sb.stream_event_count().await == 51 },
         "the long transaction's change was lost until the poll"
     );
     sb.cleanup().await;

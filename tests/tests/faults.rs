@@ -60,7 +60,7 @@ async fn capture_process_killed_mid_burst_then_restarted_loses_nothing() {
         tokio::spawn(async move { burst(&pool, HALF, 4, committed).await })
     };
     // SIGKILL while capture is draining the first half.
-    assert_eventually!(30, async { sb.stream_len().await >= 100 }, "capture never appended");
+    assert_eventually!(30, async { sb.stream_event_count().await >= 100 }, "capture never appended");
     capture.kill().await;
     first_half.await.unwrap();
     // The second half commits while no capture runs: it waits in the outbox.
@@ -83,7 +83,7 @@ async fn capture_task_aborted_mid_batch_then_restarted_loses_nothing() {
     let committed = Arc::new(AtomicU64::new(0));
     burst(&sb.pool, N, 3, committed).await;
     let capture = sb.spawn_capture().await;
-    assert_eventually!(30, async { sb.stream_len().await >= 50 }, "capture never appended");
+    assert_eventually!(30, async { sb.stream_event_count().await >= 50 }, "capture never appended");
     capture.kill().await; // aborted wherever it stood, maybe between XADD and COMMIT
     assert!(!outbox_empty(&sb).await);
     let _capture = sb.spawn_capture().await;
@@ -147,7 +147,7 @@ async fn entries_read_but_never_acknowledged_are_claimed_and_applied() {
     let _capture = sb.spawn_capture().await;
     let l1 = sb.l1_unchecked();
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a'), (2, 'acme', 'b')").await;
-    assert_eventually!(10, async { sb.stream_len().await == 1 }, "not captured");
+    assert_eventually!(10, async { sb.stream_event_count().await == 1 }, "not captured");
     // A broadcast consumer that reads the entry and dies before acknowledging.
     assert!(sb.read_without_ack("crashed-consumer").await, "the dead consumer read the entry");
 
@@ -171,7 +171,7 @@ async fn a_restarted_broadcast_re_reads_its_own_pending_entries_at_once() {
     let _capture = sb.spawn_capture().await;
     let l1 = sb.l1_unchecked();
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
-    assert_eventually!(10, async { sb.stream_len().await == 1 }, "not captured");
+    assert_eventually!(10, async { sb.stream_event_count().await == 1 }, "not captured");
     // The instance read the entry, then was killed before acknowledging it.
     assert!(sb.read_without_ack(&consumer).await, "the entry was not read");
 

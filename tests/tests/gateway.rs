@@ -530,8 +530,11 @@ async fn a_redelivered_event_publishes_its_team_change_once() {
         teams: vec!["77".into()],
         ..Default::default()
     };
-    let entry =
-        || herald_core::stream::Entry { id: "1-1".into(), payload: Some(bytes::Bytes::from(event.encode_to_vec())) };
+    let entry = || herald_core::stream::Entry {
+        id: "1-1".into(),
+        payload: Some(bytes::Bytes::from(event.encode_to_vec())),
+        watermark: None,
+    };
     let applier = herald_broadcast::apply::Applier::new(
         sb.redis.clone(),
         sb.keys.clone(),

@@ -102,7 +102,7 @@ async fn events_carry_the_contract_and_unwatched_updates_emit_nothing() {
     let _capture = sb.spawn_capture().await;
     assert_eventually!(
         10,
-        async { sb.stream_len().await == 3 },
+        async { sb.stream_event_count().await == 3 },
         "expected insert, update, delete (not the unwatched update)"
     );
     let events = sb.stream_events().await;

@@ -1,7 +1,8 @@
 //! The event stream's entry format, both sides: the writers ([`append`],
-//! [`append_dead_letter`]) and the parsing of Redis stream replies (RESP2
-//! shapes) into entries carrying the event bytes (field [`EVENT_FIELD`]),
-//! kept apart so it can be tested without a server.
+//! [`append_watermark`], [`append_dead_letter`]) and the parsing of Redis
+//! stream replies (RESP2 shapes) into entries carrying the event bytes
+//! (field [`EVENT_FIELD`]) or a freshness watermark (field
+//! [`WATERMARK_FIELD`]), kept apart so it can be tested without a server.
 
 use bytes::Bytes;
 use fred::clients::Client;
@@ -10,6 +11,10 @@ use fred::types::Value;
 
 /// The field of a stream entry that holds the encoded event.
 pub const EVENT_FIELD: &str = "e";
+
+/// The field of a stream entry that holds an encoded `Watermark` (an entry
+/// has either this field or [`EVENT_FIELD`]).
+pub const WATERMARK_FIELD: &str = "w";
 
 /// Appends one entry per payload to `stream` in one pipeline (one round
 /// trip), trimming the stream to about `max_len` entries. The writes go over
@@ -21,6 +26,19 @@ pub async fn append(client: &Client, stream: &str, payloads: &[Bytes], max_len: 
         let _: () = pipeline.xadd(stream, false, ("MAXLEN", "~", max_len), "*", (EVENT_FIELD, payload.clone())).await?;
     }
     let _: Vec<Value> = pipeline.all().await?;
+    Ok(())
+}
+
+/// Appends a freshness watermark (an encoded `herald.v1.Watermark`): every
+/// change committed up to its position has its events before it.
+pub async fn append_watermark(
+    client: &Client,
+    stream: &str,
+    watermark: Bytes,
+    max_len: u64,
+) -> Result<(), fred::error::Error> {
+    let max_len = i64::try_from(max_len).unwrap_or(i64::MAX);
+    let _: String = client.xadd(stream, false, ("MAXLEN", "~", max_len), "*", (WATERMARK_FIELD, watermark)).await?;
     Ok(())
 }
 
@@ -45,11 +63,12 @@ pub async fn append_dead_letter(
 }
 
 /// One stream entry: its id and the event bytes (field `e`), if the entry
-/// still exists and has the field.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// still exists and has the field, or the watermark bytes (field `w`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Entry {
     pub id: String,
     pub payload: Option<Bytes>,
+    pub watermark: Option<Bytes>,
 }
 
 /// Entries of an `XREADGROUP` reply for a single stream (nil → none).
@@ -96,20 +115,23 @@ fn entries_of(value: Value) -> Vec<Entry> {
             }
             let fields = parts.pop()?;
             let id = parts.pop()?.as_string()?;
-            let mut payload = None;
+            let mut entry = Entry { id, ..Entry::default() };
             if let Value::Array(fields) = fields {
                 let mut it = fields.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    if k.as_str().as_deref() == Some(EVENT_FIELD) {
-                        payload = match v {
-                            Value::Bytes(b) => Some(b),
-                            Value::String(s) => Some(Bytes::from(s.to_string())),
-                            _ => None,
-                        };
+                    let bytes = match v {
+                        Value::Bytes(b) => Some(b),
+                        Value::String(s) => Some(Bytes::from(s.to_string())),
+                        _ => None,
+                    };
+                    match k.as_str().as_deref() {
+                        Some(EVENT_FIELD) => entry.payload = bytes,
+                        Some(WATERMARK_FIELD) => entry.watermark = bytes,
+                        _ => {}
                     }
                 }
             }
-            Some(Entry { id, payload })
+            Some(entry)
         })
         .collect()
 }
@@ -129,12 +151,15 @@ mod tests {
             Value::Array(vec![
                 Value::Array(vec![s("1-0"), Value::Array(vec![s("e"), Value::Bytes(Bytes::from_static(b"\x01"))])]),
                 Value::Array(vec![s("2-0"), Value::Null]),
+                Value::Array(vec![s("3-0"), Value::Array(vec![s("w"), Value::Bytes(Bytes::from_static(b"\x02"))])]),
             ]),
         ])]);
         let entries = read_group_entries(reply);
-        assert_eq!(entries.len(), 2);
+        assert_eq!(entries.len(), 3);
         assert_eq!(entries[0].payload.as_deref(), Some(&b"\x01"[..]));
-        assert_eq!(entries[1], Entry { id: "2-0".into(), payload: None });
+        assert_eq!(entries[1], Entry { id: "2-0".into(), ..Entry::default() });
+        assert_eq!(entries[2].watermark.as_deref(), Some(&b"\x02"[..]));
+        assert_eq!(entries[2].payload, None);
         assert!(read_group_entries(Value::Null).is_empty());
     }
 

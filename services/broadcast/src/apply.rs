@@ -12,7 +12,9 @@ use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 
 use crate::metrics::Metrics;
+use crate::watermark::Forwarder;
 use herald_core::stream::{self, Entry};
+use herald_proto::v1::Watermark;
 
 #[derive(Clone)]
 pub struct Applier {
@@ -21,6 +23,7 @@ pub struct Applier {
     l2: L2,
     group: String,
     metrics: Metrics,
+    watermarks: Forwarder,
     /// History options of the `team` namespace, when the gateway has one.
     teams: Option<HistoryOptions>,
 }
@@ -36,7 +39,9 @@ const TEAM_IDEMPOTENCY_TTL_S: u64 = 600;
 impl Applier {
     pub fn new(redis: Pool, keys: KeySpace, group: String, metrics: Metrics) -> Self {
         let l2 = L2::new(redis.clone(), keys.clone());
-        Self { redis, keys, l2, group, metrics, teams: None }
+        let watermarks =
+            Forwarder::new(redis.clone(), keys.stream(), group.clone(), keys.l1_channel(), metrics.clone());
+        Self { redis, keys, l2, group, metrics, watermarks, teams: None }
     }
 
     /// Also publish row changes of tables with a team column on `team:{id}`
@@ -50,19 +55,27 @@ impl Applier {
         &self.metrics
     }
 
-    /// Applies `entries` and acknowledges them. On error nothing is
-    /// acknowledged; the entries stay pending and are applied again later
-    /// (deletes are idempotent).
+    /// Applies `entries` and acknowledges them, then forwards the last
+    /// watermark among them. On error nothing is acknowledged; the entries
+    /// stay pending and are applied again later (deletes are idempotent).
     pub async fn apply(&self, entries: Vec<Entry>) -> Result<usize, fred::error::Error> {
         if entries.is_empty() {
             return Ok(0);
         }
         let mut events = Vec::with_capacity(entries.len());
         let mut ids = Vec::with_capacity(entries.len());
+        let mut watermark = None;
         for entry in entries {
-            match decode(&entry) {
-                Ok(event) => events.push(event),
-                Err(reason) => self.dead_letter(&entry, &reason).await?,
+            if entry.watermark.is_some() {
+                match decode_watermark(&entry) {
+                    Ok(w) => watermark = Some((entry.id.clone(), w)),
+                    Err(reason) => self.dead_letter(&entry, &reason).await?,
+                }
+            } else {
+                match decode(&entry) {
+                    Ok(event) => events.push(event),
+                    Err(reason) => self.dead_letter(&entry, &reason).await?,
+                }
             }
             ids.push(entry.id);
         }
@@ -94,6 +107,9 @@ impl Applier {
             self.metrics.lag.observe((now - event.commit_time_us).max(0) as f64 / 1e6);
         }
         self.metrics.events_applied.inc_by(events.len() as u64);
+        if let Some((entry_id, watermark)) = watermark {
+            self.watermarks.forward(entry_id, watermark).await;
+        }
         Ok(events.len())
     }
 
@@ -134,7 +150,7 @@ impl Applier {
     async fn dead_letter(&self, entry: &Entry, reason: &str) -> Result<(), fred::error::Error> {
         self.metrics.malformed.inc();
         tracing::warn!(entry_id = %entry.id, %reason, "malformed stream entry moved to the dead stream");
-        let payload = entry.payload.clone().unwrap_or_default();
+        let payload = entry.payload.clone().or_else(|| entry.watermark.clone()).unwrap_or_default();
         let dead = self.keys.dead_stream();
         stream::append_dead_letter(self.redis.next(), &dead, &entry.id, reason, payload, DEAD_STREAM_MAX_LEN).await
     }
@@ -150,6 +166,11 @@ pub fn decode(entry: &Entry) -> Result<InvalidationEvent, String> {
         return Err("event has no tags".into());
     }
     Ok(event)
+}
+
+pub fn decode_watermark(entry: &Entry) -> Result<Watermark, String> {
+    let bytes = entry.watermark.as_ref().ok_or("entry has no field w")?;
+    Watermark::decode(bytes.as_ref()).map_err(|e| format!("undecodable watermark: {e}"))
 }
 
 /// The payload of a team publication.

@@ -13,6 +13,7 @@
 pub mod apply;
 pub mod metrics;
 pub mod watch;
+pub mod watermark;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub team_publications_skipped: Counter,
     /// Writer's statement → L1 invalidation published, seconds.
     pub lag: Histogram,
+    /// Freshness watermarks published on the L1 channel.
+    pub watermarks_forwarded: Counter,
+    /// Watermarks dropped because older entries stayed pending too long.
+    pub watermarks_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -36,6 +40,8 @@ impl Default for Metrics {
             team_publications: Counter::default(),
             team_publications_skipped: Counter::default(),
             lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            watermarks_forwarded: Counter::default(),
+            watermarks_dropped: Counter::default(),
         }
     }
 }
@@ -65,5 +71,15 @@ impl Metrics {
             self.team_publications_skipped.clone(),
         );
         r.register("lag_seconds", "writer statement to L1 invalidation published", self.lag.clone());
+        r.register(
+            "watermarks_forwarded",
+            "freshness watermarks published on the L1 channel after everything before them was applied",
+            self.watermarks_forwarded.clone(),
+        );
+        r.register(
+            "watermarks_dropped",
+            "watermarks dropped because older stream entries stayed pending (the next one covers them)",
+            self.watermarks_dropped.clone(),
+        );
     }
 }

@@ -185,9 +185,12 @@ impl Cache {
         if res.global { Scope::Global } else { Scope::Tenant(tenant.clone()) }
     }
 
-    /// Whether this node's L1 has applied invalidations up to `min_lsn`.
+    /// Whether this node has applied every invalidation of changes committed
+    /// up to `min_lsn`: broadcast's forwarded watermark, a low-water mark.
+    /// (The highest applied `commit_lsn` is not: with several broadcast
+    /// consumers an older commit's invalidation may still be in flight.)
     fn fresh_enough(&self, min_lsn: u64) -> bool {
-        min_lsn == 0 || self.l1.applied().commit_lsn >= min_lsn
+        min_lsn == 0 || self.l1.applied().watermark_lsn >= min_lsn
     }
 
     fn redis_usable(&self) -> bool {

@@ -16,6 +16,7 @@ pub mod install;
 pub mod metrics;
 pub mod schema;
 pub mod status;
+pub mod watermark;
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,14 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     let _connections = redis.connect();
     let drainer = Drainer::new(&config, pool.clone(), redis.clone(), keys.stream(), metrics.clone());
     let sampler = tokio::spawn(sample_depth(pool.clone(), metrics.clone(), shutdown.clone()));
+    let watermarks = tokio::spawn(watermark::run(
+        pool.clone(),
+        redis.clone(),
+        keys.stream(),
+        config.capture.stream_max_len,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     let pg_ready = readiness.flag("postgres");
     let redis_ready = readiness.flag("redis");
@@ -178,6 +187,7 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     }
     tracing::info!("capture stopping");
     sampler.abort();
+    watermarks.abort();
     let _ = redis.quit().await;
     let _ = ops_task.await;
     Ok(())

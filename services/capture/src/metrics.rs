@@ -21,6 +21,10 @@ pub struct Metrics {
     pub backpressure: Gauge,
     /// Writer's statement → appended to the stream, seconds.
     pub capture_lag: Histogram,
+    /// Freshness watermarks appended to the stream.
+    pub watermarks: Counter,
+    /// WAL position of the last watermark appended.
+    pub watermark_lsn: Gauge,
 }
 
 impl Default for Metrics {
@@ -39,6 +43,8 @@ impl Default for Metrics {
             oldest_pending_seconds: Gauge::default(),
             backpressure: Gauge::default(),
             capture_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            watermarks: Counter::default(),
+            watermark_lsn: Gauge::default(),
         }
     }
 }
@@ -47,6 +53,12 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("herald_capture");
         r.register("events_appended", "events appended to the stream", self.events_appended.clone());
+        r.register(
+            "watermarks",
+            "freshness watermarks appended (every commit up to the position has its events before)",
+            self.watermarks.clone(),
+        );
+        r.register("watermark_lsn", "WAL position of the last watermark appended", self.watermark_lsn.clone());
         r.register("rows_drained", "outbox rows drained", self.rows_drained.clone());
         r.register(
             "dead_lettered",

@@ -113,9 +113,14 @@ impl TagIndex {
 /// The applied position of an L1 cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Position {
-    /// Highest `commit_lsn` of an event applied since start (a maximum, not
-    /// a low-water mark: see `fresh_enough` in cache-api).
+    /// Highest `commit_lsn` of an event applied since start: a maximum, not
+    /// a low-water mark (an older commit's event may still be in flight).
     pub commit_lsn: u64,
+    /// The freshness watermark: every invalidation of a change committed up
+    /// to this WAL position has been applied here (or the cache was flushed
+    /// since). This, not `commit_lsn`, is what a read-your-writes position
+    /// is compared with. It survives flushes: a flush only drops more.
+    pub watermark_lsn: u64,
     /// Events applied since start.
     pub events: u64,
     /// The cache's generation: changes on every flush, so a position of
@@ -184,6 +189,7 @@ struct Inner {
     /// Bumped by every flush (and so by every live → not-live change).
     generation: AtomicU64,
     applied_lsn: AtomicU64,
+    watermark_lsn: AtomicU64,
     applied_events: AtomicU64,
     max_ttl: Duration,
     metrics: L1Metrics,
@@ -274,6 +280,7 @@ impl L1Cache {
                 live: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 applied_lsn: AtomicU64::new(0),
+                watermark_lsn: AtomicU64::new(0),
                 applied_events: AtomicU64::new(0),
                 max_ttl: Duration::from_millis(config.max_ttl_ms),
                 metrics: L1Metrics::default(),
@@ -440,6 +447,12 @@ impl L1Cache {
         self.advance(event);
     }
 
+    /// Notes a watermark read from the feed after every invalidation before
+    /// it (see [`Position::watermark_lsn`]).
+    pub fn apply_watermark(&self, lsn: u64) {
+        self.inner.watermark_lsn.fetch_max(lsn, Ordering::SeqCst);
+    }
+
     fn advance(&self, event: &InvalidationEvent) {
         self.inner.applied_lsn.fetch_max(event.commit_lsn, Ordering::SeqCst);
         self.inner.applied_events.fetch_add(1, Ordering::SeqCst);
@@ -502,6 +515,7 @@ impl L1Cache {
     pub fn applied(&self) -> Position {
         Position {
             commit_lsn: self.inner.applied_lsn.load(Ordering::SeqCst),
+            watermark_lsn: self.inner.watermark_lsn.load(Ordering::SeqCst),
             events: self.inner.applied_events.load(Ordering::SeqCst),
             generation: self.generation(),
         }

@@ -1,13 +1,14 @@
 //! The L1 channel's wire format, in one place: what broadcast and the cache
 //! API publish on `herald:{env}:l1`, and what every L1 subscriber (and
 //! `herald-broadcast watch`) reads back. A message is a protobuf
-//! `herald.v1.L1Message`: either a batch of invalidation events or a
-//! broadcast heartbeat.
+//! `herald.v1.L1Message`: a batch of invalidation events, a broadcast
+//! heartbeat, or a freshness watermark broadcast forwards once everything
+//! before it was applied.
 
 use bytes::Bytes;
 use fred::prelude::*;
 use herald_proto::Message as _;
-use herald_proto::v1::{Heartbeat, InvalidationBatch, InvalidationEvent, L1Message, l1_message};
+use herald_proto::v1::{Heartbeat, InvalidationBatch, InvalidationEvent, L1Message, Watermark, l1_message};
 
 use crate::time::now_us;
 
@@ -19,6 +20,9 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub enum Received {
     Invalidations(Vec<InvalidationEvent>),
     Heartbeat(Heartbeat),
+    /// Every invalidation up to the watermark's position was published on
+    /// the channel before it.
+    Watermark(Watermark),
     /// A message of a newer kind: nothing to do.
     Unknown,
 }
@@ -29,6 +33,7 @@ pub fn decode(bytes: &[u8]) -> Result<Received, herald_proto::DecodeError> {
     Ok(match L1Message::decode(bytes)?.body {
         Some(l1_message::Body::Invalidations(batch)) => Received::Invalidations(batch.events),
         Some(l1_message::Body::Heartbeat(heartbeat)) => Received::Heartbeat(heartbeat),
+        Some(l1_message::Body::Watermark(watermark)) => Received::Watermark(watermark),
         None => Received::Unknown,
     })
 }
@@ -63,6 +68,18 @@ fn encode_batch(events: Vec<InvalidationEvent>) -> Bytes {
 pub fn heartbeat_message(instance: &str) -> Bytes {
     let heartbeat = Heartbeat { instance: instance.to_string(), sent_time_us: now_us() };
     L1Message { body: Some(l1_message::Body::Heartbeat(heartbeat)) }.encode_to_vec().into()
+}
+
+/// A watermark message.
+pub fn watermark_message(watermark: Watermark) -> Bytes {
+    L1Message { body: Some(l1_message::Body::Watermark(watermark)) }.encode_to_vec().into()
+}
+
+/// Publishes `watermark` on the L1 `channel`. Only broadcast may, and only
+/// once every stream entry before the watermark was applied.
+pub async fn publish_watermark(redis: &Pool, channel: &str, watermark: Watermark) -> crate::Result<()> {
+    let _: i64 = redis.next().publish(channel, watermark_message(watermark)).await?;
+    Ok(())
 }
 
 /// Publishes `events` on the L1 `channel`, in order.
@@ -108,6 +125,11 @@ mod tests {
     fn heartbeats_round_trip_and_junk_is_an_error() {
         match decode(&heartbeat_message("b-1")).unwrap() {
             Received::Heartbeat(hb) => assert_eq!(hb.instance, "b-1"),
+            other => panic!("{other:?}"),
+        }
+        let watermark = Watermark { lsn: 7, pg_time_us: 9 };
+        match decode(&watermark_message(watermark)).unwrap() {
+            Received::Watermark(w) => assert_eq!(w, watermark),
             other => panic!("{other:?}"),
         }
         assert!(decode(&[0xff, 0xff, 0xff]).is_err());
