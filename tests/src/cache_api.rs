@@ -32,6 +32,8 @@ pub fn resource(name: &str, sql: &str, params: &[&str], shape: Shape, tags: &[&s
         ttl_jitter_pct: 10,
         global: false,
         allow_secret_columns: Vec::new(),
+        max_staleness_ms: None,
+        on_stale: Default::default(),
     }
 }
 

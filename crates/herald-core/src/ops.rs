@@ -25,6 +25,8 @@ pub struct Readiness {
     /// Conditions whose loss degrades the service without making it unready
     /// (it still answers correctly, only slower).
     soft: Arc<Mutex<BTreeMap<&'static str, ReadyFlag>>>,
+    /// Figures shown in `/readyz` after the conditions (`name: value`).
+    notes: Arc<Mutex<BTreeMap<&'static str, String>>>,
 }
 
 /// One readiness condition; starts not ready.
@@ -61,6 +63,16 @@ impl Readiness {
         flags.iter().map(|(k, v)| (*k, v.get())).collect()
     }
 
+    /// Shows `name: value` in `/readyz` (a figure, not a condition).
+    pub fn set_note(&self, name: &'static str, value: String) {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).insert(name, value);
+    }
+
+    /// Every note.
+    pub fn notes(&self) -> BTreeMap<&'static str, String> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Every soft condition with its state.
     pub fn soft_report(&self) -> BTreeMap<&'static str, bool> {
         let soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,6 +103,9 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
         report.iter().map(|(name, ok)| format!("{name}: {}\n", if *ok { "ok" } else { "not ready" })).collect();
     for (name, ok) in state.readiness.soft_report() {
         body.push_str(&format!("{name}: {}\n", if ok { "ok" } else { "degraded" }));
+    }
+    for (name, value) in state.readiness.notes() {
+        body.push_str(&format!("{name}: {value}\n"));
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body)

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use fred::prelude::*;
 use futures::future::BoxFuture;
-use herald_core::config::CacheConfig;
+use herald_core::config::{CacheConfig, OnStale};
 use herald_core::keys::{KeySpace, Scope, TagKey, TenantId};
 use herald_core::l1::{FillTicket, L1Cache};
 use herald_core::l2::{FillToken, L2, Lease};
@@ -193,6 +193,30 @@ impl Cache {
         min_lsn == 0 || self.l1.applied().watermark_lsn >= min_lsn
     }
 
+    /// Milliseconds since the Postgres time of the newest watermark this
+    /// node applied, plus the tolerated clock skew: every answer from its
+    /// cache reflects every change committed longer ago. None before the
+    /// first watermark.
+    pub fn staleness_ms(&self) -> Option<u64> {
+        let at = self.l1.watermark_time_us();
+        let staleness = (at > 0).then(|| (now_us() - at).max(0) as u64 / 1000 + self.config.clock_skew_ms);
+        self.metrics.staleness_ms.set(staleness.map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)));
+        staleness
+    }
+
+    /// Why the cache cannot vouch that it reflects every change committed
+    /// more than `res`'s freshness bound ago; None when it can (or the
+    /// resource has no bound).
+    fn stale_cause(&self, res: &Resource) -> Option<&'static str> {
+        let bound = res.max_staleness_ms.or(self.config.max_staleness_ms)?;
+        match self.staleness_ms() {
+            Some(ms) if ms <= bound => None,
+            None => Some("no_watermark"),
+            Some(_) if !self.l1.is_live() => Some("feed_down"),
+            Some(_) => Some("watermark_behind"),
+        }
+    }
+
     fn redis_usable(&self) -> bool {
         self.redis_up.get()
     }
@@ -246,7 +270,19 @@ impl Cache {
         if !self.fresh_enough(min_lsn) {
             // This node has not applied the caller's write yet: only the
             // database is sure to reflect it.
+            self.metrics.cause(&self.metrics.bypassed, &res.name, "read_your_writes");
             return self.read_direct(read).await;
+        }
+        if let Some(cause) = self.stale_cause(res) {
+            // The pipeline is down or behind: what the cache holds may miss
+            // invalidations older than the bound.
+            match res.on_stale {
+                OnStale::Bypass => {
+                    self.metrics.cause(&self.metrics.bypassed, &res.name, cause);
+                    return self.read_direct(read).await;
+                }
+                OnStale::Serve => self.metrics.cause(&self.metrics.served_stale, &res.name, cause),
+            }
         }
         if let Some(v) = self.l1.get(key) {
             self.metrics.hit(&res.name, "l1");

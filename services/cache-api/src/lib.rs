@@ -23,7 +23,7 @@ use herald_core::config::Config;
 use herald_core::keys::KeySpace;
 use herald_core::l1::L1Cache;
 use herald_core::l1::subscriber::{self, SubscriberOptions};
-use herald_core::ops::{self, ReadyFlag};
+use herald_core::ops::{self, Readiness, ReadyFlag};
 use herald_proto::v1::cache_server::CacheServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -127,7 +127,7 @@ pub async fn run(
     // explicit keys "not cached", refuse Sets): serve only after the probe.
     let postgres_up = readiness.soft_flag("postgres");
     probe(&cache, &redis, &db, &postgres_up).await;
-    let health = tokio::spawn(health_loop(cache.clone(), redis, db, postgres_up, shutdown.clone()));
+    let health = tokio::spawn(health_loop(cache.clone(), redis, db, postgres_up, readiness.clone(), shutdown.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CacheServer<grpc::Grpc>>().await;
@@ -224,6 +224,7 @@ async fn health_loop(
     redis: Pool,
     db: deadpool_postgres::Pool,
     postgres: ReadyFlag,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -234,6 +235,9 @@ async fn health_loop(
             _ = tick.tick() => {}
         }
         probe(&cache, &redis, &db, &postgres).await;
+        let staleness =
+            cache.staleness_ms().map_or_else(|| "unknown (no watermark yet)".to_string(), |ms| ms.to_string());
+        readiness.set_note("staleness_ms", staleness);
     }
 }
 

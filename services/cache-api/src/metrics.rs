@@ -25,6 +25,12 @@ pub struct ErrorLabel {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub resource: String,
+    pub cause: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     /// Answers per resource and the layer that gave them (l1, l2, database).
@@ -44,6 +50,16 @@ pub struct Metrics {
     pub fill_seconds: Family<ResourceLabel, Histogram>,
     /// 1 while Redis is unreachable and answers come from Postgres.
     pub degraded: Gauge,
+    /// Reads answered from Postgres because the node could not vouch for
+    /// the cache, by cause.
+    pub bypassed: Family<CauseLabel, Counter>,
+    /// Reads served from the cache past their freshness bound
+    /// (`on_stale = "serve"`), by cause.
+    pub served_stale: Family<CauseLabel, Counter>,
+    /// Milliseconds since the Postgres time of the newest watermark applied
+    /// (plus `cache.clock_skew_ms`): every answer from the cache reflects
+    /// every change committed longer ago. -1 before the first watermark.
+    pub staleness_ms: Gauge,
 }
 
 impl Default for Metrics {
@@ -58,6 +74,9 @@ impl Default for Metrics {
             lease_waits: Family::default(),
             fill_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
             degraded: Gauge::default(),
+            bypassed: Family::default(),
+            served_stale: Family::default(),
+            staleness_ms: Gauge::default(),
         }
     }
 }
@@ -82,6 +101,21 @@ impl Metrics {
         r.register("lease_waits", "fills that waited for another node's fill", self.lease_waits.clone());
         r.register("fill_seconds", "miss to value read from Postgres", self.fill_seconds.clone());
         r.register("degraded", "1 while Redis is unreachable and answers come from Postgres", self.degraded.clone());
+        r.register(
+            "bypassed",
+            "reads answered from Postgres because the node could not vouch for its cache, by cause",
+            self.bypassed.clone(),
+        );
+        r.register(
+            "served_stale",
+            "reads served from the cache past their freshness bound (on_stale = serve), by cause",
+            self.served_stale.clone(),
+        );
+        r.register(
+            "staleness_ms",
+            "milliseconds since the Postgres time of the newest freshness watermark applied (-1: none yet)",
+            self.staleness_ms.clone(),
+        );
     }
 
     pub fn hit(&self, resource: &str, layer: &'static str) {
@@ -94,6 +128,10 @@ impl Metrics {
 
     pub fn rejected(&self, resource: &str, layer: &'static str) {
         self.rejected_stale_fills.get_or_create(&LayerLabel { resource: resource.into(), layer }).inc();
+    }
+
+    pub fn cause(&self, family: &Family<CauseLabel, Counter>, resource: &str, cause: &'static str) {
+        family.get_or_create(&CauseLabel { resource: resource.into(), cause }).inc();
     }
 
     pub fn error(&self, resource: &str, kind: &'static str) {

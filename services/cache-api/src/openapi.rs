@@ -403,6 +403,8 @@ mod tests {
                 ttl_jitter_pct: 0,
                 global: false,
                 allow_secret_columns: Vec::new(),
+                max_staleness_ms: None,
+                on_stale: Default::default(),
             }],
             ..CacheConfig::default()
         };

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_core::config::{ResourceConfig, Shape};
+use herald_core::config::{OnStale, ResourceConfig, Shape};
 use herald_core::keys::Scope;
 use postgres_types::{Format, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::error::SqlState;
@@ -33,6 +33,10 @@ pub struct Resource {
     pub ttl: Option<Duration>,
     pub negative_ttl: Option<Duration>,
     jitter_pct: u8,
+    /// The resource's own freshness bound (the cache's default applies
+    /// without one).
+    pub max_staleness_ms: Option<u64>,
+    pub on_stale: OnStale,
 }
 
 /// What a resource read produced.
@@ -226,6 +230,8 @@ impl Resource {
             ttl,
             negative_ttl,
             jitter_pct: config.ttl_jitter_pct,
+            max_staleness_ms: config.max_staleness_ms,
+            on_stale: config.on_stale,
         })
     }
 

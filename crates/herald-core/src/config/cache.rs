@@ -51,6 +51,16 @@ pub struct CacheConfig {
     pub key_ttl_ms: u64,
     /// Longest TTL a caller may ask for an explicit key.
     pub max_key_ttl_ms: u64,
+    /// Default freshness bound of resources, in milliseconds: a node that
+    /// cannot vouch that its cache reflects every change committed longer
+    /// ago than this answers from Postgres instead (see a resource's
+    /// `on_stale`). Unset: no bound (the cache serves what it holds while
+    /// the pipeline is down).
+    pub max_staleness_ms: Option<u64>,
+    /// Added to every staleness measurement: the most this node's clock may
+    /// lag Postgres's (staleness compares the two). Hosts are assumed to be
+    /// NTP-synchronised; set it to the skew you tolerate.
+    pub clock_skew_ms: u64,
     /// Who may call the API.
     pub tokens: Vec<TokenConfig>,
     /// Read-through resources.
@@ -78,6 +88,8 @@ impl Default for CacheConfig {
             max_watchers_per_tenant: 64,
             key_ttl_ms: 300_000,
             max_key_ttl_ms: 86_400_000,
+            max_staleness_ms: None,
+            clock_skew_ms: 0,
             tokens: Vec::new(),
             resources: Vec::new(),
         }
@@ -124,6 +136,23 @@ pub enum Shape {
     Scalar,
 }
 
+/// What a node does with a read of a resource whose freshness bound it
+/// cannot vouch for (capture, broadcast or Redis down, a lagging feed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStale {
+    /// Answer from Postgres, storing nothing (freshness over availability:
+    /// Postgres takes the reads, within the fill permits).
+    #[default]
+    Bypass,
+    /// Answer from the cache anyway (availability over freshness).
+    Serve,
+}
+
+/// Smallest freshness bound: capture confirms a watermark about every
+/// 100 ms, and a bound below that could never be vouched for.
+pub const MIN_STALENESS_MS: u64 = 250;
+
 /// A read-through resource.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,6 +187,20 @@ pub struct ResourceConfig {
     /// Result columns that look like secrets but may be cached anyway.
     #[serde(default)]
     pub allow_secret_columns: Vec<String>,
+    /// This resource's freshness bound (else `cache.max_staleness_ms`).
+    #[serde(default)]
+    pub max_staleness_ms: Option<u64>,
+    /// What a read does when the bound cannot be vouched for.
+    #[serde(default)]
+    pub on_stale: OnStale,
+}
+
+impl ResourceConfig {
+    /// The freshness bound that applies, if any, with `default` the
+    /// cache-wide one.
+    pub fn staleness_bound_ms(&self, default: Option<u64>) -> Option<u64> {
+        self.max_staleness_ms.or(default)
+    }
 }
 
 fn default_jitter() -> u8 {
@@ -239,6 +282,10 @@ impl CacheConfig {
         if self.max_key_ttl_ms < self.key_ttl_ms {
             return err("cache.max_key_ttl_ms".into(), "must be at least cache.key_ttl_ms");
         }
+        let too_tight = format!("must be at least {MIN_STALENESS_MS} (watermarks are confirmed about every 100 ms)");
+        if self.max_staleness_ms.is_some_and(|ms| ms < MIN_STALENESS_MS) {
+            return err("cache.max_staleness_ms".into(), &too_tight);
+        }
         let mut names = HashSet::new();
         for (i, t) in self.tokens.iter().enumerate() {
             let at = |field: &str| format!("cache.tokens[{i}] ({}).{field}", t.name);
@@ -303,6 +350,9 @@ impl CacheConfig {
             }
             if r.ttl_ms == 0 && r.unlimited_ttl_reason.as_deref().is_none_or(|s| s.trim().is_empty()) {
                 return err(at("ttl_ms"), "0 (unlimited) needs unlimited_ttl_reason");
+            }
+            if r.max_staleness_ms.is_some_and(|ms| ms < MIN_STALENESS_MS) {
+                return err(at("max_staleness_ms"), &too_tight);
             }
             if r.ttl_jitter_pct > 50 {
                 return err(at("ttl_jitter_pct"), "must be at most 50");

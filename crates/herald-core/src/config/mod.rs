@@ -19,7 +19,7 @@ use crate::keys::{validate_env, validate_identifier};
 mod cache;
 mod gateway;
 
-pub use cache::{CacheConfig, ResourceConfig, Shape, TokenConfig};
+pub use cache::{CacheConfig, OnStale, ResourceConfig, Shape, TokenConfig};
 pub use gateway::GatewayConfig;
 
 /// The whole configuration of a Herald installation. Every service reads the
@@ -484,6 +484,14 @@ mod tests {
         assert!(err.to_string().contains("env"), "{err}");
         let dup = "[[tables]]\nname = \"a\"\n[[tables]]\nname = \"a\"\n";
         assert!(Config::load(dup, &env(&[])).unwrap_err().to_string().contains("duplicate"));
+    }
+
+    #[test]
+    fn a_freshness_bound_tighter_than_watermarks_is_refused() {
+        let err = Config::load("[cache]\nmax_staleness_ms = 50\n", &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("cache.max_staleness_ms") && err.contains("250"), "{err}");
+        let ok = Config::load("[cache]\nmax_staleness_ms = 500\n", &env(&[])).unwrap();
+        assert_eq!(ok.cache.max_staleness_ms, Some(500));
     }
 
     #[test]

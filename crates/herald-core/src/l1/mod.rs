@@ -25,7 +25,7 @@ pub mod subscriber;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -190,6 +190,7 @@ struct Inner {
     generation: AtomicU64,
     applied_lsn: AtomicU64,
     watermark_lsn: AtomicU64,
+    watermark_time_us: AtomicI64,
     applied_events: AtomicU64,
     max_ttl: Duration,
     metrics: L1Metrics,
@@ -281,6 +282,7 @@ impl L1Cache {
                 generation: AtomicU64::new(0),
                 applied_lsn: AtomicU64::new(0),
                 watermark_lsn: AtomicU64::new(0),
+                watermark_time_us: AtomicI64::new(0),
                 applied_events: AtomicU64::new(0),
                 max_ttl: Duration::from_millis(config.max_ttl_ms),
                 metrics: L1Metrics::default(),
@@ -448,9 +450,17 @@ impl L1Cache {
     }
 
     /// Notes a watermark read from the feed after every invalidation before
-    /// it (see [`Position::watermark_lsn`]).
-    pub fn apply_watermark(&self, lsn: u64) {
+    /// it (see [`Position::watermark_lsn`]); `pg_time_us` is Postgres's
+    /// clock when its position was taken.
+    pub fn apply_watermark(&self, lsn: u64, pg_time_us: i64) {
         self.inner.watermark_lsn.fetch_max(lsn, Ordering::SeqCst);
+        self.inner.watermark_time_us.fetch_max(pg_time_us, Ordering::SeqCst);
+    }
+
+    /// Postgres time of the newest watermark applied (0: none yet): every
+    /// change committed before it has been applied here.
+    pub fn watermark_time_us(&self) -> i64 {
+        self.inner.watermark_time_us.load(Ordering::SeqCst)
     }
 
     fn advance(&self, event: &InvalidationEvent) {

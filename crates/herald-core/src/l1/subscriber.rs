@@ -117,7 +117,7 @@ async fn subscribe_once(
                                     cache.apply(event);
                                 }
                             }
-                            Ok(Received::Watermark(watermark)) => cache.apply_watermark(watermark.lsn),
+                            Ok(Received::Watermark(watermark)) => cache.apply_watermark(watermark.lsn, watermark.pg_time_us),
                             Ok(Received::Unknown) => {}
                             Err(error) => {
                                 // We cannot tell what it invalidated: be safe.

@@ -122,9 +122,10 @@ fn apply_advances_position() {
     l1.apply(&event);
     assert_eq!(l1.get("a"), None);
     assert_eq!(l1.applied(), Position { commit_lsn: 42, watermark_lsn: 0, events: 1, generation: 0 });
-    l1.apply_watermark(40);
-    l1.apply_watermark(30);
+    l1.apply_watermark(40, 4);
+    l1.apply_watermark(30, 3);
     assert_eq!(l1.applied().watermark_lsn, 40, "a watermark never goes back");
+    assert_eq!(l1.watermark_time_us(), 4);
 }
 
 #[test]
