@@ -213,7 +213,11 @@ impl Sandbox {
     /// Like [`Sandbox::l1`], without waiting for it to become live.
     pub fn l1_unchecked(&self) -> L1Holder {
         let cache = L1Cache::new(&self.config.l1);
-        let mut options = SubscriberOptions::new(&self.config.redis, &self.config.l1, self.keys.l1_channel());
+        let mut options = SubscriberOptions::new(
+            &self.config.redis,
+            &self.config.l1,
+            self.keys.l1_channels(self.config.redis.partitions),
+        );
         let client_name = unique("herald-l1-test-");
         options.client_name = client_name.clone();
         let token = self.shutdown.child_token();
