@@ -325,8 +325,7 @@ impl Sandbox {
             else {
                 continue;
             };
-            let _: Value =
-                on(&node).custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id]).await.expect("client kill");
+            let _: Value = on(&node).custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id]).await.expect("client kill");
             killed = true;
         }
         assert!(killed, "{name} not in CLIENT LIST");

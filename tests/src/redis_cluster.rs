@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 pub struct RedisCluster {
     /// Every node's port (masters first, as created).
     pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
     supervisor: Child,
+    /// Nodes started again after a kill ([`RedisCluster::restart`]).
+    restarted: std::sync::Mutex<Vec<Child>>,
 }
 
 /// A port `p` with `p` and its cluster bus port `p + 10000` both free.
@@ -70,7 +73,7 @@ rm -rf "$dir"
             .stdout(Stdio::null())
             .spawn()
             .expect("bash");
-        let cluster = Self { ports, supervisor };
+        let cluster = Self { ports, dir, supervisor, restarted: Default::default() };
         cluster.wait_for(|p| cli(p, &["ping"]).contains("PONG"), "redis-server did not start");
         let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
@@ -170,13 +173,26 @@ rm -rf "$dir"
     /// node timeout, 1 s).
     pub fn kill(&self, port: u16) {
         let info = cli(port, &["info", "server"]);
-        let pid = info
-            .lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .map(|p| p.trim().to_string())
-            .expect("process_id");
+        let pid =
+            info.lines().find_map(|l| l.strip_prefix("process_id:")).map(|p| p.trim().to_string()).expect("process_id");
         let status = Command::new("kill").args(["-9", &pid]).status().expect("kill");
         assert!(status.success());
+    }
+
+    /// Starts the killed node on `port` again, as a restarted pod would: it
+    /// rejoins from its nodes file as a replica of the promoted master, so
+    /// the shard has a replica for `WAIT` again.
+    pub fn restart(&self, port: u16) {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf"), "--cluster-node-timeout", "1000"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .args(["--logfile", &format!("{}/{port}.log", self.dir.display())])
+            .spawn()
+            .expect("redis-server");
+        self.restarted.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+        self.wait_healthy();
     }
 
     /// `CLUSTER FAILOVER` on the replica on `replica`: it takes over its
@@ -198,6 +214,10 @@ rm -rf "$dir"
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
+        for child in self.restarted.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         // Closing stdin tells the supervisor to kill the servers.
         drop(self.supervisor.stdin.take());
         let _ = self.supervisor.wait();

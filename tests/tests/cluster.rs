@@ -132,8 +132,14 @@ async fn events_of_tenants_on_different_masters_all_arrive_in_per_tenant_order()
     while seen.values().map(Vec::len).sum::<usize>() < want {
         match tokio::time::timeout_at(deadline, applied.recv()).await {
             Ok(Ok(Applied::Event(event))) => {
-                let ids = event.ids.iter().map(|id| id.parse::<i64>().unwrap());
-                seen.entry(event.tenant.clone()).or_default().extend(ids);
+                // Delivery is at least once: a batch whose append or WAIT
+                // failed is appended again. Order is judged on first arrivals.
+                let ids = seen.entry(event.tenant.clone()).or_default();
+                for id in event.ids.iter().map(|id| id.parse::<i64>().unwrap()) {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
             }
             Ok(Ok(Applied::Flushed { .. })) => panic!("the l1 holder flushed: it could have missed events"),
             Ok(Err(e)) => panic!("watch: {e}"),
@@ -176,7 +182,7 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
             rows.push((tenant.clone(), id));
         }
     }
-    assert_eventually!(30, async { sb.stream_len().await >= rows.len() as u64 }, "inserts not captured");
+    assert_eventually!(30, async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 }, "inserts");
     assert_eventually!(30, async { acknowledged(&sb).await }, "inserts not applied");
     for (tenant, id) in &rows {
         let scope = Scope::Tenant(TenantId::new(tenant).unwrap());
@@ -199,21 +205,45 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
         sb.sql(&format!("UPDATE res_users SET name = 'v2' WHERE id = {id}")).await;
     }
     cluster.wait_master(replica);
+    if let MasterChange::Killed = change {
+        // The promoted master has no replica, so WAIT 1 cannot succeed and
+        // the outbox holds the backlog (by design) until one rejoins.
+        cluster.restart(victim);
+    }
 
     // Quiesce: the outbox drained, every partition acknowledged.
     assert_eventually!(60, async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 }, "outbox");
     assert_eventually!(60, async { acknowledged(&sb).await }, "broadcast never caught up after the {change:?} master");
+    let entries: Vec<String> = rows
+        .iter()
+        .map(|(tenant, id)| {
+            sb.keys.entry(&Scope::Tenant(TenantId::new(tenant).unwrap()), "user_by_id", &id.to_string()).unwrap()
+        })
+        .collect();
     let mut stale = Vec::new();
-    for (tenant, id) in &rows {
-        let scope = Scope::Tenant(TenantId::new(tenant).unwrap());
-        let entry = sb.keys.entry(&scope, "user_by_id", &id.to_string()).unwrap();
-        if l2.get(&entry).await.unwrap().is_some() || l1.has(&entry) {
-            stale.push(entry);
+    for entry in &entries {
+        if l2.get(entry).await.unwrap().is_some() {
+            stale.push(entry.clone());
         }
     }
-    assert!(stale.is_empty(), "{change:?}: {} stale entries after quiesce: {:?}", stale.len(), &stale[..stale.len().min(5)]);
-    // And L1 is live again: it resubscribed to the promoted master.
+    assert!(
+        stale.is_empty(),
+        "{change:?}: {} stale L2 entries after quiesce: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+    // L1: fred drops the server's SUNSUBSCRIBE of a slot that changed
+    // master, so a holder notices a planned failover by its missed
+    // heartbeat (l1.heartbeat_timeout_ms), flushes and subscribes again.
+    tokio::time::sleep(Duration::from_millis(sb.config.l1.heartbeat_timeout_ms + 200)).await;
     assert_eventually!(30, async { l1.cache.is_live() }, "l1 never came back after the {change:?} master");
+    let stale: Vec<&String> = entries.iter().filter(|e| l1.has(e)).collect();
+    assert!(
+        stale.is_empty(),
+        "{change:?}: {} stale L1 entries after quiesce: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
     capture.stop().await.unwrap();
     broadcast.stop().await.unwrap();
     sb.cleanup().await;
