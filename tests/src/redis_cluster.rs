@@ -88,7 +88,7 @@ rm -rf "$dir"
     }
 
     fn wait_for(&self, ok: impl Fn(u16) -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(180);
         while !self.live_ports().into_iter().all(&ok) {
             assert!(Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(100));
