@@ -1,5 +1,5 @@
 # Herald — the two commands a newcomer needs are `make dev` and `make test`.
-.PHONY: help dev readme-examples test lint fmt bench check-deploy build clean-dev fuzz fuzz-smoke
+.PHONY: help dev readme-examples test test-cluster lint fmt bench check-deploy build clean-dev fuzz fuzz-smoke
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -14,6 +14,10 @@ test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_UR
 	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace
+
+test-cluster: ## spine, fault, cache-API, gateway and cluster tests against a local Redis Cluster (3 masters + 3 replicas per test process, started by the tests)
+	cargo build --workspace --bins
+	HERALD_TEST_REDIS=cluster cargo nextest run -p herald-tests --test spine --test faults --test cache_api --test gateway --test cluster
 
 lint: ## formatting and clippy, as CI runs them
 	cargo fmt --all -- --check

@@ -238,7 +238,11 @@ impl World {
         );
         let sb = Sandbox::start_with(|c| {
             configure(c);
-            c.redis.url = format!("redis://127.0.0.1:{redis_port}");
+            // On a cluster (`make test-cluster`) the sandbox's cluster serves;
+            // the Redis faults of the full benchmark need the own server.
+            if !crate::on_cluster() {
+                c.redis.url = format!("redis://127.0.0.1:{redis_port}");
+            }
             c.redis.command_timeout_ms = 1_000;
             c.broadcast.claim_idle_ms = 1_000;
             c.broadcast.heartbeat_ms = 200;

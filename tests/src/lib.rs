@@ -8,6 +8,7 @@ pub mod cache_api;
 pub mod coherence;
 pub mod gateway;
 pub mod process;
+pub mod redis_cluster;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,9 +27,30 @@ pub fn admin_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// Redis URL for tests (`REDIS_URL`, default local).
+/// Redis URL for tests (`REDIS_URL`, default local). With
+/// `HERALD_TEST_REDIS=cluster` (`make test-cluster`): a Redis Cluster of
+/// this test process ([`redis_cluster::RedisCluster::shared`]).
 pub fn redis_url() -> String {
+    if on_cluster() {
+        return redis_cluster::RedisCluster::shared().url();
+    }
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Whether the suite runs against a Redis Cluster (`HERALD_TEST_REDIS=cluster`).
+pub fn on_cluster() -> bool {
+    std::env::var("HERALD_TEST_REDIS").is_ok_and(|v| v == "cluster")
+}
+
+/// Settings of a sandbox on a cluster: 3 log partitions, and capture and
+/// broadcast wait for a replica, as a production cluster would run.
+pub fn cluster_settings(config: &mut Config, url: String) {
+    config.redis.url = url;
+    config.redis.partitions = 3;
+    config.capture.wait_replicas = 1;
+    config.capture.wait_timeout_ms = 1_000;
+    config.broadcast.wait_replicas = 1;
+    config.broadcast.wait_timeout_ms = 1_000;
 }
 
 /// Polls `$cond` (an async block returning bool) every 10 ms until it holds
@@ -134,6 +156,9 @@ impl Sandbox {
         config.postgres.url = db_url;
         config.postgres.pool_size = 4;
         config.redis.url = redis_url();
+        if on_cluster() {
+            cluster_settings(&mut config, redis_url());
+        }
         config.capture.ops_addr = "127.0.0.1:0".into();
         config.capture.poll_interval_ms = 200;
         config.broadcast.ops_addr = "127.0.0.1:0".into();
@@ -219,7 +244,11 @@ impl Sandbox {
     /// Like [`Sandbox::l1`], without waiting for it to become live.
     pub fn l1_unchecked(&self) -> L1Holder {
         let cache = L1Cache::new(&self.config.l1);
-        let mut options = SubscriberOptions::new(&self.config.redis, &self.config.l1, self.keys.l1_channel());
+        let mut options = SubscriberOptions::new(
+            &self.config.redis,
+            &self.config.l1,
+            self.keys.l1_channels(self.config.redis.partitions),
+        );
         let client_name = unique("herald-l1-test-");
         options.client_name = client_name.clone();
         let token = self.shutdown.child_token();
@@ -227,20 +256,31 @@ impl Sandbox {
         L1Holder { cache, token, task, client_name }
     }
 
-    /// Events in the stream.
+    /// The event log of the sandbox's config (every partition).
+    pub fn log(&self) -> herald_core::stream::EventLog {
+        herald_core::stream::EventLog::new(&self.keys, self.config.redis.partitions)
+    }
+
+    /// Events in the log (every partition).
     pub async fn stream_event_count(&self) -> u64 {
         self.stream_events().await.len() as u64
     }
 
-    /// Every event in the stream, decoded.
+    /// Every event in the log, decoded: partition after partition, each in
+    /// its order.
     pub async fn stream_events(&self) -> Vec<herald_proto::v1::InvalidationEvent> {
         use herald_proto::Message as _;
-        let reply: Value = self.redis.next().xrange(self.keys.stream(), "-", "+", None).await.expect("xrange");
-        herald_core::stream::range_entries(reply)
-            .into_iter()
-            .filter_map(|entry| entry.payload)
-            .map(|bytes| herald_proto::v1::InvalidationEvent::decode(bytes.as_ref()).expect("decode"))
-            .collect()
+        let mut events = Vec::new();
+        for stream in self.log().streams() {
+            let reply: Value = self.redis.next().xrange(stream, "-", "+", None).await.expect("xrange");
+            events.extend(
+                herald_core::stream::range_entries(reply)
+                    .into_iter()
+                    .filter_map(|entry| entry.payload)
+                    .map(|bytes| herald_proto::v1::InvalidationEvent::decode(bytes.as_ref()).expect("decode")),
+            );
+        }
+        events
     }
 
     /// Reads the stream's new entries as broadcast consumer `consumer` and
@@ -248,33 +288,49 @@ impl Sandbox {
     /// Returns whether anything was read.
     pub async fn read_without_ack(&self, consumer: &str) -> bool {
         let group = self.config.broadcast.group.as_str();
-        herald_core::redis::ensure_group(&self.redis, &self.keys.stream(), group).await.expect("group");
-        let read: Value = self
-            .redis
-            .next()
-            .xreadgroup(group, consumer, Some(10), None, false, self.keys.stream(), ">")
-            .await
-            .expect("xreadgroup");
-        !matches!(read, Value::Null)
+        let mut any = false;
+        for stream in self.log().streams() {
+            herald_core::redis::ensure_group(&self.redis, stream, group).await.expect("group");
+            let read: Value = self
+                .redis
+                .next()
+                .xreadgroup(group, consumer, Some(10), None, false, stream.as_str(), ">")
+                .await
+                .expect("xreadgroup");
+            any |= !matches!(read, Value::Null);
+        }
+        any
     }
 
     /// Kills the Redis pub/sub connection named `name` (`CLIENT SETNAME`),
     /// and only that one: other tests share the server.
     pub async fn kill_pubsub_client(&self, name: &str) {
-        let list: String = self
-            .redis
-            .next()
-            .client_list::<String, String>(Some(fred::types::client::ClientKillType::Pubsub), None)
-            .await
-            .expect("client list");
-        let id = list
-            .lines()
-            .find(|line| line.contains(&format!("name={name} ")))
-            .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
-            .unwrap_or_else(|| panic!("{name} not in CLIENT LIST"))
-            .to_string();
-        let _: Value =
-            self.redis.next().custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id.as_str()]).await.expect("client kill");
+        let client = self.redis.next();
+        let nodes = match client.cached_cluster_state() {
+            Some(state) if client.is_clustered() => state.unique_primary_nodes().into_iter().map(Some).collect(),
+            _ => vec![None],
+        };
+        let mut killed = false;
+        for node in nodes {
+            let on = |node: &Option<fred::types::config::Server>| match node {
+                Some(server) => client.with_cluster_node(server.clone()),
+                None => client.with_options(&Default::default()),
+            };
+            let list: String = on(&node)
+                .client_list::<String, String>(Some(fred::types::client::ClientKillType::Pubsub), None)
+                .await
+                .expect("client list");
+            let Some(id) = list
+                .lines()
+                .find(|line| line.contains(&format!("name={name} ")))
+                .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+            else {
+                continue;
+            };
+            let _: Value = on(&node).custom(fred::cmd!("CLIENT"), vec!["KILL", "ID", id]).await.expect("client kill");
+            killed = true;
+        }
+        assert!(killed, "{name} not in CLIENT LIST");
     }
 
     /// Stops everything the sandbox started, drops the database and deletes
@@ -317,18 +373,8 @@ impl Drop for Sandbox {
 /// Deletes every key under `prefix` and drops database `db_name`.
 async fn remove_everything(redis: &Pool, prefix: &str, db_name: &str) {
     let pattern = format!("{prefix}:*");
-    let mut cursor = "0".to_string();
-    loop {
-        let page: Result<(String, Vec<String>), _> =
-            redis.next().scan_page(cursor.as_str(), pattern.as_str(), Some(1000), None).await;
-        let Ok((next, keys)) = page else { break };
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis.next().del(keys).await;
-        }
-        if next == "0" {
-            break;
-        }
-        cursor = next;
+    if let Ok(keys) = herald_core::redis::scan_every_master(redis.next(), &pattern).await {
+        let _ = herald_core::redis::del_any_slots(redis.next(), keys).await;
     }
     if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
         tokio::spawn(connection);

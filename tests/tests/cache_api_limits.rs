@@ -292,7 +292,13 @@ async fn non_canonical_parameters_are_invalidated_like_canonical_ones() {
     let sb = sandbox().await;
     sb.sql("INSERT INTO res_users (id, tenant_id, name) VALUES (1, 'acme', 'A')").await;
     let _capture = sb.spawn_capture().await;
-    let _broadcast = sb.spawn_broadcast().await;
+    let broadcast = sb.spawn_broadcast().await;
+    // The insert's own invalidation must not race the fills below.
+    assert_eventually!(
+        10,
+        async { herald_tests::metric(broadcast.ops_addr, "herald_broadcast_events_applied_total", "").await >= 1.0 },
+        "the insert was not applied"
+    );
     let node = sb.spawn_cache_api(Options::default()).await;
     for p in ["01", " 1", "+1"] {
         node.get(ACME_TOKEN, "acme", "user_by_id", &[p]).await.unwrap();

@@ -249,7 +249,7 @@ async fn malformed_stream_entries_go_to_the_dead_stream_and_the_rest_applies() {
     let _: String = sb
         .redis
         .next()
-        .xadd(sb.keys.stream(), false, None, "*", vec![("e", Bytes::from_static(b"\xff\xff not protobuf"))])
+        .xadd(sb.log().stream_of("acme"), false, None, "*", vec![("e", Bytes::from_static(b"\xff\xff not protobuf"))])
         .await
         .unwrap();
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (3, 'acme', 'c')").await;
@@ -262,8 +262,12 @@ async fn malformed_stream_entries_go_to_the_dead_stream_and_the_rest_applies() {
 }
 
 async fn pending(sb: &Sandbox) -> i64 {
-    let summary: Value =
-        sb.redis.next().xpending(sb.keys.stream(), sb.config.broadcast.group.as_str(), ()).await.unwrap_or(Value::Null);
+    let summary: Value = sb
+        .redis
+        .next()
+        .xpending(sb.log().stream_of("acme"), sb.config.broadcast.group.as_str(), ())
+        .await
+        .unwrap_or(Value::Null);
     match summary {
         Value::Array(parts) => parts.first().and_then(|v| v.as_i64()).unwrap_or(0),
         _ => 0,

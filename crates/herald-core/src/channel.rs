@@ -172,7 +172,9 @@ impl Publication {
 
 /// Atomically: honour the idempotency key, take the next offset (starting a
 /// new epoch if the channel has no state), append to the capped history,
-/// refresh the TTLs and PUBLISH `<offset> <epoch> <data>`.
+/// refresh the TTLs and PUBLISH `<offset> <epoch> <data>` (`ARGV[8]`:
+/// `SPUBLISH` on a cluster, so only the shard of the tenant's slot carries
+/// it; the channel shares that slot).
 const PUBLISH: &str = r#"
 if ARGV[7] == '1' then
   local prev = redis.call('GET', KEYS[3])
@@ -194,7 +196,7 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-redis.call('PUBLISH', ARGV[5], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
+redis.call(ARGV[8], ARGV[5], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
 if ARGV[7] == '1' then
   redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'EX', ARGV[6])
 end
@@ -231,8 +233,11 @@ pub async fn publish(
         Value::from(ck.pubsub.clone()),
         Value::from(idem_ttl as i64),
         Value::from(idem_on),
+        Value::from(crate::redis::publish_command(redis.next())),
     ];
-    let reply: (i64, String, i64) = redis.next().eval(PUBLISH, vec![ck.meta(), ck.history(), idem_key], args).await?;
+    let keys = vec![ck.meta(), ck.history(), idem_key];
+    crate::keys::one_slot(&keys)?;
+    let reply: (i64, String, i64) = redis.next().eval(PUBLISH, keys, args).await?;
     Ok(Published { offset: reply.0.max(0) as u64, epoch: reply.1, duplicate: reply.2 == 1 })
 }
 

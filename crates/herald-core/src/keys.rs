@@ -19,6 +19,17 @@
 //! | global data | `herald:{env}:g:{global}:…` (same segments) |
 //! | event log | `herald:{env}:events` (and `:dead` for undecodable entries) |
 //! | L1 channel | `herald:{env}:l1` |
+//! | event log partition `i` of `n > 1` | `herald:{env}:events:{p<i>.<k>}` |
+//! | L1 channel of partition `i` of `n > 1` | `herald:{env}:l1:{p<i>.<k>}` |
+//!
+//! **Slots.** [`slot`] is Redis Cluster's `CRC16(hash tag) mod 16384`;
+//! [`one_slot`] is checked before every multi-key script, so a script that
+//! would span slots fails here, with the keys named, instead of with
+//! `CROSSSLOT` on a cluster only. A partition's hash tag `p<i>.<k>` takes the
+//! smallest `k` whose slot lies in the `i`-th `n`-th of the slot space, so
+//! partitions spread over the masters of an evenly sliced cluster (what
+//! `redis-cli --cluster create` makes), and partition `i`'s stream and L1
+//! channel share a slot (one master).
 //!
 //! The segment after the scope root says who owns a key ([`SEGMENTS`]); a
 //! resource can never be named like a reserved segment, and a bulk
@@ -31,6 +42,10 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 const MAX_TENANT_LEN: usize = 64;
+/// Redis Cluster's hash slots.
+pub const SLOTS: u16 = 16384;
+/// Most partitions of the event log (`redis.partitions`).
+pub const MAX_PARTITIONS: u16 = 1024;
 const MAX_KEY_PART_LEN: usize = 512;
 /// Who owns the keys under a reserved segment of a scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +90,44 @@ const RATE_LIMIT_SEGMENT: &str = "rl";
 /// The owner of `segment` when it is reserved; `None` for a resource name.
 pub fn reserved_segment(segment: &str) -> Option<Segment> {
     SEGMENTS.iter().find(|(name, _)| *name == segment).map(|(_, owner)| *owner)
+}
+
+/// The Redis Cluster hash slot of `key` (of its `{…}` hash tag, if any).
+pub fn slot(key: &str) -> u16 {
+    fred::util::redis_keyslot(key.as_bytes())
+}
+
+/// The one slot of `keys`, or an error naming two keys on different slots:
+/// every key of a script (or of any multi-key command) must share a slot.
+pub fn one_slot(keys: &[String]) -> Result<u16> {
+    let Some(first) = keys.first() else { return Ok(0) };
+    let want = slot(first);
+    match keys.iter().find(|k| slot(k) != want) {
+        None => Ok(want),
+        Some(other) => {
+            Err(Error::invalid("key set", format!("{first:?} and {other:?} are on different cluster slots")))
+        }
+    }
+}
+
+/// The partition of the event log (and L1 channel) that carries `tenant`'s
+/// events: FNV-1a of the tenant id mod `partitions`, fixed forever. Global
+/// and all-tenant events (empty tenant) go to partition 0.
+pub fn partition_of(tenant: &str, partitions: u16) -> u16 {
+    if tenant.is_empty() || partitions <= 1 {
+        return 0;
+    }
+    (crate::hash::fnv1a64(tenant.as_bytes()) % u64::from(partitions)) as u16
+}
+
+/// The hash tag of partition `i` of `n` (see the module docs): `p<i>.<k>`.
+fn partition_tag(i: u16, n: u16) -> String {
+    let (lo, hi) =
+        (u32::from(i) * u32::from(SLOTS) / u32::from(n), (u32::from(i) + 1) * u32::from(SLOTS) / u32::from(n));
+    (0u32..)
+        .map(|k| format!("p{i}.{k}"))
+        .find(|tag| (lo..hi).contains(&u32::from(slot(tag))))
+        .expect("every slice of the slot space is reached")
 }
 
 /// Checks an SQL identifier from configuration: `[a-z_][a-z0-9_]*`, at most
@@ -208,9 +261,27 @@ impl KeySpace {
         format!("{}:events:dead", self.prefix)
     }
 
-    /// The L1 invalidation pub/sub channel.
+    /// The L1 invalidation pub/sub channel (the only one with a single
+    /// partition).
     pub fn l1_channel(&self) -> String {
         format!("{}:l1", self.prefix)
+    }
+
+    /// The stream of event log partition `i` of `n`: [`KeySpace::stream`]
+    /// when `n` is 1.
+    pub fn stream_partition(&self, i: u16, n: u16) -> String {
+        if n <= 1 { self.stream() } else { format!("{}:events:{{{}}}", self.prefix, partition_tag(i, n)) }
+    }
+
+    /// The L1 channel of partition `i` of `n` (on the slot of its stream):
+    /// [`KeySpace::l1_channel`] when `n` is 1.
+    pub fn l1_partition_channel(&self, i: u16, n: u16) -> String {
+        if n <= 1 { self.l1_channel() } else { format!("{}:l1:{{{}}}", self.prefix, partition_tag(i, n)) }
+    }
+
+    /// The L1 channels of every partition, in partition order.
+    pub fn l1_channels(&self, n: u16) -> Vec<String> {
+        (0..n.max(1)).map(|i| self.l1_partition_channel(i, n)).collect()
     }
 
     /// The set of cache keys that hold `tag`.
@@ -353,6 +424,73 @@ mod tests {
             assert!(!Segment::Gateway.cache_may_sweep());
         }
         assert_eq!(ks.segment_of(&Scope::Global, &entry), None, "a key outside the scope");
+    }
+
+    /// Every key family of a scope, as the scripts combine them.
+    pub(crate) fn every_family(ks: &KeySpace, scope: &Scope) -> Vec<String> {
+        let entry = ks.entry(scope, "user_by_slug", "alice").unwrap();
+        let mut keys = vec![
+            entry.clone(),
+            ks.entry(scope, KV_SEGMENT, "k").unwrap(),
+            ks.tag_set(&TagKey::new(scope.clone(), "res_users.id=5")),
+            ks.tag_version(&TagKey::new(scope.clone(), "res_users.id=5")),
+            ks.tag_set(&TagKey::new(scope.clone(), "res_users.*")),
+            ks.lease(&entry),
+            ks.fill_epoch(scope),
+            ks.prefix_marks(scope),
+        ];
+        if let Scope::Tenant(tenant) = scope {
+            let channel = ks.channel(tenant, "team:1");
+            keys.extend([
+                format!("{channel}:meta"),
+                format!("{channel}:hist"),
+                format!("{channel}:pres"),
+                format!("{channel}:idem:k"),
+                channel,
+                ks.rate_limit(tenant, "gateway"),
+                ks.rate_limit(tenant, "gateway-publish"),
+            ]);
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_family_of_a_scope_is_on_the_scope_slot() {
+        let ks = KeySpace::new("prod").unwrap();
+        for (scope, tag) in [(Scope::Tenant(TenantId::new("acme").unwrap()), "acme"), (Scope::Global, "global")] {
+            let keys = every_family(&ks, &scope);
+            assert_eq!(one_slot(&keys).unwrap(), slot(tag), "{scope:?}");
+            assert_eq!(slot(&ks.tag_version_of_set(&keys[2])), slot(tag));
+        }
+        let other = ks.fill_epoch(&Scope::Tenant(TenantId::new("umbrella").unwrap()));
+        let mixed = vec![ks.fill_epoch(&Scope::Global), other];
+        assert!(one_slot(&mixed).unwrap_err().to_string().contains("different cluster slots"));
+        // Redis Cluster's reference: CRC16 of "123456789" is 0x31C3 (12739).
+        assert_eq!(slot("123456789"), 12739);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+    }
+
+    #[test]
+    fn partitions_have_their_own_slot_spread_over_the_slot_space() {
+        let ks = KeySpace::new("prod").unwrap();
+        assert_eq!(ks.stream_partition(0, 1), ks.stream());
+        assert_eq!(ks.l1_channels(1), vec![ks.l1_channel()]);
+        for n in [2u16, 3, 10, 64] {
+            let mut slots: Vec<u16> = (0..n).map(|i| slot(&ks.stream_partition(i, n))).collect();
+            for (i, s) in slots.iter().enumerate() {
+                let slice = u32::from(*s) * u32::from(n) / u32::from(SLOTS);
+                assert_eq!(slice, i as u32, "partition {i} of {n} lies in its slice of the slot space");
+                assert_eq!(slot(&ks.l1_partition_channel(i as u16, n)), *s, "l1 channel shares the stream's slot");
+            }
+            slots.dedup();
+            assert_eq!(slots.len(), usize::from(n));
+        }
+        assert_eq!(ks.stream_partition(1, 3), "herald:prod:events:{p1.0}".replace("p1.0", &partition_tag(1, 3)));
+        assert_eq!(partition_of("", 8), 0, "global events go to partition 0");
+        assert_eq!(partition_of("acme", 1), 0);
+        assert_eq!(partition_of("acme", 8), partition_of("acme", 8));
+        let spread: std::collections::HashSet<u16> = (0..100).map(|t| partition_of(&format!("t{t}"), 4)).collect();
+        assert_eq!(spread.len(), 4);
     }
 
     #[test]

@@ -22,10 +22,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fred::clients::Client;
 use fred::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::keys::{KeySpace, Scope, TagKey, glob_escape};
+use crate::keys::{KeySpace, Scope, TagKey, glob_escape, one_slot};
 use crate::tags;
 
 /// A fill older than this is never stored.
@@ -249,6 +250,7 @@ impl L2 {
         keys.push(key.to_string());
         keys.extend(tags.iter().map(|t| self.keys.tag_set(t)));
         let ttl_ms = ttl.map_or(0, millis);
+        one_slot(&keys)?;
         let _: i64 =
             self.redis.next().eval(script(STORE), keys, vec![Value::Bytes(value), Value::from(ttl_ms)]).await?;
         Ok(())
@@ -266,6 +268,7 @@ impl L2 {
             args.push(lease.owner.into());
             args.push(millis(lease.ttl).into());
         }
+        one_slot(&keys)?;
         let (acquired, epoch, now, entry): (i64, String, String, Option<Bytes>) =
             self.redis.next().eval(BEGIN_FILL, keys, args).await?;
         let token = FillToken { epoch, start_us: now.parse().map_err(|_| Error::invalid("redis time", now))? };
@@ -304,6 +307,7 @@ impl L2 {
             lease_owner.unwrap_or("").into(),
             (tags.len() as i64).into(),
         ];
+        one_slot(&keys)?;
         let stored: i64 = self.redis.next().eval(script(STORE_GATED), keys, args).await?;
         Ok(stored == 1)
     }
@@ -327,36 +331,61 @@ impl L2 {
     /// Deletes every entry holding any of `tags` in `scope` and stamps the
     /// tags, so fills that started before cannot store; returns how many.
     pub async fn invalidate(&self, scope: &Scope, tags: &[String]) -> Result<u64> {
+        self.invalidate_on(self.redis.next(), scope, tags).await
+    }
+
+    /// [`L2::invalidate`] over `client`'s connections, so a `WAIT` sent on
+    /// them next covers the deletes ([`crate::redis::wait_for_replicas`]
+    /// with the scope's [`L2::slot_of`]).
+    pub async fn invalidate_on(&self, client: &Client, scope: &Scope, tags: &[String]) -> Result<u64> {
         if tags.is_empty() {
             return Ok(0);
         }
         let tags: Vec<TagKey> = tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
         let mut keys: Vec<String> = tags.iter().map(|t| self.keys.tag_set(t)).collect();
         keys.extend(tags.iter().map(|t| self.keys.tag_version(t)));
-        let deleted: i64 = self.redis.next().eval(INVALIDATE_TAGS, keys, vec![millis(STAMP_TTL)]).await?;
+        one_slot(&keys)?;
+        let deleted: i64 = client.eval(INVALIDATE_TAGS, keys, vec![millis(STAMP_TTL)]).await?;
         Ok(deleted.max(0) as u64)
+    }
+
+    /// The cluster slot of every key of `scope`.
+    pub fn slot_of(&self, scope: &Scope) -> u16 {
+        crate::keys::slot(&self.keys.scope_root(scope))
     }
 
     /// Deletes every entry holding any of `tags` in every tenant's scope (a
     /// TRUNCATE of a table with a tenant column), and ends every fill in
-    /// flight by dropping the fill epochs. Scans: rare and proportional to
-    /// the keyspace, by design.
-    pub async fn invalidate_all_scopes(&self, tags: &[String]) -> Result<u64> {
-        let client = self.redis.next();
-        let mut deleted = self.invalidate(&Scope::Global, tags).await?;
+    /// flight by dropping the fill epochs. Scans every master of a cluster
+    /// (the patterns name no slot): rare and proportional to the keyspace,
+    /// by design. Runs over `client`'s connections (see
+    /// [`L2::invalidate_on`]); returns the deleted count and the slots
+    /// written.
+    pub async fn invalidate_all_scopes_on(&self, client: &Client, tags: &[String]) -> Result<(u64, Vec<u16>)> {
+        let mut deleted = self.invalidate_on(client, &Scope::Global, tags).await?;
+        let mut slots = vec![self.slot_of(&Scope::Global)];
         // Tenant ids and key parts never contain `}`, so these patterns match
         // Herald's bookkeeping keys only, never entries.
-        for epoch in self.scan(&self.keys.every_tenant_fill_epoch()).await? {
+        for epoch in crate::redis::scan_every_master(client, &self.keys.every_tenant_fill_epoch()).await? {
+            slots.push(crate::keys::slot(&epoch));
             let _: i64 = client.del(epoch).await?;
         }
         for tag in tags {
-            for set in self.scan(&self.keys.every_tenant_tag_set(tag)).await? {
-                let version = self.keys.tag_version_of_set(&set);
-                let n: i64 = client.eval(INVALIDATE_TAGS, vec![set, version], vec![millis(STAMP_TTL)]).await?;
+            for set in crate::redis::scan_every_master(client, &self.keys.every_tenant_tag_set(tag)).await? {
+                let keys = vec![set.clone(), self.keys.tag_version_of_set(&set)];
+                slots.push(one_slot(&keys)?);
+                let n: i64 = client.eval(INVALIDATE_TAGS, keys, vec![millis(STAMP_TTL)]).await?;
                 deleted += n.max(0) as u64;
             }
         }
-        Ok(deleted)
+        slots.sort_unstable();
+        slots.dedup();
+        Ok((deleted, slots))
+    }
+
+    /// [`L2::invalidate_all_scopes_on`] over any connection of the pool.
+    pub async fn invalidate_all_scopes(&self, tags: &[String]) -> Result<u64> {
+        Ok(self.invalidate_all_scopes_on(self.redis.next(), tags).await?.0)
     }
 
     /// Deletes every entry of `scope` whose key starts with `prefix` (a full
@@ -378,6 +407,7 @@ impl L2 {
             )
             .await?;
         let mut deleted = 0u64;
+        // The prefix holds the scope's hash tag: one slot, one node.
         let keys = self.scan(&format!("{}*", glob_escape(prefix))).await?;
         let doomed: Vec<String> = keys
             .into_iter()
@@ -424,6 +454,7 @@ impl L2 {
         keys.push(self.keys.tag_version(self_tag));
         keys.extend(tags.iter().map(|t| self.keys.tag_set(t)));
         let args: Vec<Value> = vec![Value::Bytes(value), ttl.map_or(0, millis).into(), millis(STAMP_TTL).into()];
+        one_slot(&keys)?;
         let _: i64 = self.redis.next().eval(script(REPLACE), keys, args).await?;
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! Redis connection set-up (fred).
+//! Redis connection set-up (fred), for one server or a Redis Cluster
+//! (`redis.cluster`, or a `redis-cluster://` url with seed nodes: fred's
+//! cluster client follows `MOVED`/`ASK` and refreshes its slot map).
 //!
 //! Command pools reconnect by themselves with exponential backoff and bound
 //! every command by `redis.command_timeout_ms`, so a Redis outage turns into
@@ -9,15 +11,21 @@
 
 use std::time::Duration;
 
-use fred::clients::SubscriberClient;
+use fred::clients::{Client, SubscriberClient};
 use fred::prelude::*;
-use fred::types::config::{ConnectionConfig, PerformanceConfig};
+use fred::types::config::{ConnectionConfig, PerformanceConfig, ServerConfig};
+use fred::types::{ClusterHash, CustomCommand};
 
 use crate::config::RedisConfig;
 use crate::error::Result;
 
 fn builder(config: &RedisConfig) -> Result<Builder> {
-    let redis_config = fred::types::config::Config::from_url(&config.url)?;
+    let mut redis_config = fred::types::config::Config::from_url(&config.url)?;
+    if config.is_cluster()
+        && let ServerConfig::Centralized { server } = &redis_config.server
+    {
+        redis_config.server = ServerConfig::Clustered { hosts: vec![server.clone()], policy: Default::default() };
+    }
     let timeout = Duration::from_millis(config.command_timeout_ms);
     let mut builder = Builder::from_config(redis_config);
     builder
@@ -70,4 +78,119 @@ pub async fn ensure_group(redis: &Pool, stream: &str, group: &str) -> Result<()>
         Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Every key matching `pattern`, on every master of a cluster (a pattern
+/// such as `…:t:{*}:epoch` names no slot, and a plain `SCAN` reaches one
+/// node), or on the one server.
+pub async fn scan_every_master(client: &Client, pattern: &str) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    if !client.is_clustered() {
+        scan_node(client, pattern, &mut found).await?;
+        return Ok(found);
+    }
+    let masters = client.cached_cluster_state().map(|state| state.unique_primary_nodes()).unwrap_or_default();
+    if masters.is_empty() {
+        return Err(fred::error::Error::new(fred::error::ErrorKind::Cluster, "no cluster state to scan").into());
+    }
+    for master in masters {
+        scan_node(&client.with_cluster_node(master), pattern, &mut found).await?;
+    }
+    Ok(found)
+}
+
+async fn scan_node<C: KeysInterface + Sync>(client: &C, pattern: &str, found: &mut Vec<String>) -> Result<()> {
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, keys): (String, Vec<String>) = client.scan_page(cursor.as_str(), pattern, Some(1000), None).await?;
+        found.extend(keys);
+        if next == "0" {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes `keys` (any slots): one `DEL` per slot and chunk, so a cluster
+/// never sees a cross-slot command. Returns how many existed.
+pub async fn del_any_slots(client: &Client, keys: Vec<String>) -> Result<u64> {
+    let mut deleted = 0u64;
+    for keys in by_slot(keys) {
+        for chunk in keys.chunks(500) {
+            let n: i64 = client.del(chunk.to_vec()).await?;
+            deleted += n.max(0) as u64;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Waits until `replicas` replicas have every write made so far on
+/// `client`'s connections to the masters of `slots` (one `WAIT` per master);
+/// returns the fewest acknowledgements seen.
+pub async fn wait_for_replicas(client: &Client, slots: &[u16], replicas: u32, timeout_ms: u64) -> Result<i64> {
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    for &slot in slots {
+        let server = client
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).map(|s| s.to_string()))
+            .unwrap_or_default();
+        if !masters.iter().any(|(s, _)| *s == server) {
+            masters.push((server, slot));
+        }
+    }
+    let mut fewest = i64::MAX;
+    for (_, slot) in masters {
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
+        let args = vec![i64::from(replicas), i64::try_from(timeout_ms).unwrap_or(i64::MAX)];
+        let acked: i64 = client.custom(wait, args).await?;
+        fewest = fewest.min(acked);
+    }
+    Ok(fewest)
+}
+
+/// `SPUBLISH` on a cluster (sharded pub/sub: the message reaches only the
+/// shard that owns the channel's slot), `PUBLISH` on one server.
+pub fn publish_command(client: &Client) -> &'static str {
+    if client.is_clustered() { "SPUBLISH" } else { "PUBLISH" }
+}
+
+/// Publishes `message` on `channel` (see [`publish_command`]).
+pub async fn publish(client: &Client, channel: &str, message: bytes::Bytes) -> Result<()> {
+    if client.is_clustered() {
+        let _: i64 = client.spublish(channel, message).await?;
+    } else {
+        let _: i64 = client.publish(channel, message).await?;
+    }
+    Ok(())
+}
+
+/// Subscribes `client` to `channels`: on a cluster `SSUBSCRIBE`, one command
+/// per slot (each reaches the shard that owns the slot), else `SUBSCRIBE`.
+pub async fn subscribe(client: &SubscriberClient, channels: Vec<String>) -> Result<()> {
+    if !client.is_clustered() {
+        return Ok(client.subscribe(channels).await?);
+    }
+    for same_slot in by_slot(channels) {
+        client.ssubscribe(same_slot).await?;
+    }
+    Ok(())
+}
+
+/// Undoes [`subscribe`].
+pub async fn unsubscribe(client: &SubscriberClient, channels: Vec<String>) -> Result<()> {
+    if !client.is_clustered() {
+        return Ok(client.unsubscribe(channels).await?);
+    }
+    for same_slot in by_slot(channels) {
+        client.sunsubscribe(same_slot).await?;
+    }
+    Ok(())
+}
+
+fn by_slot(names: Vec<String>) -> Vec<Vec<String>> {
+    let mut groups: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+    for name in names {
+        groups.entry(crate::keys::slot(&name)).or_default().push(name);
+    }
+    groups.into_values().collect()
 }

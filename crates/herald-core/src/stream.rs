@@ -1,8 +1,16 @@
 //! The event stream's entry format, both sides: the writers ([`append`],
-//! [`append_watermark`], [`append_dead_letter`]) and the parsing of Redis
-//! stream replies (RESP2 shapes) into entries carrying the event bytes
-//! (field [`EVENT_FIELD`]) or a freshness watermark (field
-//! [`WATERMARK_FIELD`]), kept apart so it can be tested without a server.
+//! [`EventLog::append`], [`EventLog::append_watermark`],
+//! [`append_dead_letter`]) and the parsing of Redis stream replies (RESP2
+//! shapes) into entries carrying the event bytes (field [`EVENT_FIELD`]) or
+//! a freshness watermark (field [`WATERMARK_FIELD`]), kept apart so it can
+//! be tested without a server.
+//!
+//! **Partitions.** The log is `redis.partitions` streams ([`EventLog`]); a
+//! tenant's events always go to the same one ([`crate::keys::partition_of`]),
+//! so per-tenant order is the order of one stream. Global and all-tenant
+//! events go to partition 0: an invalidation only deletes, so its order
+//! against other tenants' events does not matter. A watermark goes to every
+//! partition: it vouches for each of them.
 
 use bytes::Bytes;
 use fred::clients::Client;
@@ -31,7 +39,7 @@ pub async fn append(client: &Client, stream: &str, payloads: &[Bytes], max_len: 
 
 /// Appends a freshness watermark (an encoded `herald.v1.Watermark`): every
 /// change committed up to its position has its events before it.
-pub async fn append_watermark(
+async fn append_watermark(
     client: &Client,
     stream: &str,
     watermark: Bytes,
@@ -40,6 +48,78 @@ pub async fn append_watermark(
     let max_len = i64::try_from(max_len).unwrap_or(i64::MAX);
     let _: String = client.xadd(stream, false, ("MAXLEN", "~", max_len), "*", (WATERMARK_FIELD, watermark)).await?;
     Ok(())
+}
+
+/// The partitioned event log of one installation: a stream per partition,
+/// each on its own cluster slot (`KeySpace::stream_partition`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLog {
+    streams: Vec<String>,
+}
+
+impl EventLog {
+    pub fn new(keys: &crate::keys::KeySpace, partitions: u16) -> Self {
+        let n = partitions.max(1);
+        Self { streams: (0..n).map(|i| keys.stream_partition(i, n)).collect() }
+    }
+
+    /// Every partition's stream, in partition order.
+    pub fn streams(&self) -> &[String] {
+        &self.streams
+    }
+
+    pub fn partitions(&self) -> u16 {
+        self.streams.len() as u16
+    }
+
+    /// The partition of `tenant`'s events (an event's `tenant` field).
+    pub fn partition_of(&self, tenant: &str) -> u16 {
+        crate::keys::partition_of(tenant, self.partitions())
+    }
+
+    /// The stream of `tenant`'s events.
+    pub fn stream_of(&self, tenant: &str) -> &str {
+        &self.streams[usize::from(self.partition_of(tenant))]
+    }
+
+    /// Appends each `(tenant, payload)` to its tenant's partition, in order
+    /// within a partition, one pipeline per partition (each [`append`]).
+    /// Returns the slots written, for a `WAIT` on `client` to cover them
+    /// ([`crate::redis::wait_for_replicas`]).
+    pub async fn append(
+        &self,
+        client: &Client,
+        events: &[(&str, Bytes)],
+        max_len: u64,
+    ) -> Result<Vec<u16>, fred::error::Error> {
+        let mut by_partition: Vec<Vec<Bytes>> = vec![Vec::new(); self.streams.len()];
+        for (tenant, payload) in events {
+            by_partition[usize::from(self.partition_of(tenant))].push(payload.clone());
+        }
+        let mut slots = Vec::new();
+        for (stream, payloads) in self.streams.iter().zip(by_partition) {
+            if !payloads.is_empty() {
+                append(client, stream, &payloads, max_len).await?;
+                slots.push(crate::keys::slot(stream));
+            }
+        }
+        Ok(slots)
+    }
+
+    /// Appends `watermark` (an encoded `herald.v1.Watermark`) to every
+    /// partition: each then holds, before it, every event of the changes
+    /// committed up to its position.
+    pub async fn append_watermark(
+        &self,
+        client: &Client,
+        watermark: Bytes,
+        max_len: u64,
+    ) -> Result<(), fred::error::Error> {
+        for stream in &self.streams {
+            append_watermark(client, stream, watermark.clone(), max_len).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Appends an entry that could not be applied to the dead stream: the

@@ -26,6 +26,12 @@ pub struct Applier {
     watermarks: Forwarder,
     /// History options of the `team` namespace, when the gateway has one.
     teams: Option<HistoryOptions>,
+    /// The partition's stream (acknowledged here) and L1 channel.
+    stream: String,
+    l1_channel: String,
+    /// Replicas that must have a batch's L2 deletes before it is
+    /// acknowledged (`broadcast.wait_replicas`), and the `WAIT` timeout.
+    wait: Option<(u32, u64)>,
 }
 
 /// Entries kept in the dead stream at most (approximately).
@@ -39,9 +45,32 @@ const TEAM_IDEMPOTENCY_TTL_S: u64 = 600;
 impl Applier {
     pub fn new(redis: Pool, keys: KeySpace, group: String, metrics: Metrics) -> Self {
         let l2 = L2::new(redis.clone(), keys.clone());
+        let (stream, l1_channel) = (keys.stream(), keys.l1_channel());
         let watermarks =
-            Forwarder::new(redis.clone(), keys.stream(), group.clone(), keys.l1_channel(), metrics.clone());
-        Self { redis, keys, l2, group, metrics, watermarks, teams: None }
+            Forwarder::new(redis.clone(), stream.clone(), group.clone(), l1_channel.clone(), metrics.clone());
+        Self { redis, keys, l2, group, metrics, watermarks, teams: None, stream, l1_channel, wait: None }
+    }
+
+    /// Applies partition `i` of `n` of the log: acknowledges on its stream,
+    /// publishes (invalidations and watermarks) on its L1 channel.
+    pub fn for_partition(mut self, i: u16, n: u16) -> Self {
+        self.stream = self.keys.stream_partition(i, n);
+        self.l1_channel = self.keys.l1_partition_channel(i, n);
+        self.watermarks = Forwarder::new(
+            self.redis.clone(),
+            self.stream.clone(),
+            self.group.clone(),
+            self.l1_channel.clone(),
+            self.metrics.clone(),
+        );
+        self
+    }
+
+    /// Waits for `replicas` replicas (at most `timeout_ms` per master) to
+    /// have a batch's L2 deletes before publishing and acknowledging it.
+    pub fn with_replica_wait(mut self, replicas: u32, timeout_ms: u64) -> Self {
+        self.wait = (replicas > 0).then_some((replicas, timeout_ms));
+        self
     }
 
     /// Also publish row changes of tables with a team column on `team:{id}`
@@ -81,27 +110,47 @@ impl Applier {
         }
         // All of a batch's L2 invalidations in flight at once (the pool
         // pipelines them): deletes and stamps commute, and every one has
-        // finished before anything is published or acknowledged.
+        // finished before anything is published or acknowledged. With a
+        // replica wait they all go over one client, whose connections the
+        // WAIT then covers.
+        let pinned = self.wait.map(|_| self.redis.next());
         let invalidations = events.iter().map(|event| async move {
+            let client = pinned.unwrap_or_else(|| self.redis.next());
             let tags = herald_core::tags::event_tags(event);
             if event.all_tenants {
-                self.l2.invalidate_all_scopes(&tags).await
+                self.l2.invalidate_all_scopes_on(client, &tags).await
             } else {
                 match Scope::from_event_tenant(&event.tenant) {
-                    Ok(scope) => self.l2.invalidate(&scope, &tags).await,
+                    Ok(scope) => {
+                        Ok((self.l2.invalidate_on(client, &scope, &tags).await?, vec![self.l2.slot_of(&scope)]))
+                    }
                     // Capture validates tenants; an event that still has a bad
                     // one names no key Herald could have written.
-                    Err(_) => Ok(0),
+                    Err(_) => Ok((0, Vec::new())),
                 }
             }
         });
-        let deleted = futures::future::try_join_all(invalidations).await.map_err(core_to_redis)?;
-        self.metrics.l2_entries_deleted.inc_by(deleted.iter().sum());
-        herald_core::l1::wire::publish_invalidations(&self.redis, &self.keys.l1_channel(), &events)
+        let applied = futures::future::try_join_all(invalidations).await.map_err(core_to_redis)?;
+        self.metrics.l2_entries_deleted.inc_by(applied.iter().map(|(n, _)| n).sum());
+        if let (Some(client), Some((replicas, timeout_ms))) = (pinned, self.wait) {
+            let mut slots: Vec<u16> = applied.into_iter().flat_map(|(_, slots)| slots).collect();
+            slots.sort_unstable();
+            slots.dedup();
+            let acked = herald_core::redis::wait_for_replicas(client, &slots, replicas, timeout_ms)
+                .await
+                .map_err(core_to_redis)?;
+            if acked < i64::from(replicas) {
+                return Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Unknown,
+                    format!("only {acked} of {replicas} replicas acknowledged the l2 deletes; not acknowledged"),
+                ));
+            }
+        }
+        herald_core::l1::wire::publish_invalidations(&self.redis, &self.l1_channel, &events)
             .await
             .map_err(core_to_redis)?;
         self.publish_teams(&events).await?;
-        let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
+        let _: i64 = self.redis.next().xack(&self.stream, &self.group, ids).await?;
         let now = now_us();
         for event in &events {
             self.metrics.lag.observe((now - event.commit_time_us).max(0) as f64 / 1e6);

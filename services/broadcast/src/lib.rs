@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, core_to_redis};
 use crate::metrics::Metrics;
-use herald_core::stream::{autoclaim_entries, read_group_entries};
+use herald_core::stream::{EventLog, autoclaim_entries, read_group_entries};
 
 /// This instance's consumer name: `broadcast.consumer`, else `$HOSTNAME`
 /// (the pod name on Kubernetes), else `broadcast`. Stable across restarts,
@@ -58,53 +58,92 @@ pub async fn run(
     let _connections = redis.connect();
     let teams =
         config.gateway.namespace("team").map(|ns| HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s });
-    let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone())
-        .with_team_channels(teams);
-    // Time of the last successful read-and-apply, for the heartbeat.
-    let last_ok = Arc::new(AtomicI64::new(0));
+    let log = EventLog::new(&keys, config.redis.partitions);
+    let n = log.partitions();
+    // Per partition: time of the last successful read-and-apply, for the
+    // heartbeat on its L1 channel and for readiness.
+    let last_ok: Arc<[AtomicI64]> = (0..n).map(|_| AtomicI64::new(0)).collect();
+    let healthy_within = ms(config.broadcast.block_ms) + Duration::from_secs(2);
     let ready = readiness.flag("redis");
 
     let heartbeat = tokio::spawn(heartbeat_loop(
         redis.clone(),
-        keys.clone(),
+        keys.l1_channels(n),
         consumer.clone(),
         ms(config.broadcast.heartbeat_ms),
-        ms(config.broadcast.block_ms) + Duration::from_secs(2),
+        healthy_within,
         last_ok.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
-    let trimmer = tokio::spawn(trim_loop(
-        redis.clone(),
-        keys.stream(),
-        config.broadcast.group.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let trimmers: Vec<_> = log
+        .streams()
+        .iter()
+        .map(|stream| {
+            tokio::spawn(trim_loop(
+                redis.clone(),
+                stream.clone(),
+                config.broadcast.group.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
 
-    tracing::info!(stream = %keys.stream(), group = %config.broadcast.group, %consumer, "broadcast started");
-    consume(&config, &redis, &keys, &applier, &consumer, &last_ok, &ready, &shutdown).await;
+    tracing::info!(streams = ?log.streams(), group = %config.broadcast.group, %consumer, "broadcast started");
+    let consumers =
+        (0..n).map(|i| {
+            let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone())
+                .with_team_channels(teams)
+                .for_partition(i, n)
+                .with_replica_wait(config.broadcast.wait_replicas, config.broadcast.wait_timeout_ms);
+            let partition = Partition { stream: log.streams()[usize::from(i)].clone(), index: usize::from(i) };
+            let (config, redis, consumer, last_ok, ready, shutdown) =
+                (&config, &redis, &consumer, &last_ok, &ready, &shutdown);
+            async move {
+                consume(config, redis, &partition, &applier, consumer, last_ok, healthy_within, ready, shutdown).await
+            }
+        });
+    futures::future::join_all(consumers).await;
 
     tracing::info!("broadcast stopping");
     let _ = heartbeat.await;
-    let _ = trimmer.await;
+    for trimmer in trimmers {
+        let _ = trimmer.await;
+    }
     let _ = redis.quit().await;
     let _ = ops_task.await;
     Ok(())
 }
 
+/// One partition of the log, as one consumer loop reads it.
+struct Partition {
+    stream: String,
+    /// Its place in the per-partition health.
+    index: usize,
+}
+
+/// Whether every partition's consumer succeeded within `within`.
+fn all_healthy(last_ok: &[AtomicI64], within: Duration) -> bool {
+    let now = now_us();
+    last_ok.iter().all(|t| now - t.load(Ordering::Relaxed) <= within.as_micros() as i64)
+}
+
+/// Reads and applies one partition until `shutdown` fires. Instances share
+/// each partition through the consumer group.
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     config: &Config,
     redis: &Pool,
-    keys: &KeySpace,
+    partition: &Partition,
     applier: &Applier,
     consumer: &str,
-    last_ok: &AtomicI64,
+    last_ok: &[AtomicI64],
+    healthy_within: Duration,
     ready: &ReadyFlag,
     shutdown: &CancellationToken,
 ) {
-    let stream = keys.stream();
+    let stream = partition.stream.clone();
     let group = config.broadcast.group.as_str();
     let claim_idle = config.broadcast.claim_idle_ms;
     let claim_every = ms(claim_idle / 2).max(Duration::from_millis(100));
@@ -191,8 +230,8 @@ async fn consume(
         };
         match result {
             Ok(()) => {
-                last_ok.store(now_us(), Ordering::Relaxed);
-                ready.set(true);
+                last_ok[partition.index].store(now_us(), Ordering::Relaxed);
+                ready.set(all_healthy(last_ok, healthy_within));
                 backoff.reset();
             }
             Err(error) => {
@@ -212,20 +251,19 @@ async fn consume(
     }
 }
 
-/// Publishes a heartbeat every `period` while the consumer loop is healthy
-/// (it succeeded within `healthy_within`).
+/// Publishes a heartbeat every `period` on the L1 channel of each partition
+/// whose consumer loop is healthy (it succeeded within `healthy_within`).
 #[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
     redis: Pool,
-    keys: KeySpace,
+    channels: Vec<String>,
     instance: String,
     period: Duration,
     healthy_within: Duration,
-    last_ok: Arc<AtomicI64>,
+    last_ok: Arc<[AtomicI64]>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let channel = keys.l1_channel();
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -233,15 +271,17 @@ async fn heartbeat_loop(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let since_ok = now_us() - last_ok.load(Ordering::Relaxed);
-        if since_ok > healthy_within.as_micros() as i64 {
-            continue;
-        }
-        match herald_core::l1::wire::publish_heartbeat(&redis, &channel, &instance).await {
-            Ok(_) => {
-                metrics.heartbeats.inc();
+        for (channel, last_ok) in channels.iter().zip(last_ok.iter()) {
+            let since_ok = now_us() - last_ok.load(Ordering::Relaxed);
+            if since_ok > healthy_within.as_micros() as i64 {
+                continue;
             }
-            Err(error) => tracing::debug!(%error, "heartbeat not published"),
+            match herald_core::l1::wire::publish_heartbeat(&redis, channel, &instance).await {
+                Ok(_) => {
+                    metrics.heartbeats.inc();
+                }
+                Err(error) => tracing::debug!(%error, %channel, "heartbeat not published"),
+            }
         }
     }
 }

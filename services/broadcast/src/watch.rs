@@ -35,11 +35,12 @@ pub fn event_json(event: &InvalidationEvent, received_us: i64) -> serde_json::Va
 /// no heartbeat arrives within `l1.heartbeat_timeout_ms` (no broadcast runs
 /// against this Redis and env), and again once heartbeats are back.
 pub async fn watch(config: &Config, heartbeats: bool, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let channel = KeySpace::new(&config.env)?.l1_channel();
+    let channels = KeySpace::new(&config.env)?.l1_channels(config.redis.partitions);
+    let channel = channels.join(", ");
     let client = herald_core::redis::build_subscriber(&config.redis)?;
     let mut messages = client.message_rx();
     let _connection = client.init().await?;
-    client.subscribe(channel.as_str()).await?;
+    herald_core::redis::subscribe(&client, channels).await?;
     eprintln!("watching {channel}");
     let stdout = std::io::stdout();
     let timeout = Duration::from_millis(config.l1.heartbeat_timeout_ms);

@@ -28,7 +28,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use fred::prelude::*;
 use futures::future::BoxFuture;
 use herald_core::config::{CacheConfig, OnStale};
-use herald_core::keys::{KeySpace, Scope, TagKey, TenantId};
+use herald_core::keys::{KeySpace, Scope, TagKey, TenantId, partition_of};
 use herald_core::l1::{FillTicket, L1Cache};
 use herald_core::l2::{FillToken, L2, Lease};
 use herald_core::ops::ReadyFlag;
@@ -116,6 +116,8 @@ pub struct Cache {
     hook: Option<FillHook>,
     node: String,
     seq: AtomicU64,
+    /// `redis.partitions`: which L1 channel carries a scope's invalidations.
+    partitions: u16,
 }
 
 /// Everything a [`Cache`] is built from.
@@ -130,6 +132,8 @@ pub struct Parts {
     pub redis_up: ReadyFlag,
     pub hook: Option<FillHook>,
     pub node: String,
+    /// `redis.partitions`.
+    pub partitions: u16,
 }
 
 fn l1_value(found: bool, value: &Bytes) -> Bytes {
@@ -163,6 +167,7 @@ impl Cache {
             hook: parts.hook,
             node: parts.node,
             seq: AtomicU64::new(0),
+            partitions: parts.partitions,
         }
     }
 
@@ -744,7 +749,9 @@ impl Cache {
             captured_time_us: now_us(),
             ..Default::default()
         };
-        let channel = self.keys.l1_channel();
+        // The partition of the scope's events: its L1 holders hear it in
+        // order with broadcast's invalidations of that tenant.
+        let channel = self.keys.l1_partition_channel(partition_of(&event.tenant, self.partitions), self.partitions);
         self.redis_op(herald_core::l1::wire::publish_invalidations(&self.redis, &channel, &[event])).await
     }
 

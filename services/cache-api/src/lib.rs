@@ -106,7 +106,7 @@ pub async fn run(
 
     let redis = herald_core::redis::build_pool(&config.redis)?;
     let _connections = redis.connect();
-    let mut subscription = SubscriberOptions::new(&config.redis, &config.l1, keys.l1_channel());
+    let mut subscription = SubscriberOptions::new(&config.redis, &config.l1, keys.l1_channels(config.redis.partitions));
     subscription.ready = readiness.soft_flag("l1");
     subscription.client_name = format!("herald-cache-api-{node}");
     let subscriber = subscriber::spawn(l1.clone(), subscription, shutdown.clone());
@@ -122,6 +122,7 @@ pub async fn run(
         redis_up: readiness.soft_flag("redis"),
         hook: options.fill_hook,
         node: node.clone(),
+        partitions: config.redis.partitions,
     }));
     // Until Redis was probed once the cache would take it for down (answer
     // explicit keys "not cached", refuse Sets): serve only after the probe.

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use fred::clients::Client;
 use fred::prelude::*;
-use fred::types::{ClusterHash, CustomCommand};
 use herald_core::config::{Config, TableConfig};
+use herald_core::stream::EventLog;
 use herald_core::time::now_us;
 use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
@@ -31,7 +31,7 @@ pub struct Drained {
 pub struct Drainer {
     pool: deadpool_postgres::Pool,
     redis: Pool,
-    stream: String,
+    log: EventLog,
     tables: HashMap<String, TableConfig>,
     chunk_rows: usize,
     batch_size: i64,
@@ -68,12 +68,12 @@ const SET_ASIDE: &str = "\
     ON CONFLICT (id) DO NOTHING";
 
 impl Drainer {
-    pub fn new(config: &Config, pool: deadpool_postgres::Pool, redis: Pool, stream: String, metrics: Metrics) -> Self {
+    pub fn new(config: &Config, pool: deadpool_postgres::Pool, redis: Pool, log: EventLog, metrics: Metrics) -> Self {
         let tables = config.tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
         Self {
             pool,
             redis,
-            stream,
+            log,
             tables,
             chunk_rows: usize::try_from(config.capture.chunk_rows).unwrap_or(500),
             batch_size: config.capture.batch_size,
@@ -85,9 +85,13 @@ impl Drainer {
         }
     }
 
-    /// Length of the stream, for backpressure.
+    /// Length of the longest partition's stream, for backpressure.
     pub async fn stream_len(&self) -> Result<u64> {
-        Ok(self.redis.next().xlen(&self.stream).await?)
+        let mut longest = 0;
+        for stream in self.log.streams() {
+            longest = longest.max(self.redis.next().xlen::<u64, _>(stream).await?);
+        }
+        Ok(longest)
     }
 
     /// The length at which appends pause.
@@ -139,14 +143,17 @@ impl Drainer {
         }
         let encoded: Vec<(Bytes, i64)> = events.iter().map(|e| (self.encode(e), e.commit_time_us)).collect();
         if !encoded.is_empty() {
-            let payloads: Vec<Bytes> = encoded.iter().map(|(bytes, _)| bytes.clone()).collect();
+            let payloads: Vec<(&str, Bytes)> =
+                events.iter().zip(&encoded).map(|(e, (bytes, _))| (e.tenant.as_str(), bytes.clone())).collect();
             let client = self.redis.next();
-            herald_core::stream::append(client, &self.stream, &payloads, self.stream_max_len.saturating_mul(2))
+            let slots = self
+                .log
+                .append(client, &payloads, self.stream_max_len.saturating_mul(2))
                 .instrument(tracing::debug_span!("capture.append", events = encoded.len()))
                 .await?;
             // Dropping `tx` on error rolls back: the rows stay and the batch
             // is appended again later.
-            self.wait_for_replicas(client).await?;
+            self.wait_for_replicas(client, &slots).await?;
         }
         if !dead_ids.is_empty() {
             tx.execute(DEAD_LETTER, &[&dead_ids, &dead_reasons]).await?;
@@ -173,15 +180,18 @@ impl Drainer {
     /// from the primary alone is not durability: a failover to a replica
     /// that lacks the entries, or a restart that loses them, would lose the
     /// invalidations while their outbox rows are already deleted.
-    async fn wait_for_replicas(&self, client: &Client) -> Result<()> {
+    async fn wait_for_replicas(&self, client: &Client, slots: &[u16]) -> Result<()> {
         if self.wait_replicas == 0 {
             return Ok(());
         }
-        // In a cluster, WAIT must reach the node that holds the stream.
-        let slot = fred::util::redis_keyslot(self.stream.as_bytes());
-        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
-        let args = vec![i64::from(self.wait_replicas), i64::try_from(self.wait_timeout_ms).unwrap_or(i64::MAX)];
-        let acked: i64 = client.custom(wait, args).await?;
+        // In a cluster, WAIT must reach every master that holds a partition
+        // written to.
+        let acked = herald_core::redis::wait_for_replicas(client, slots, self.wait_replicas, self.wait_timeout_ms)
+            .await
+            .map_err(|e| match e {
+                herald_core::Error::Redis(e) => Error::Redis(e),
+                other => Error::Redis(fred::error::Error::new(fred::error::ErrorKind::Unknown, other.to_string())),
+            })?;
         if acked < i64::from(self.wait_replicas) {
             self.metrics.unreplicated.inc();
             tracing::warn!(

@@ -25,6 +25,7 @@ use herald_core::backoff::Backoff;
 use herald_core::config::{Config, ms};
 use herald_core::keys::KeySpace;
 use herald_core::ops;
+use herald_core::stream::EventLog;
 use tokio::net::TcpListener;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -51,12 +52,13 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     let pool = herald_core::pg::pool_with_settings(&config.postgres, &[("synchronous_commit", "off")])?;
     let redis = herald_core::redis::build_pool(&config.redis)?;
     let _connections = redis.connect();
-    let drainer = Drainer::new(&config, pool.clone(), redis.clone(), keys.stream(), metrics.clone());
+    let log = EventLog::new(&keys, config.redis.partitions);
+    let drainer = Drainer::new(&config, pool.clone(), redis.clone(), log.clone(), metrics.clone());
     let sampler = tokio::spawn(sample_depth(pool.clone(), metrics.clone(), shutdown.clone()));
     let watermarks = tokio::spawn(watermark::run(
         pool.clone(),
         redis.clone(),
-        keys.stream(),
+        log.clone(),
         config.capture.stream_max_len,
         metrics.clone(),
         shutdown.clone(),
@@ -73,7 +75,7 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     let mut pressure_checked = Instant::now() - Duration::from_secs(1);
     let idle_poll = ms(config.capture.poll_interval_ms);
     let linger = ms(config.capture.linger_ms);
-    tracing::info!(stream = %keys.stream(), tables = config.tables.len(), "capture started");
+    tracing::info!(streams = ?log.streams(), tables = config.tables.len(), "capture started");
 
     while !shutdown.is_cancelled() {
         if !bell.is_connected() {
@@ -86,7 +88,7 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
             }
         }
         if !group_ready {
-            match herald_core::redis::ensure_group(&redis, &keys.stream(), &config.broadcast.group).await {
+            match ensure_groups(&redis, &log, &config.broadcast.group).await {
                 Ok(()) => group_ready = true,
                 Err(error) => {
                     redis_ready.set(false);
@@ -190,6 +192,15 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     watermarks.abort();
     let _ = redis.quit().await;
     let _ = ops_task.await;
+    Ok(())
+}
+
+/// The consumer group on every partition, so events appended before the
+/// first broadcast starts are delivered.
+async fn ensure_groups(redis: &Pool, log: &EventLog, group: &str) -> herald_core::Result<()> {
+    for stream in log.streams() {
+        herald_core::redis::ensure_group(redis, stream, group).await?;
+    }
     Ok(())
 }
 

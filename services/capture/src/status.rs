@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use fred::prelude::*;
 use herald_core::config::Config;
 use herald_core::keys::KeySpace;
+use herald_core::stream::EventLog;
 use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 
@@ -20,8 +21,12 @@ pub struct Status {
     pub outbox_depth: i64,
     pub oldest_pending_seconds: Option<f64>,
     pub dead_letters: i64,
+    /// Entries in every partition of the log.
     pub stream_len: u64,
-    /// (group, pending, lag) per consumer group.
+    pub partitions: u16,
+    /// `used_memory` of each master (every master of a cluster).
+    pub memory: Vec<(String, u64)>,
+    /// (group, pending, lag) per consumer group, summed over partitions.
     pub groups: Vec<(String, i64, Option<i64>)>,
     pub last_event: Option<(String, InvalidationEvent)>,
 }
@@ -50,27 +55,67 @@ pub async fn status(config: &Config) -> Result<Status> {
 
     let redis = herald_core::redis::connect_pool(&config.redis).await?;
     let keys = KeySpace::new(&config.env)?;
-    let stream = keys.stream();
-    status.stream_len = redis.next().xlen(&stream).await?;
-    let groups: Value = redis.next().xinfo_groups(&stream).await.unwrap_or(Value::Null);
-    if let Value::Array(groups) = groups {
-        for group in groups {
-            let fields: std::collections::HashMap<String, Value> = group.convert().unwrap_or_default();
-            let name = fields.get("name").and_then(|v| v.as_string()).unwrap_or_default();
-            let pending = fields.get("pending").and_then(|v| v.as_i64()).unwrap_or_default();
-            let lag = fields.get("lag").and_then(|v| v.as_i64());
-            status.groups.push((name, pending, lag));
+    let log = EventLog::new(&keys, config.redis.partitions);
+    status.partitions = log.partitions();
+    let mut newest: Option<(String, InvalidationEvent)> = None;
+    for stream in log.streams() {
+        status.stream_len += redis.next().xlen::<u64, _>(stream).await?;
+        let groups: Value = redis.next().xinfo_groups(stream).await.unwrap_or(Value::Null);
+        if let Value::Array(groups) = groups {
+            for group in groups {
+                let fields: std::collections::HashMap<String, Value> = group.convert().unwrap_or_default();
+                let name = fields.get("name").and_then(|v| v.as_string()).unwrap_or_default();
+                let pending = fields.get("pending").and_then(|v| v.as_i64()).unwrap_or_default();
+                let lag = fields.get("lag").and_then(|v| v.as_i64());
+                match status.groups.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some((_, p, l)) => {
+                        *p += pending;
+                        *l = l.zip(lag).map(|(a, b)| a + b);
+                    }
+                    None => status.groups.push((name, pending, lag)),
+                }
+            }
+        }
+        let last: Value = redis.next().xrevrange(stream, "+", "-", Some(1)).await?;
+        if let Some(entry) = herald_core::stream::range_entries(last).into_iter().next()
+            && let Some(bytes) = entry.payload
+            && let Ok(event) = InvalidationEvent::decode(bytes.as_ref())
+            && newest.as_ref().is_none_or(|(id, _)| entry_id(&entry.id) > entry_id(id))
+        {
+            newest = Some((entry.id, event));
         }
     }
-    let last: Value = redis.next().xrevrange(&stream, "+", "-", Some(1)).await?;
-    if let Some(entry) = herald_core::stream::range_entries(last).into_iter().next()
-        && let Some(bytes) = entry.payload
-        && let Ok(event) = InvalidationEvent::decode(bytes.as_ref())
-    {
-        status.last_event = Some((entry.id, event));
-    }
+    status.last_event = newest;
+    status.memory = used_memory(redis.next()).await.unwrap_or_default();
     let _ = redis.quit().await;
     Ok(status)
+}
+
+/// An entry id as `(ms, seq)`, to compare ids of different streams.
+fn entry_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// `used_memory` of every master (the one server, or each cluster master).
+async fn used_memory(client: &Client) -> Result<Vec<(String, u64)>> {
+    let masters = match client.cached_cluster_state() {
+        Some(state) if client.is_clustered() => state.unique_primary_nodes(),
+        _ => vec![],
+    };
+    let parse = |info: String| {
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    if masters.is_empty() {
+        let info: String = client.info(Some(fred::types::InfoKind::Memory)).await?;
+        return Ok(vec![("redis".into(), parse(info))]);
+    }
+    let mut out = Vec::new();
+    for master in masters {
+        let info: String = client.with_cluster_node(master.clone()).info(Some(fred::types::InfoKind::Memory)).await?;
+        out.push((master.to_string(), parse(info)));
+    }
+    Ok(out)
 }
 
 impl Status {
@@ -85,7 +130,10 @@ impl Status {
             self.oldest_pending_seconds.map_or("-".to_string(), |s| format!("{s:.3} s"))
         );
         let _ = writeln!(out, "dead letters:        {}", self.dead_letters);
-        let _ = writeln!(out, "stream length:       {}", self.stream_len);
+        let _ = writeln!(out, "stream length:       {} ({} partitions)", self.stream_len, self.partitions);
+        for (node, bytes) in &self.memory {
+            let _ = writeln!(out, "redis memory:        {node} {:.1} MiB", *bytes as f64 / 1048576.0);
+        }
         for (name, pending, lag) in &self.groups {
             let lag = lag.map_or("?".to_string(), |l| l.to_string());
             let _ = writeln!(out, "group {name}: pending {pending}, lag {lag}");

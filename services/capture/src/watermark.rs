@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::*;
+use herald_core::stream::EventLog;
 use herald_proto::Message as _;
 use herald_proto::v1::Watermark;
 use tokio::time::{Instant, sleep};
@@ -56,7 +57,7 @@ struct Candidate {
 pub async fn run(
     pool: deadpool_postgres::Pool,
     redis: Pool,
-    stream: String,
+    log: EventLog,
     max_len: u64,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -72,7 +73,7 @@ pub async fn run(
                     let repeat = last.is_some_and(|(l, at)| l == lsn && at.elapsed() < REPEAT_AFTER);
                     if !repeat {
                         let bytes = Bytes::from(done.watermark.encode_to_vec());
-                        match herald_core::stream::append_watermark(redis.next(), &stream, bytes, max_len).await {
+                        match log.append_watermark(redis.next(), bytes, max_len).await {
                             Ok(()) => {
                                 metrics.watermarks.inc();
                                 metrics.watermark_lsn.set(i64::try_from(lsn).unwrap_or(i64::MAX));

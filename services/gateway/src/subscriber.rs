@@ -152,7 +152,7 @@ async fn reconcile(
     let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
     let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
     for chunk in add.chunks(BATCH) {
-        client.subscribe(chunk.to_vec()).await?;
+        herald_core::redis::subscribe(client, chunk.to_vec()).await.map_err(to_redis)?;
         subscribed.extend(chunk.iter().cloned());
         // Each new channel's position, read after the subscription is
         // confirmed: from here on a jump in offsets is a detectable gap.
@@ -164,7 +164,7 @@ async fn reconcile(
         }
     }
     for chunk in remove.chunks(BATCH) {
-        client.unsubscribe(chunk.to_vec()).await?;
+        herald_core::redis::unsubscribe(client, chunk.to_vec()).await.map_err(to_redis)?;
         for name in chunk {
             subscribed.remove(name);
         }

@@ -75,7 +75,17 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// `redis://host:port` (one server), or `redis-cluster://host:port?node=host:port&…`
+    /// (seed nodes of a Redis Cluster).
     pub url: String,
+    /// Talk to a Redis Cluster: the url's host (and its `node=` seeds) are
+    /// seed nodes. Implied by a `redis-cluster://` url.
+    pub cluster: bool,
+    /// Partitions of the event log (and of the L1 channel): a tenant's events
+    /// go to partition `fnv1a(tenant) % partitions`, each on its own slot.
+    /// 1 keeps the single stream `herald:{env}:events`. Change it only with
+    /// the log drained (see docs/redis-keys.md, Cluster notes).
+    pub partitions: u16,
     /// Connections in each service's command pool.
     pub pool_size: usize,
     /// Timeout of one command.
@@ -84,7 +94,21 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into(), pool_size: 4, command_timeout_ms: 5_000 }
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            partitions: 1,
+            pool_size: 4,
+            command_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Whether Herald talks to a Redis Cluster (sharded pub/sub, scans of
+    /// every master).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster || self.url.starts_with("redis-cluster://") || self.url.starts_with("rediss-cluster://")
     }
 }
 
@@ -153,6 +177,13 @@ pub struct BroadcastConfig {
     /// `claim_idle_ms`. Two live instances should not share a name; if they
     /// do, nothing is lost (each may re-apply the other's pending entries).
     pub consumer: Option<String>,
+    /// Replicas that must acknowledge a batch's L2 deletes (Redis `WAIT` on
+    /// every master it touched) before it is acknowledged; 0: none. With
+    /// replicas and failover, set it (like `capture.wait_replicas`) so a
+    /// promoted replica never holds entries an acknowledged event deleted.
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may block; shorter than `redis.command_timeout_ms`.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for BroadcastConfig {
@@ -165,6 +196,8 @@ impl Default for BroadcastConfig {
             claim_idle_ms: 5_000,
             heartbeat_ms: 1_000,
             consumer: None,
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
         }
     }
 }
@@ -296,6 +329,16 @@ impl Config {
             return Err(Error::Config(
                 "capture.wait_timeout_ms: must be greater than 0 and shorter than redis.command_timeout_ms".into(),
             ));
+        }
+        if self.broadcast.wait_replicas > 0
+            && (self.broadcast.wait_timeout_ms == 0 || self.broadcast.wait_timeout_ms >= self.redis.command_timeout_ms)
+        {
+            return Err(Error::Config(
+                "broadcast.wait_timeout_ms: must be greater than 0 and shorter than redis.command_timeout_ms".into(),
+            ));
+        }
+        if !(1..=crate::keys::MAX_PARTITIONS).contains(&self.redis.partitions) {
+            return Err(Error::Config(format!("redis.partitions: must be 1 to {}", crate::keys::MAX_PARTITIONS)));
         }
         if self.l1.heartbeat_timeout_ms <= self.broadcast.heartbeat_ms {
             return Err(Error::Config("l1.heartbeat_timeout_ms: must be longer than broadcast.heartbeat_ms".into()));
@@ -502,6 +545,23 @@ mod tests {
         assert!(err.contains("capture.wait_timeout_ms"), "{err}");
         let ok = Config::load("[capture]\nwait_replicas = 1\nwait_timeout_ms = 500\n", &env(&[])).unwrap();
         assert_eq!((ok.capture.wait_replicas, ok.capture.wait_timeout_ms), (1, 500));
+        let wait = "[broadcast]\nwait_replicas = 1\nwait_timeout_ms = 5000\n";
+        let err = Config::load(wait, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("broadcast.wait_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn cluster_mode_comes_from_the_flag_or_the_url() {
+        let single = Config::load("", &env(&[])).unwrap().redis;
+        assert!(!single.is_cluster());
+        assert_eq!(single.partitions, 1);
+        let url = Config::load("", &env(&[("REDIS_URL", "redis-cluster://a:7000?node=b:7001")])).unwrap();
+        assert!(url.redis.is_cluster());
+        let flag = Config::load("[redis]\ncluster = true\npartitions = 3\n", &env(&[])).unwrap();
+        assert!(flag.redis.is_cluster());
+        assert_eq!(flag.redis.partitions, 3);
+        let err = Config::load("[redis]\npartitions = 0\n", &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("redis.partitions"), "{err}");
     }
 
     #[test]

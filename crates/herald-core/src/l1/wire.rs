@@ -1,9 +1,11 @@
 //! The L1 channel's wire format, in one place: what broadcast and the cache
-//! API publish on `herald:{env}:l1`, and what every L1 subscriber (and
-//! `herald-broadcast watch`) reads back. A message is a protobuf
+//! API publish on `herald:{env}:l1` (or, with `redis.partitions` > 1, on
+//! the L1 channel of each event's partition), and what every L1 subscriber
+//! (and `herald-broadcast watch`) reads back. On a cluster they travel by
+//! sharded pub/sub (`SPUBLISH`). A message is a protobuf
 //! `herald.v1.L1Message`: a batch of invalidation events, a broadcast
 //! heartbeat, or a freshness watermark broadcast forwards once everything
-//! before it was applied.
+//! before it in its partition was applied.
 
 use bytes::Bytes;
 use fred::prelude::*;
@@ -85,15 +87,14 @@ pub async fn publish_watermark(redis: &Pool, channel: &str, watermark: Watermark
 /// Publishes `events` on the L1 `channel`, in order.
 pub async fn publish_invalidations(redis: &Pool, channel: &str, events: &[InvalidationEvent]) -> crate::Result<()> {
     for message in invalidation_messages(events) {
-        let _: i64 = redis.next().publish(channel, message).await?;
+        crate::redis::publish(redis.next(), channel, message).await?;
     }
     Ok(())
 }
 
 /// Publishes a heartbeat of `instance` on the L1 `channel`.
 pub async fn publish_heartbeat(redis: &Pool, channel: &str, instance: &str) -> crate::Result<()> {
-    let _: i64 = redis.next().publish(channel, heartbeat_message(instance)).await?;
-    Ok(())
+    crate::redis::publish(redis.next(), channel, heartbeat_message(instance)).await
 }
 
 #[cfg(test)]
