@@ -151,6 +151,10 @@ export class Subscription<T = unknown> extends Emitter<SubscriptionEvents> {
     const stillEmpty = this.pos?.epoch === "" && reply.epoch === "" && reply.offset === 0;
     const recovered = wasRecovering && (reply.recovered === true || (stillEmpty && reply.degraded !== true));
     this.isDegraded = reply.degraded === true;
+    // Degraded without a position: the resubscribe that follows Redis's
+    // return must still recover (from "nothing"), so what was published in
+    // between is reported (onReload) rather than skipped.
+    if (this.isDegraded && !this.pos) this.pos = { offset: 0, epoch: "" };
     if (!this.isDegraded) {
       // Always a position we may store (the protocol guarantees it).
       this.pos = { offset: reply.offset, epoch: reply.epoch };
