@@ -12,6 +12,7 @@ use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 
 use crate::metrics::Metrics;
+use crate::stats::Stats;
 use herald_core::stream::{self, Entry};
 
 #[derive(Clone)]
@@ -23,6 +24,8 @@ pub struct Applier {
     metrics: Metrics,
     /// History options of the `team` namespace, when the gateway has one.
     teams: Option<HistoryOptions>,
+    /// What the ops channel's stats message reports.
+    stats: Stats,
 }
 
 /// Entries kept in the dead stream at most (approximately).
@@ -36,13 +39,19 @@ const TEAM_IDEMPOTENCY_TTL_S: u64 = 600;
 impl Applier {
     pub fn new(redis: Pool, keys: KeySpace, group: String, metrics: Metrics) -> Self {
         let l2 = L2::new(redis.clone(), keys.clone());
-        Self { redis, keys, l2, group, metrics, teams: None }
+        Self { redis, keys, l2, group, metrics, teams: None, stats: Stats::default() }
     }
 
     /// Also publish row changes of tables with a team column on `team:{id}`
     /// channels, with the `team` namespace's history options.
     pub fn with_team_channels(mut self, history: Option<HistoryOptions>) -> Self {
         self.teams = history;
+        self
+    }
+
+    /// Record what is applied into `stats` (for the ops channel).
+    pub fn with_stats(mut self, stats: Stats) -> Self {
+        self.stats = stats;
         self
     }
 
@@ -90,9 +99,13 @@ impl Applier {
         self.publish_teams(&events).await?;
         let _: i64 = self.redis.next().xack(self.keys.stream(), &self.group, ids).await?;
         let now = now_us();
+        let mut window = self.stats.window.lock().unwrap_or_else(|p| p.into_inner());
         for event in &events {
-            self.metrics.lag.observe((now - event.commit_time_us).max(0) as f64 / 1e6);
+            let lag_us = (now - event.commit_time_us).max(0);
+            self.metrics.lag.observe(lag_us as f64 / 1e6);
+            window.record(&event.tenant, lag_us);
         }
+        drop(window);
         self.metrics.events_applied.inc_by(events.len() as u64);
         Ok(events.len())
     }

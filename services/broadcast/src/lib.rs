@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod metrics;
+pub mod stats;
 pub mod watch;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use herald_core::channel::HistoryOptions;
 use herald_core::config::{BroadcastConfig, Config, ms};
 use herald_core::keys::KeySpace;
 use herald_core::ops::{self, ReadyFlag};
+use herald_core::ops_channel::OpsChannel;
 use herald_core::time::now_us;
 use tokio::net::TcpListener;
 use tokio::time::sleep;
@@ -57,8 +59,10 @@ pub async fn run(
     let _connections = redis.connect();
     let teams =
         config.gateway.namespace("team").map(|ns| HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s });
+    let stats = stats::Stats::default();
     let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone())
-        .with_team_channels(teams);
+        .with_team_channels(teams)
+        .with_stats(stats.clone());
     // Time of the last successful read-and-apply, for the heartbeat.
     let last_ok = Arc::new(AtomicI64::new(0));
     let ready = readiness.flag("redis");
@@ -78,8 +82,15 @@ pub async fn run(
         keys.stream(),
         config.broadcast.group.clone(),
         metrics.clone(),
+        stats.stream_unread.clone(),
         shutdown.clone(),
     ));
+    let stats_task = OpsChannel::from_config(&config.gateway).map(|ops| {
+        let mut message = stats::StatsMessage::new(consumer.clone(), metrics.clone(), stats.clone());
+        tokio::spawn(
+            ops.publish_every(redis.clone(), keys.clone(), shutdown.clone(), move |elapsed| message.next(elapsed)),
+        )
+    });
 
     tracing::info!(stream = %keys.stream(), group = %config.broadcast.group, %consumer, "broadcast started");
     consume(&config, &redis, &keys, &applier, &consumer, &last_ok, &ready, &shutdown).await;
@@ -87,6 +98,9 @@ pub async fn run(
     tracing::info!("broadcast stopping");
     let _ = heartbeat.await;
     let _ = trimmer.await;
+    if let Some(task) = stats_task {
+        let _ = task.await;
+    }
     let _ = redis.quit().await;
     let _ = ops_task.await;
     Ok(())
@@ -247,19 +261,32 @@ async fn heartbeat_loop(
 
 /// Trims entries every group has acknowledged (never an unread or pending
 /// one), and samples the group's pending count.
-async fn trim_loop(redis: Pool, stream: String, group: String, metrics: Metrics, shutdown: CancellationToken) {
+async fn trim_loop(
+    redis: Pool,
+    stream: String,
+    group: String,
+    metrics: Metrics,
+    unread: Arc<AtomicI64>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = sleep(Duration::from_secs(1)) => {}
         }
-        if let Err(error) = trim_once(&redis, &stream, &group, &metrics).await {
+        if let Err(error) = trim_once(&redis, &stream, &group, &metrics, &unread).await {
             tracing::debug!(%error, "stream trim skipped");
         }
     }
 }
 
-async fn trim_once(redis: &Pool, stream: &str, own_group: &str, metrics: &Metrics) -> Result<(), fred::error::Error> {
+async fn trim_once(
+    redis: &Pool,
+    stream: &str,
+    own_group: &str,
+    metrics: &Metrics,
+    unread: &AtomicI64,
+) -> Result<(), fred::error::Error> {
     let groups: Value = redis.next().xinfo_groups(stream).await?;
     let Value::Array(groups) = groups else { return Ok(()) };
     let mut min_id: Option<(u64, u64)> = None;
@@ -269,6 +296,8 @@ async fn trim_once(redis: &Pool, stream: &str, own_group: &str, metrics: &Metric
         let pending = fields.get("pending").and_then(|v| v.as_i64()).unwrap_or(0);
         if name == own_group {
             metrics.pending.set(pending);
+            // Redis 7 reports how many entries the group has not read yet.
+            unread.store(fields.get("lag").and_then(|v| v.as_i64()).unwrap_or(0), Ordering::Relaxed);
         }
         let last = fields.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default();
         let mut bound = parse_id(&last);
