@@ -10,10 +10,11 @@ dev: ## run Herald's four services (capture, broadcast, cache API, gateway) on t
 readme-examples: ## run the README's examples against a running `make dev` (in another shell)
 	scripts/readme-examples.sh
 
-test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test; the TypeScript client's tests (npm ci, Chromium)
 	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace
+	scripts/test-typescript.sh
 
 lint: ## formatting and clippy, as CI runs them
 	cargo fmt --all -- --check
