@@ -454,6 +454,19 @@ describe("subscriptions across reconnects", () => {
     expect(pubs).toEqual([0, 4]);
   });
 
+  it("a subscription that began degraded recovers from (0, \"\") when Redis is back", async () => {
+    const c = client();
+    c.connect();
+    const socket = await accept();
+    const reloads: unknown[] = [];
+    c.subscribe("team:1", { onReload: (x) => reloads.push(x) });
+    subscribed(socket, "team:1", { offset: 0, epoch: "", head: 0, degraded: true });
+    socket.push({ type: "unsubscribed", channel: "team:1", reason: "redis is back", resubscribe: true });
+    expect(socket.sentOf("subscribe").at(-1)?.recover).toEqual({ offset: 0, epoch: "" });
+    subscribed(socket, "team:1", { offset: 1, epoch: "new", head: 1, recovered: false });
+    expect(reloads).toHaveLength(1);
+  });
+
   it("a refused subscribe: 403 ends it, 429 retries", async () => {
     const c = client();
     c.connect();
