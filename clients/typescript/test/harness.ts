@@ -4,7 +4,7 @@
 // and the Redis namespace removed afterwards. No mocks of Redis or Postgres.
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -111,13 +111,19 @@ export class Service {
   ) {}
 
   start(): void {
+    const binary = join(binDir(), this.name);
+    if (!existsSync(binary)) {
+      throw new Error(`${binary} not found: build it first (cargo build --workspace --bins; make test does) or set HERALD_BIN_DIR`);
+    }
     this.log += `\n=== ${this.name} started ===\n`;
-    const child = spawn(join(binDir(), this.name), this.args, {
+    const child = spawn(binary, this.args, {
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn", ...this.env },
       stdio: ["ignore", "pipe", "pipe"],
     });
     child.stdout?.on("data", (d: Buffer) => (this.log += d.toString()));
     child.stderr?.on("data", (d: Buffer) => (this.log += d.toString()));
+    child.on("error", (error) => (this.log += `spawn failed: ${String(error)}\n`));
+    child.on("exit", (code, signal) => (this.log += `=== ${this.name} exited (${code ?? signal}) ===\n`));
     this.child = child;
   }
 
