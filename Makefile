@@ -10,10 +10,11 @@ dev: ## run Herald's four services (capture, broadcast, cache API, gateway) on t
 readme-examples: ## run the README's examples against a running `make dev` (in another shell)
 	scripts/readme-examples.sh
 
-test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test; the TypeScript client's tests (npm ci, Chromium)
 	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace
+	scripts/test-typescript.sh
 
 test-cluster: ## spine, fault, cache-API, gateway and cluster tests against a local Redis Cluster (3 masters + 3 replicas per test process, started by the tests)
 	cargo build --workspace --bins

@@ -37,6 +37,9 @@
 #      HERALD_ENV, tokens, PATH with the binaries) and writes it to .dev/env,
 #      so another shell can `source .dev/env` and run the commands against
 #      these servers; .dev/env is removed when this script stops.
+#      The team feed and live console pages (clients/typescript/pages,
+#      built with npm) on http://127.0.0.1:8090 (PAGES_ADDR) when node and
+#      npm are installed; log .dev/pages.log.
 #   6. Every 2 s changes a random demo row (its name, or its slug) and says
 #      what it did, so you see the invalidation arrive on the [l1] lines, then
 #      reads the row through the cache API ([cache] lines: which layer
@@ -391,6 +394,22 @@ start_bg capture "$DEV/capture.log" "$BIN/herald-capture" "${CFG[@]}" run
 start_bg broadcast "$DEV/broadcast.log" "$BIN/herald-broadcast" "${CFG[@]}" run
 start_bg cache-api "$DEV/cache-api.log" "$BIN/herald-cache-api" "${CFG[@]}" run
 start_bg gateway "$DEV/gateway.log" "$BIN/herald-gateway" "${CFG[@]}" run
+
+# The team feed and live console pages (clients/typescript/pages), when Node is here.
+PAGES_ADDR=${PAGES_ADDR:-127.0.0.1:8090}
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    log "building the TypeScript client for the pages (npm ci, npm run build; log .dev/npm.log)"
+    if (cd "$ROOT/clients/typescript" && npm ci --no-audit --no-fund && npm run build) >"$DEV/npm.log" 2>&1; then
+        start_bg pages "$DEV/pages.log" env PAGES_ADDR="$PAGES_ADDR" \
+            HERALD_GATEWAY_WS="ws://$HERALD_GATEWAY__LISTEN_ADDR/v1/ws" HERALD_CACHE_URL="http://$HERALD_CACHE__HTTP_ADDR" \
+            node "$ROOT/clients/typescript/pages/serve.mjs"
+        log "pages:      team feed http://$PAGES_ADDR/team-feed.html, live console http://$PAGES_ADDR/console.html"
+    else
+        log "warning: building clients/typescript failed (see .dev/npm.log); the pages are not served"
+    fi
+else
+    log "node/npm not found: the team feed and live console pages are not served"
+fi
 
 # watch: each invalidation is one JSON line; print it here with an [l1] prefix.
 printf '\n=== watch started %s ===\n' "$(date -Is)" >>"$DEV/watch.log"

@@ -20,6 +20,13 @@
 //!
 //! Publications go through `herald_core::channel::publish`, the function the
 //! publish API and broadcast use.
+//!
+//! With `--client ts`, `--small` more sockets are opened by the TypeScript
+//! client (`clients/typescript/bench/ws-subscriber.mjs`, one `Herald` client
+//! per socket, in one Node process) on a channel of their own, published to
+//! in every round right after the small channel: the p99 of the Node client
+//! is reported beside the Rust clients' of the same run, with the
+//! publications it lost or saw twice.
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -69,6 +76,17 @@ pub struct Args {
     /// Back-to-back publications to the big channel for throughput.
     #[arg(long, default_value_t = 50)]
     burst: usize,
+    /// `ts`: also `--small` subscribers using the TypeScript client (Node).
+    #[arg(long, value_enum, default_value_t = ClientKind::Rust)]
+    client: ClientKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientKind {
+    /// Rust sockets only.
+    Rust,
+    /// Rust sockets, plus the TypeScript client on a channel of its own.
+    Ts,
 }
 
 /// What the re-executed benchmark process is.
@@ -111,6 +129,7 @@ const SECRET: &str = "bench-secret-0123456789abcdefghijklmn";
 const TENANT: &str = "bench";
 const BIG: &str = "team:big";
 const SMALL: &str = "team:small";
+const SMALL_TS: &str = "team:small-ts";
 
 fn config_text(env: &str, redis_url: &str, per_gateway: usize) -> String {
     format!(
@@ -158,9 +177,24 @@ struct Node {
 
 impl Node {
     fn spawn(args: &[String]) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("ws-node")
-            .args(args)
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("ws-node").args(args);
+        Self::spawn_command(command)
+    }
+
+    /// The TypeScript subscriber: `node ws-subscriber.mjs …`.
+    fn spawn_ts(args: &[String]) -> anyhow::Result<Self> {
+        let package = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../clients/typescript");
+        if !package.join("dist/esm/index.js").exists() || !package.join("node_modules/ws").exists() {
+            bail!("--client ts needs the built client: cd clients/typescript && npm ci && npm run build");
+        }
+        let mut command = Command::new("node");
+        command.arg(package.join("bench/ws-subscriber.mjs")).args(args);
+        Self::spawn_command(command)
+    }
+
+    fn spawn_command(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -212,8 +246,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let env = herald_tests::unique("bench");
     let redis_url = herald_tests::redis_url();
-    let config =
-        Config::load(&config_text(&env, &redis_url, args.sockets.div_ceil(args.gateways)), &Default::default())?;
+    let ts_sockets = if args.client == ClientKind::Ts { args.small } else { 0 };
+    let per_gateway = (args.sockets + ts_sockets).div_ceil(args.gateways);
+    let config = Config::load(&config_text(&env, &redis_url, per_gateway), &Default::default())?;
     let config_path = std::env::temp_dir().join(format!("{env}-gateway.toml"));
     std::fs::write(&config_path, toml::to_string(&config)?)?;
     let redis = herald_core::redis::connect_pool(&config.redis).await?;
@@ -293,6 +328,25 @@ async fn measure(
     for client in &mut clients {
         client.expect("READY", Duration::from_secs(600)).await?;
     }
+    let mut ts = match args.client {
+        ClientKind::Rust => None,
+        ClientKind::Ts => {
+            let mut node = Node::spawn_ts(&[
+                "--gateways".into(),
+                addrs.join(","),
+                "--token".into(),
+                token.clone(),
+                "--channel".into(),
+                SMALL_TS.into(),
+                "--count".into(),
+                args.small.to_string(),
+                "--source".into(),
+                format!("127.0.0.{}", 10 + args.clients),
+            ])?;
+            node.expect("READY", Duration::from_secs(600)).await?;
+            Some(node)
+        }
+    };
     let connect_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after: Vec<u64> = gateways.iter().map(|(n, ..)| rss_kib(n.pid())).collect();
@@ -308,6 +362,7 @@ async fn measure(
     let history = HistoryOptions { size: 100, ttl_s: 300 };
     let big = Channel::parse(BIG)?;
     let small = Channel::parse(SMALL)?;
+    let small_ts = Channel::parse(SMALL_TS)?;
     let publish = |channel: &Channel, phase: u8| {
         let data = format!(r#"{{"t":{},"p":{phase}}}"#, now_us());
         let (redis, keys, tenant, channel) = (redis.clone(), keys.clone(), tenant.clone(), channel.clone());
@@ -318,6 +373,10 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(300)).await;
         publish(&small, 1).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if ts.is_some() {
+            publish(&small_ts, 3).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let burst_start = now_us();
@@ -347,12 +406,27 @@ async fn measure(
         expected += v["expected"].as_u64().unwrap_or(0);
         failed += v["failed"].as_u64().unwrap_or(0);
     }
+    let ts_result = match ts.as_mut() {
+        Some(node) => {
+            node.stdin.write_all(format!("DONE {}\n", args.rounds).as_bytes()).await?;
+            node.stdin.flush().await?;
+            let v: Value = serde_json::from_str(&node.expect("RESULT", Duration::from_secs(120)).await?)?;
+            let mut lat = Latencies::new();
+            for pair in v["lat"].as_array().into_iter().flatten() {
+                for _ in 0..pair[1].as_u64().unwrap_or(0) {
+                    lat.record_us(pair[0].as_u64().unwrap_or(0));
+                }
+            }
+            Some((lat, v))
+        }
+        None => None,
+    };
     let burst_s = (burst_last - burst_start).max(1) as f64 / 1e6;
     let deliveries_per_s = burst_deliveries as f64 / burst_s;
     for (node, ..) in &mut gateways {
         let _ = node.child.start_kill();
     }
-    for client in &mut clients {
+    for client in clients.iter_mut().chain(ts.as_mut()) {
         let _ = client.child.start_kill();
     }
 
@@ -373,7 +447,21 @@ async fn measure(
             ),
         )
         .row(format!("broadcast to {} subscribers", args.big), lat_big.summary())
-        .row(format!("broadcast to {} subscribers", args.small), lat_small.summary())
+        .row(format!("broadcast to {} subscribers", args.small), lat_small.summary());
+    if let Some((lat, v)) = &ts_result {
+        table.row(
+            format!("broadcast to {} subscribers, TypeScript client (Node)", args.small),
+            format!(
+                "{}; received {} / {}, lost {}, duplicates {}",
+                lat.summary(),
+                v["received"],
+                v["expected"],
+                v["lost"],
+                v["duplicates"]
+            ),
+        );
+    }
+    table
         .row(
             "burst deliveries",
             format!(
@@ -398,6 +486,12 @@ async fn measure(
         .set("expected", expected)
         .set("gateways", args.gateways as u64)
         .set("cores", cores() as u64);
+    if let Some((lat, v)) = &ts_result {
+        json.set_f64("p50_ms_1k_ts", lat.quantile_ms(0.50), 2)
+            .set_f64("p99_ms_1k_ts", lat.quantile_ms(0.99), 2)
+            .set("lost_ts", v["lost"].as_u64().unwrap_or(u64::MAX))
+            .set("duplicates_ts", v["duplicates"].as_u64().unwrap_or(u64::MAX));
+    }
     println!("{}", json.render());
     if received < expected {
         eprintln!("warning: {} deliveries missing", expected - received);

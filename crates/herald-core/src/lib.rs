@@ -12,6 +12,7 @@ pub mod keys;
 pub mod l1;
 pub mod l2;
 pub mod ops;
+pub mod ops_channel;
 pub mod pg;
 pub mod redis;
 pub mod serve;

@@ -12,6 +12,7 @@ use herald_proto::Message as _;
 use herald_proto::v1::InvalidationEvent;
 
 use crate::metrics::Metrics;
+use crate::stats::Stats;
 use crate::watermark::Forwarder;
 use herald_core::stream::{self, Entry};
 use herald_proto::v1::Watermark;
@@ -32,6 +33,8 @@ pub struct Applier {
     /// Replicas that must have a batch's L2 deletes before it is
     /// acknowledged (`broadcast.wait_replicas`), and the `WAIT` timeout.
     wait: Option<(u32, u64)>,
+    /// What the ops channel's stats message reports.
+    stats: Stats,
 }
 
 /// Entries kept in the dead stream at most (approximately).
@@ -48,7 +51,19 @@ impl Applier {
         let (stream, l1_channel) = (keys.stream(), keys.l1_channel());
         let watermarks =
             Forwarder::new(redis.clone(), stream.clone(), group.clone(), l1_channel.clone(), metrics.clone());
-        Self { redis, keys, l2, group, metrics, watermarks, teams: None, stream, l1_channel, wait: None }
+        Self {
+            redis,
+            keys,
+            l2,
+            group,
+            metrics,
+            watermarks,
+            teams: None,
+            stream,
+            l1_channel,
+            wait: None,
+            stats: Stats::default(),
+        }
     }
 
     /// Applies partition `i` of `n` of the log: acknowledges on its stream,
@@ -77,6 +92,12 @@ impl Applier {
     /// channels, with the `team` namespace's history options.
     pub fn with_team_channels(mut self, history: Option<HistoryOptions>) -> Self {
         self.teams = history;
+        self
+    }
+
+    /// Record what is applied into `stats` (for the ops channel).
+    pub fn with_stats(mut self, stats: Stats) -> Self {
+        self.stats = stats;
         self
     }
 
@@ -152,8 +173,13 @@ impl Applier {
         self.publish_teams(&events).await?;
         let _: i64 = self.redis.next().xack(&self.stream, &self.group, ids).await?;
         let now = now_us();
-        for event in &events {
-            self.metrics.lag.observe((now - event.commit_time_us).max(0) as f64 / 1e6);
+        {
+            let mut window = self.stats.window.lock().unwrap_or_else(|p| p.into_inner());
+            for event in &events {
+                let lag_us = (now - event.commit_time_us).max(0);
+                self.metrics.lag.observe(lag_us as f64 / 1e6);
+                window.record(&event.tenant, lag_us);
+            }
         }
         self.metrics.events_applied.inc_by(events.len() as u64);
         if let Some((entry_id, watermark)) = watermark {

@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod metrics;
+pub mod stats;
 pub mod watch;
 pub mod watermark;
 
@@ -25,6 +26,7 @@ use herald_core::channel::HistoryOptions;
 use herald_core::config::{BroadcastConfig, Config, ms};
 use herald_core::keys::KeySpace;
 use herald_core::ops::{self, ReadyFlag};
+use herald_core::ops_channel::OpsChannel;
 use herald_core::time::now_us;
 use tokio::net::TcpListener;
 use tokio::time::sleep;
@@ -64,6 +66,7 @@ pub async fn run(
     // heartbeat on its L1 channel and for readiness.
     let last_ok: Arc<[AtomicI64]> = (0..n).map(|_| AtomicI64::new(0)).collect();
     let healthy_within = ms(config.broadcast.block_ms) + Duration::from_secs(2);
+    let stats = stats::Stats::default();
     let ready = readiness.flag("redis");
 
     let heartbeat = tokio::spawn(heartbeat_loop(
@@ -85,16 +88,24 @@ pub async fn run(
                 stream.clone(),
                 config.broadcast.group.clone(),
                 metrics.clone(),
+                stats.stream_unread.clone(),
                 shutdown.clone(),
             ))
         })
         .collect();
+    let stats_task = OpsChannel::from_config(&config.gateway).map(|ops| {
+        let mut message = stats::StatsMessage::new(consumer.clone(), metrics.clone(), stats.clone());
+        tokio::spawn(
+            ops.publish_every(redis.clone(), keys.clone(), shutdown.clone(), move |elapsed| message.next(elapsed)),
+        )
+    });
 
     tracing::info!(streams = ?log.streams(), group = %config.broadcast.group, %consumer, "broadcast started");
     let consumers =
         (0..n).map(|i| {
             let applier = Applier::new(redis.clone(), keys.clone(), config.broadcast.group.clone(), metrics.clone())
                 .with_team_channels(teams)
+                .with_stats(stats.clone())
                 .for_partition(i, n)
                 .with_replica_wait(config.broadcast.wait_replicas, config.broadcast.wait_timeout_ms);
             let partition = Partition { stream: log.streams()[usize::from(i)].clone(), index: usize::from(i) };
@@ -110,6 +121,9 @@ pub async fn run(
     let _ = heartbeat.await;
     for trimmer in trimmers {
         let _ = trimmer.await;
+    }
+    if let Some(task) = stats_task {
+        let _ = task.await;
     }
     let _ = redis.quit().await;
     let _ = ops_task.await;
@@ -288,19 +302,32 @@ async fn heartbeat_loop(
 
 /// Trims entries every group has acknowledged (never an unread or pending
 /// one), and samples the group's pending count.
-async fn trim_loop(redis: Pool, stream: String, group: String, metrics: Metrics, shutdown: CancellationToken) {
+async fn trim_loop(
+    redis: Pool,
+    stream: String,
+    group: String,
+    metrics: Metrics,
+    unread: Arc<AtomicI64>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = sleep(Duration::from_secs(1)) => {}
         }
-        if let Err(error) = trim_once(&redis, &stream, &group, &metrics).await {
+        if let Err(error) = trim_once(&redis, &stream, &group, &metrics, &unread).await {
             tracing::debug!(%error, "stream trim skipped");
         }
     }
 }
 
-async fn trim_once(redis: &Pool, stream: &str, own_group: &str, metrics: &Metrics) -> Result<(), fred::error::Error> {
+async fn trim_once(
+    redis: &Pool,
+    stream: &str,
+    own_group: &str,
+    metrics: &Metrics,
+    unread: &AtomicI64,
+) -> Result<(), fred::error::Error> {
     let groups: Value = redis.next().xinfo_groups(stream).await?;
     let Value::Array(groups) = groups else { return Ok(()) };
     let mut min_id: Option<(u64, u64)> = None;
@@ -310,6 +337,8 @@ async fn trim_once(redis: &Pool, stream: &str, own_group: &str, metrics: &Metric
         let pending = fields.get("pending").and_then(|v| v.as_i64()).unwrap_or(0);
         if name == own_group {
             metrics.pending.set(pending);
+            // Redis 7 reports how many entries the group has not read yet.
+            unread.store(fields.get("lag").and_then(|v| v.as_i64()).unwrap_or(0), Ordering::Relaxed);
         }
         let last = fields.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default();
         let mut bound = parse_id(&last);

@@ -342,6 +342,9 @@ impl Conn<'_> {
         if !self.claims.allows(&channel) {
             return Err(error(id, 403, "the token does not allow this channel"));
         }
+        if self.ctx.ops.as_ref().is_some_and(|ops| !ops.allows(&self.claims.tenant, &channel)) {
+            return Err(error(id, 403, "this namespace is the ops tenant's"));
+        }
         Ok((channel, HistoryOptions { size: ns.history_size, ttl_s: ns.history_ttl_s }, ns.presence))
     }
 

@@ -17,6 +17,7 @@ pub mod protocol;
 pub mod publish;
 pub mod recovery;
 pub mod socket;
+pub mod stats;
 pub mod subscriber;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use axum::routing::{get, post};
 use fred::prelude::*;
 use herald_core::config::{Config, GatewayConfig};
 use herald_core::keys::KeySpace;
+use herald_core::ops_channel::OpsChannel;
 use herald_proto::v1::publisher_server::PublisherServer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -64,6 +66,8 @@ pub struct Ctx {
     /// The publish API's calls.
     pub publish_limiter: TenantLimiter,
     pub presence: Arc<Presence>,
+    /// The ops channel, when configured: its namespace is the ops tenant's alone.
+    pub ops: Option<OpsChannel>,
     pub metrics: Metrics,
     pub redis: Pool,
     pub shutdown: CancellationToken,
@@ -120,6 +124,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             hub.redis_flag(),
         ),
         presence: Arc::new(Presence::new(redis.clone(), gateway.presence_ttl_ms, hub.redis_flag())),
+        ops: OpsChannel::from_config(&gateway),
         metrics: metrics.clone(),
         redis: redis.clone(),
         shutdown: shutdown.clone(),
@@ -141,6 +146,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         shutdown.clone(),
     ));
     background.spawn(ctx.presence.clone().heartbeat(shutdown.clone()));
+    if let Some(ops) = ctx.ops.clone() {
+        let mut stats = stats::StatsMessage::new(ctx.node.clone(), metrics.clone());
+        background.spawn(
+            ops.publish_every(redis.clone(), keys.clone(), shutdown.clone(), move |elapsed| stats.next(elapsed)),
+        );
+    }
 
     let publisher = Publisher::new(ctx.clone(), service_auth);
     let app = router(ctx.clone(), publisher.clone());

@@ -45,6 +45,29 @@ pub struct GatewayConfig {
     /// Clients are advised to wait a random time up to this before
     /// reconnecting after a shutdown close.
     pub reconnect_jitter_ms: u64,
+    /// The ops channel: when set, broadcast and every gateway publish a
+    /// stats message on it each `interval_ms`, and only tokens of its
+    /// tenant may subscribe to its namespace.
+    pub ops: Option<OpsChannelConfig>,
+}
+
+/// `[gateway.ops]`: where the live console's stats are published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsChannelConfig {
+    /// The ops tenant: the only tenant whose tokens may subscribe to the
+    /// channel's namespace (in any tenant).
+    pub tenant: String,
+    /// The channel, `namespace:id`; its namespace must be configured.
+    pub channel: String,
+    /// Each publisher sends one stats message this often.
+    pub interval_ms: u64,
+}
+
+impl Default for OpsChannelConfig {
+    fn default() -> Self {
+        Self { tenant: "ops".into(), channel: "ops:stats".into(), interval_ms: 1_000 }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -64,6 +87,7 @@ impl Default for GatewayConfig {
             connect_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             reconnect_jitter_ms: 5_000,
+            ops: None,
         }
     }
 }
@@ -256,6 +280,22 @@ impl GatewayConfig {
                 return err(key("history_ttl_s"), "must be greater than 0 when history_size is");
             }
         }
+        if let Some(ops) = &self.ops {
+            if let Err(e) = crate::keys::TenantId::new(&ops.tenant) {
+                return err("ops.tenant".into(), &e.to_string());
+            }
+            let channel = crate::channel::Channel::parse(&ops.channel);
+            match channel {
+                Err(e) => return err("ops.channel".into(), &e.to_string()),
+                Ok(c) if self.namespace(c.namespace()).is_none() => {
+                    return err("ops.channel".into(), "its namespace is not in gateway.namespaces");
+                }
+                Ok(_) => {}
+            }
+            if ops.interval_ms == 0 {
+                return err("ops.interval_ms".into(), "must be greater than 0");
+            }
+        }
         let mut kids = HashSet::new();
         for (i, k) in self.jwt_keys.iter().enumerate() {
             if k.kid.is_empty() || k.kid.len() > 128 {
@@ -321,6 +361,17 @@ mod tests {
         assert_eq!(c.gateway.namespace("team").unwrap().history_size, 50);
         assert!(!c.gateway.namespace("alerts").unwrap().presence);
         assert!(c.gateway.namespace("repo").is_none());
+    }
+
+    #[test]
+    fn the_ops_channel_needs_a_configured_namespace() {
+        let ns = "[[gateway.namespaces]]\nname = \"ops\"\n";
+        let c = load(&format!("[gateway.ops]\ntenant = \"ops\"\n{ns}")).unwrap();
+        assert_eq!(c.gateway.ops.unwrap().channel, "ops:stats");
+        let e = load("[gateway.ops]\ntenant = \"ops\"\n").unwrap_err().to_string();
+        assert!(e.contains("gateway.ops.channel"), "{e}");
+        let e = load(&format!("[gateway.ops]\ntenant = \"no tenant\"\n{ns}")).unwrap_err().to_string();
+        assert!(e.contains("gateway.ops.tenant"), "{e}");
     }
 
     #[test]

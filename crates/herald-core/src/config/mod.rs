@@ -20,7 +20,7 @@ mod cache;
 mod gateway;
 
 pub use cache::{CacheConfig, OnStale, ResourceConfig, Shape, TokenConfig};
-pub use gateway::GatewayConfig;
+pub use gateway::{GatewayConfig, OpsChannelConfig};
 
 /// The whole configuration of a Herald installation. Every service reads the
 /// sections it needs and ignores the others.
