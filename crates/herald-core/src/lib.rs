@@ -17,8 +17,9 @@ pub mod redis;
 pub mod serve;
 pub mod shutdown;
 pub mod stream;
-pub mod tags;
 pub mod telemetry;
 pub mod time;
 
 pub use error::{Error, Result};
+/// What tags mean (owned by herald-l1, which embeds without the rest of core).
+pub use herald_l1::tags;

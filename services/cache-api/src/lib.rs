@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod quota;
 pub mod resource;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
