@@ -24,8 +24,10 @@
 //!   feed makes it live again.
 //! * **Bounded.** By bytes (`l1.max_bytes`) and by age (`l1.max_ttl_ms`).
 
+pub mod backoff;
 pub mod config;
 pub mod error;
+pub mod flight;
 pub mod scope;
 pub mod tags;
 

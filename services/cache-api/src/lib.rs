@@ -5,7 +5,8 @@ pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod error;
-pub mod flight;
+/// Single-flight per key (shared with near caches: herald-l1).
+pub use herald_l1::flight;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
