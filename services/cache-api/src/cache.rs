@@ -43,6 +43,8 @@ use crate::metrics::Metrics;
 use crate::quota::{QuotaPermit, TenantQuota};
 use crate::resource::{Fetched, Resource};
 
+mod atomic;
+
 /// The resource name of explicit keys, in keys and metrics.
 pub const KV: &str = "kv";
 /// Longest wait for one Redis operation before the request degrades to
@@ -532,21 +534,7 @@ impl Cache {
     ) -> Result<bool> {
         let scope = Scope::Tenant(tenant.clone());
         let entry_key = self.keys.entry(&scope, KV, key)?;
-        if value.len() > self.config.max_value_bytes {
-            return Err(Error::InvalidArgument(format!(
-                "value of {} bytes is over the limit of {} (cache.max_value_bytes)",
-                value.len(),
-                self.config.max_value_bytes
-            )));
-        }
-        let ttl_ms = if ttl_ms == 0 { self.config.key_ttl_ms } else { ttl_ms };
-        if ttl_ms > self.config.max_key_ttl_ms {
-            return Err(Error::InvalidArgument(format!(
-                "ttl_ms {ttl_ms} is over the limit of {} (cache.max_key_ttl_ms)",
-                self.config.max_key_ttl_ms
-            )));
-        }
-        self.check_tags(&tags)?;
+        let ttl_ms = self.check_explicit(&value, ttl_ms, &tags)?;
         let token: Option<FillToken> = if fill_token.is_empty() {
             None
         } else {
@@ -580,6 +568,27 @@ impl Cache {
             self.metrics.rejected(KV, "l2");
         }
         Ok(stored)
+    }
+
+    /// Checks an explicit key's value, TTL (0: `cache.key_ttl_ms`) and tags
+    /// against the limits; the TTL to use.
+    fn check_explicit(&self, value: &[u8], ttl_ms: u64, tags: &[String]) -> Result<u64> {
+        if value.len() > self.config.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "value of {} bytes is over the limit of {} (cache.max_value_bytes)",
+                value.len(),
+                self.config.max_value_bytes
+            )));
+        }
+        let ttl_ms = if ttl_ms == 0 { self.config.key_ttl_ms } else { ttl_ms };
+        if ttl_ms > self.config.max_key_ttl_ms {
+            return Err(Error::InvalidArgument(format!(
+                "ttl_ms {ttl_ms} is over the limit of {} (cache.max_key_ttl_ms)",
+                self.config.max_key_ttl_ms
+            )));
+        }
+        self.check_tags(tags)?;
+        Ok(ttl_ms)
     }
 
     /// Drops one explicit key on every node.
