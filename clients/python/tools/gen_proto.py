@@ -23,7 +23,7 @@ GENERATED = [f"herald/v1/{name}{ext}" for name in ("events_pb2", "cache_pb2") fo
 
 
 def generate(out: Path) -> None:
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out}", f"--pyi_out={out}", *PROTOS]
     if protoc.main(args) != 0:
@@ -41,7 +41,10 @@ def main() -> int:
         generate(Path(tmp))
         stale = [g for g in GENERATED if not filecmp.cmp(Path(tmp) / g, OUT / g, shallow=False)]
     if stale:
-        print(f"stubs differ from proto/: {stale}; run python clients/python/tools/gen_proto.py", file=sys.stderr)
+        print(
+            f"stubs differ from proto/: {stale}; run python clients/python/tools/gen_proto.py",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

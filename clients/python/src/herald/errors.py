@@ -66,8 +66,15 @@ class InternalError(HeraldError):
 
 _BY_CODE: dict[str, type[HeraldError]] = {
     cls.code: cls
-    for cls in (HeraldUnavailable, PermissionDenied, Unauthenticated, InvalidArgument, NotFound,
-                ResourceExhausted, InternalError)
+    for cls in (
+        HeraldUnavailable,
+        PermissionDenied,
+        Unauthenticated,
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        InternalError,
+    )
 }
 # A call that timed out, or was cancelled because the channel went away, is
 # as good as Herald being down.

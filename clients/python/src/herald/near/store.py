@@ -24,6 +24,7 @@ Thread-safe: one lock guards everything; a hit holds it for a dict lookup.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -86,10 +87,8 @@ class FillTicket:
     def __del__(self) -> None:
         # A ticket dropped without release must not pin the memory of recent
         # invalidations forever.
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.release()
-        except Exception:
-            pass  # interpreter shutdown
 
 
 @dataclass
@@ -166,6 +165,14 @@ class NearStore:
         with self._lock:
             seq = self._seq
             self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
+        return FillTicket(self, seq)
+
+    def ticket_at(self, seq: int) -> FillTicket:
+        """Another ticket as old as one still held (a batch request stores several answers)."""
+        with self._lock:
+            if self._in_flight.get(seq, 0) <= 0:
+                raise ValueError("ticket_at needs a ticket of that age still held")
+            self._in_flight[seq] += 1
         return FillTicket(self, seq)
 
     def _end_fill(self, seq: int) -> None:
@@ -263,6 +270,18 @@ class NearStore:
             self._bound_recent(seq)
         self.stats.invalidated_entries += len(doomed)
         return len(doomed)
+
+    def discard(self, key: str) -> bool:
+        """Drops ``key`` (a write of this process) and refuses fills of it in flight."""
+        with self._lock:
+            self._seq += 1
+            if self._in_flight:
+                self._recent_prefixes.append((key, self._seq))
+            held = self._entries.get(key)
+            if held is not None:
+                self._remove(key, held)
+            self._bound_recent(self._seq)
+        return held is not None
 
     def flush(self) -> None:
         """Drops everything, refuses every fill that started before, starts a new generation."""

@@ -42,16 +42,25 @@ class GetRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., resource: _Optional[_Union[ResourceRef, _Mapping]] = ..., key: _Optional[str] = ..., min_commit_lsn: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("found", "value", "layer", "fill_token")
+    __slots__ = ("found", "value", "layer", "fill_token", "tags", "expires_at_ms", "node_id", "generation")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     FILL_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_FIELD_NUMBER: _ClassVar[int]
     found: bool
     value: bytes
     layer: Layer
     fill_token: str
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., layer: _Optional[_Union[Layer, str]] = ..., fill_token: _Optional[str] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    expires_at_ms: int
+    node_id: str
+    generation: int
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., layer: _Optional[_Union[Layer, str]] = ..., fill_token: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., expires_at_ms: _Optional[int] = ..., node_id: _Optional[str] = ..., generation: _Optional[int] = ..., **kwargs) -> None: ...
 
 class GetManyRequest(_message.Message):
     __slots__ = ("tenant", "items", "min_commit_lsn")
@@ -152,14 +161,61 @@ class InvalidateResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("tenant", "tables", "tags")
+    __slots__ = ("tenant", "tables", "tags", "tenants")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     tables: _containers.RepeatedScalarFieldContainer[str]
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tenant: _Optional[str] = ..., tables: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenant: _Optional[str] = ..., tables: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchPosition(_message.Message):
+    __slots__ = ("commit_lsn", "events")
+    COMMIT_LSN_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    commit_lsn: int
+    events: int
+    def __init__(self, commit_lsn: _Optional[int] = ..., events: _Optional[int] = ...) -> None: ...
+
+class WatchMessage(_message.Message):
+    __slots__ = ("ready", "events", "heartbeat")
+    class Ready(_message.Message):
+        __slots__ = ("node_id", "generation", "position", "heartbeat_ms")
+        NODE_ID_FIELD_NUMBER: _ClassVar[int]
+        GENERATION_FIELD_NUMBER: _ClassVar[int]
+        POSITION_FIELD_NUMBER: _ClassVar[int]
+        HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+        node_id: str
+        generation: int
+        position: WatchPosition
+        heartbeat_ms: int
+        def __init__(self, node_id: _Optional[str] = ..., generation: _Optional[int] = ..., position: _Optional[_Union[WatchPosition, _Mapping]] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
+    class Events(_message.Message):
+        __slots__ = ("seq", "events")
+        SEQ_FIELD_NUMBER: _ClassVar[int]
+        EVENTS_FIELD_NUMBER: _ClassVar[int]
+        seq: int
+        events: _containers.RepeatedCompositeFieldContainer[_events_pb2.InvalidationEvent]
+        def __init__(self, seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_events_pb2.InvalidationEvent, _Mapping]]] = ...) -> None: ...
+    class Heartbeat(_message.Message):
+        __slots__ = ("generation", "seq", "position")
+        GENERATION_FIELD_NUMBER: _ClassVar[int]
+        SEQ_FIELD_NUMBER: _ClassVar[int]
+        POSITION_FIELD_NUMBER: _ClassVar[int]
+        generation: int
+        seq: int
+        position: WatchPosition
+        def __init__(self, generation: _Optional[int] = ..., seq: _Optional[int] = ..., position: _Optional[_Union[WatchPosition, _Mapping]] = ...) -> None: ...
+    READY_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ready: WatchMessage.Ready
+    events: WatchMessage.Events
+    heartbeat: WatchMessage.Heartbeat
+    def __init__(self, ready: _Optional[_Union[WatchMessage.Ready, _Mapping]] = ..., events: _Optional[_Union[WatchMessage.Events, _Mapping]] = ..., heartbeat: _Optional[_Union[WatchMessage.Heartbeat, _Mapping]] = ...) -> None: ...
 
 class StoredEntry(_message.Message):
     __slots__ = ("value", "tags", "found", "expires_at_ms")
