@@ -20,7 +20,8 @@ fn incr(key: &str, delta: i64) -> IncrRequest {
 }
 
 async fn value_of(client: &mut CacheClient<Channel>, key: &str) -> Option<(Bytes, Layer)> {
-    let get = GetRequest { tenant: "acme".into(), target: Some(get_request::Target::Key(key.into())), min_commit_lsn: 0 };
+    let get =
+        GetRequest { tenant: "acme".into(), target: Some(get_request::Target::Key(key.into())), min_commit_lsn: 0 };
     let r = client.get(authed(get, ACME_TOKEN)).await.expect("get").into_inner();
     r.found.then(|| (r.value.clone(), r.layer()))
 }
@@ -35,13 +36,17 @@ async fn add_stores_once_among_racing_callers_on_two_nodes() {
 
     // A fill token taken before the Add: the Add stamps the key, so the
     // older fill cannot overwrite the added value.
-    let miss = GetRequest { tenant: "acme".into(), target: Some(get_request::Target::Key("lock".into())), min_commit_lsn: 0 };
+    let miss =
+        GetRequest { tenant: "acme".into(), target: Some(get_request::Target::Key("lock".into())), min_commit_lsn: 0 };
     let token = clients[0].clone().get(authed(miss, ACME_TOKEN)).await.unwrap().into_inner().fill_token;
 
-    let racers = (0..16).map(|i| {
-        let mut c = clients[i % 2].clone();
-        async move { (i, c.add(authed(add("lock", format!("owner-{i}")), ACME_TOKEN)).await.unwrap().into_inner().stored) }
-    });
+    let racers =
+        (0..16).map(|i| {
+            let mut c = clients[i % 2].clone();
+            async move {
+                (i, c.add(authed(add("lock", format!("owner-{i}")), ACME_TOKEN)).await.unwrap().into_inner().stored)
+            }
+        });
     let results = futures::future::join_all(racers).await;
     let winners: Vec<usize> = results.iter().filter(|(_, stored)| *stored).map(|(i, _)| *i).collect();
     assert_eq!(winners.len(), 1, "racing adds stored {winners:?}");
@@ -155,5 +160,50 @@ async fn add_and_incr_over_http_and_only_for_the_tokens_tenant() {
     let globex = IncrRequest { tenant: "globex".into(), key: "n".into(), delta: 1 };
     assert!(!client.incr(authed(globex, GLOBEX_TOKEN)).await.unwrap().into_inner().found);
     assert_eq!(value_of(&mut client, "n").await.map(|v| v.0), Some(Bytes::from_static(b"8")));
+    sb.cleanup().await;
+}
+
+/// Django's contract (and any cache user's): a write is read back by the
+/// next call to the same node — the node's own L1 must not answer with the
+/// value from before the write while its invalidation travels through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_read_back_at_once_from_the_same_node() {
+    let sb = sandbox().await;
+    let _broadcast = sb.spawn_broadcast().await;
+    let node = sb.spawn_cache_api(Options::default()).await;
+    let mut c = node.client().await;
+    let set = |value: &'static [u8]| SetRequest {
+        tenant: "acme".into(),
+        key: "k".into(),
+        value: Bytes::from_static(value),
+        ttl_ms: 60_000,
+        tags: vec!["t".into()],
+        fill_token: String::new(),
+    };
+    for round in 0..20 {
+        c.set(authed(set(b"old"), ACME_TOKEN)).await.unwrap();
+        // Into the node's L1 (once the previous round's invalidations, which
+        // travel through Redis, have all come back).
+        assert_eventually!(
+            5,
+            async { value_of(&mut c.clone(), "k").await.map(|v| v.1) == Some(Layer::L1) },
+            "round {round}: never served from L1"
+        );
+        c.set(authed(set(b"new"), ACME_TOKEN)).await.unwrap();
+        assert_eq!(value_of(&mut c, "k").await.map(|v| v.0), Some(Bytes::from_static(b"new")), "round {round}: set");
+        let delete = herald_proto::v1::DeleteRequest {
+            tenant: "acme".into(),
+            target: Some(herald_proto::v1::delete_request::Target::Key("k".into())),
+        };
+        c.delete(authed(delete, ACME_TOKEN)).await.unwrap();
+        assert_eq!(value_of(&mut c, "k").await, None, "round {round}: delete");
+        c.add(authed(add("k", "1".into()), ACME_TOKEN)).await.unwrap();
+        value_of(&mut c, "k").await;
+        c.incr(authed(incr("k", 1), ACME_TOKEN)).await.unwrap();
+        assert_eq!(value_of(&mut c, "k").await.map(|v| v.0), Some(Bytes::from_static(b"2")), "round {round}: incr");
+        let tags = herald_proto::v1::InvalidateTagsRequest { tenant: "acme".into(), tags: vec!["t".into()] };
+        c.invalidate_tags(authed(tags, ACME_TOKEN)).await.unwrap();
+        assert_eq!(value_of(&mut c, "k").await, None, "round {round}: invalidate_tags");
+    }
     sb.cleanup().await;
 }

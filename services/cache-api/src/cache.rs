@@ -699,7 +699,7 @@ impl Cache {
         Ok(deleted)
     }
 
-    /// Tells every node's L1 (this one's included) to drop `tags` and keys
+    /// Tells every node's L1 (this one's at once) to drop `tags` and keys
     /// under `prefixes` in `scope`.
     async fn publish(&self, scope: &Scope, tags: Vec<String>, prefixes: Vec<String>) -> Result<()> {
         let event = InvalidationEvent {
@@ -714,6 +714,10 @@ impl Cache {
             captured_time_us: now_us(),
             ..Default::default()
         };
+        // This node's L1 first, so the caller's next read here sees its own
+        // write; the published copy, applied again when it comes back, is
+        // harmless (deletes are idempotent).
+        self.l1.apply(&event);
         let channel = self.keys.l1_channel();
         self.redis_op(herald_core::l1::wire::publish_invalidations(&self.redis, &channel, &[event])).await
     }

@@ -9,9 +9,9 @@ use herald_core::l1::Applied;
 use herald_proto::Message as _;
 use herald_proto::v1::cache_server::Cache as CacheService;
 use herald_proto::v1::{
-    AddRequest, AddResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
-    InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest, InvalidationEvent, IncrRequest, IncrResponse, SetRequest,
-    SetResponse, WatchRequest, delete_request, get_item, get_request,
+    AddRequest, AddResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    GetResult, IncrRequest, IncrResponse, InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest,
+    InvalidationEvent, SetRequest, SetResponse, WatchRequest, delete_request, get_item, get_request,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, mpsc};

@@ -43,9 +43,8 @@ impl Cache {
         let self_key = TagKey::new(scope.clone(), self_tag.as_str());
         let ttl = Some(Duration::from_millis(ttl_ms));
         let bytes: Bytes = entry.encode_to_vec().into();
-        let stored = self
-            .redis_op(self.l2.replace_if(&entry_key, bytes, &self_key, &tag_keys, ttl, Condition::Absent))
-            .await?;
+        let stored =
+            self.redis_op(self.l2.replace_if(&entry_key, bytes, &self_key, &tag_keys, ttl, Condition::Absent)).await?;
         if stored {
             self.publish(&scope, vec![self_tag], Vec::new()).await?;
         }
@@ -75,9 +74,9 @@ impl Cache {
                     _ => return Ok(None),
                 },
             };
-            let next = parse_integer(key, &entry.value)?
-                .checked_add(delta)
-                .ok_or_else(|| Error::InvalidArgument(format!("incrementing key {key:?} by {delta} overflows 64 bits")))?;
+            let next = parse_integer(key, &entry.value)?.checked_add(delta).ok_or_else(|| {
+                Error::InvalidArgument(format!("incrementing key {key:?} by {delta} overflows 64 bits"))
+            })?;
             let tags: Vec<TagKey> = entry.tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
             let updated = StoredEntry { value: next.to_string().into_bytes().into(), ..entry };
             let bytes: Bytes = updated.encode_to_vec().into();
@@ -89,9 +88,7 @@ impl Cache {
                 return Ok(Some(next));
             }
         }
-        Err(Error::Unavailable(format!(
-            "key {key:?} changed under {MAX_INCR_ATTEMPTS} increments in a row; retry"
-        )))
+        Err(Error::Unavailable(format!("key {key:?} changed under {MAX_INCR_ATTEMPTS} increments in a row; retry")))
     }
 }
 
