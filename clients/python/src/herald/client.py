@@ -61,6 +61,10 @@ class NearConfig:
     heartbeat_timeout_s: float = 1.5
 
 
+#: The near cache's defaults: every tenant the process reads, 64 MiB, 5 minutes.
+DEFAULT_NEAR = NearConfig()
+
+
 @dataclass(frozen=True)
 class Result:
     """One answer: ``value`` is the JSON-decoded resource value or the key's bytes."""
@@ -94,7 +98,7 @@ class Client:
         target: str,
         token: str,
         *,
-        near: NearConfig | None = NearConfig(),
+        near: NearConfig | None = DEFAULT_NEAR,
         timeout_s: float = 2.0,
         metrics: Metrics | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),

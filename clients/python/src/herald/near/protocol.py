@@ -130,6 +130,7 @@ class NearState:
         for event in events:
             self.apply(event)
             self.applied_lsn = max(self.applied_lsn, event.commit_lsn)
+            self.store.stats.events_applied += 1
 
     def on_heartbeat(self, generation: int, seq: int, commit_lsn: int = 0) -> None:
         with self._lock:
