@@ -5,7 +5,9 @@ node is exercised by tests/test_integration.py."""
 
 from __future__ import annotations
 
+import json
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -52,6 +54,8 @@ class FakeNode:
             "Watch": grpc.unary_stream_rpc_method_handler(
                 self._watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=_ser
             ),
+            # Not Herald's: what a test in another process asks this node.
+            "FakeStats": grpc.unary_unary_rpc_method_handler(self._stats),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("herald.v1.Cache", handlers),)
@@ -129,6 +133,12 @@ class FakeNode:
                 if stream in self.streams:
                     self.streams.remove(stream)
 
+    def _stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._lock:
+            return json.dumps(
+                {"gets": self.gets, "get_peers": self.get_peers, "opened": self.opened}
+            ).encode()
+
     def _get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         with self._lock:
             self.gets += 1
@@ -154,3 +164,20 @@ class FakeNode:
 def _ser(message: Any) -> bytes:
     data: bytes = message.SerializeToString()
     return data
+
+
+def stats(target: str) -> dict[str, Any]:
+    """A FakeNode's counters, from any process."""
+    with grpc.insecure_channel(target) as ch:
+        raw = ch.unary_unary("/herald.v1.Cache/FakeStats")(b"", timeout=5)
+    result: dict[str, Any] = json.loads(raw)
+    return result
+
+
+if __name__ == "__main__":
+    # python -m tests.fake_node: serves a node holding alice, prints its port.
+    node = FakeNode()
+    node.values["user_by_slug:alice"] = (b'{"name": "Alice"}', ["res_users.id=1", "@user_by_slug:alice"])
+    print(node.port, flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    node.stop()

@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from herald.errors import from_rpc_error
+from herald.process import GATE
 from herald.v1 import cache_pb2 as pb
 
 Req = TypeVar("Req")
@@ -26,7 +27,8 @@ class Unary(Generic[Req, Resp]):
 
     def __call__(self, request: Req, metadata: Metadata, timeout: float | None) -> Resp:
         try:
-            response: Resp = self._call(request, metadata=metadata, timeout=timeout)
+            with GATE.call():
+                response: Resp = self._call(request, metadata=metadata, timeout=timeout)
             return response
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -41,7 +43,8 @@ class Streaming(Generic[Req, Resp]):
         )
 
     def open(self, request: Req, metadata: Metadata) -> Any:
-        """The call: an iterator of responses that ``cancel()`` ends from any thread."""
+        """The call: an iterator of responses that ``cancel()`` ends from any thread.
+        Open and read it inside ``GATE.call()``."""
         return self._call(request, metadata=metadata)
 
 

@@ -22,6 +22,7 @@ import grpc
 
 from herald._rpc import CacheStub, Metadata
 from herald.near.protocol import NearState
+from herald.process import GATE
 from herald.v1 import cache_pb2 as pb
 
 log = logging.getLogger("herald.near")
@@ -52,6 +53,7 @@ class Watcher:
         self._call: Any = None
         self.streams_opened = 0
         state.on_doubt = self._on_doubt
+        GATE.on_fork(self)
         self._reader = threading.Thread(target=self._run, name="herald-watch", daemon=True)
         self._timer = threading.Thread(target=self._watch_deadline, name="herald-watch-timer", daemon=True)
 
@@ -73,6 +75,10 @@ class Watcher:
             call = self._call
         if call is not None:
             call.cancel()
+
+    def cancel_for_fork(self) -> None:
+        """Leaves gRPC before a fork (the stream is opened again after it)."""
+        self._cancel()
 
     def _on_doubt(self, why: str) -> None:
         # Any doubt ends the stream too: the next one starts with a Ready.
@@ -105,9 +111,14 @@ class Watcher:
 
     def _stream(self, tenants: list[str]) -> str:
         """One stream until it ends; its end status, or READY_SEEN when it had been live."""
-        call = self._stub.watch.open(pb.WatchRequest(tenants=tenants), self._metadata)
+        with GATE.call():
+            return self._read(self._stub.watch.open(pb.WatchRequest(tenants=tenants), self._metadata))
+
+    def _read(self, call: Any) -> str:
         with self._lock:
             self._call = call
+        if GATE.forking:
+            call.cancel()  # opened just as a fork began: leave gRPC at once
         self.streams_opened += 1
         state, ready_seen, code = self._state, False, "OK"
         try:
