@@ -814,7 +814,12 @@ async fn watch(addr: SocketAddr, index: usize, received: Arc<Mutex<Vec<HashMap<i
     while !stop.is_cancelled() {
         let stream = async {
             let mut c = client(addr).await?;
-            let req = WatchRequest { tenant: TENANT.into(), tables: vec!["res_users".into()], tags: vec![] };
+            let req = WatchRequest {
+                tenant: TENANT.into(),
+                tables: vec!["res_users".into()],
+                tags: vec![],
+                ..Default::default()
+            };
             anyhow::Ok(c.watch_invalidations(authed(req, ACME_TOKEN)).await?.into_inner())
         };
         let mut stream = match stream.await {

@@ -244,7 +244,8 @@ async fn watch_streams_only_the_tenants_invalidations() {
     let _broadcast = sb.spawn_broadcast().await;
     let node = sb.spawn_cache_api(Options::default()).await;
     let mut client = node.client().await;
-    let watch = WatchRequest { tenant: "acme".into(), tables: vec!["res_users".into()], tags: vec![] };
+    let watch =
+        WatchRequest { tenant: "acme".into(), tables: vec!["res_users".into()], tags: vec![], ..Default::default() };
     let mut stream = client.watch_invalidations(authed(watch, ACME_TOKEN)).await.unwrap().into_inner();
     sb.sql("UPDATE res_users SET name = 'x' WHERE id = 2").await;
     sb.sql("UPDATE res_users SET name = 'y' WHERE id = 1").await;

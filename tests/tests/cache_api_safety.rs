@@ -66,7 +66,12 @@ async fn a_fill_that_races_an_invalidation_is_never_kept() {
     let b = sb.spawn_cache_api(Options::default()).await;
     // Node a's applied invalidations, as its watchers see them (after L1
     // applied them; L2 was invalidated before that).
-    let watch = WatchRequest { tenant: "acme".into(), tables: vec![], tags: vec!["res_users.id=1".into()] };
+    let watch = WatchRequest {
+        tenant: "acme".into(),
+        tables: vec![],
+        tags: vec!["res_users.id=1".into()],
+        ..Default::default()
+    };
     let mut applied = a.client().await.watch_invalidations(authed(watch, ACME_TOKEN)).await.unwrap().into_inner();
     gate.armed.store(true, Ordering::SeqCst);
     let reader = {

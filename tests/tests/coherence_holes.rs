@@ -77,7 +77,7 @@ async fn a_watch_ends_when_the_nodes_subscription_flaps() {
     let node_name = herald_tests::unique("flap-");
     let node = sb.spawn_cache_api(Options { node: Some(node_name.clone()), ..Default::default() }).await;
     let mut client = node.client().await;
-    let watch = WatchRequest { tenant: "acme".into(), tables: vec![], tags: vec![] };
+    let watch = WatchRequest { tenant: "acme".into(), tables: vec![], tags: vec![], ..Default::default() };
     let mut stream = client.watch_invalidations(authed(watch, ACME_TOKEN)).await.unwrap().into_inner();
 
     // The node's feed drops and comes back faster than any liveness poll.
@@ -105,7 +105,7 @@ async fn a_watch_ends_when_an_undecodable_l1_message_flushes_the_node() {
     let _broadcast = sb.spawn_broadcast().await;
     let node = sb.spawn_cache_api(Options::default()).await;
     let mut client = node.client().await;
-    let watch = WatchRequest { tenant: "acme".into(), tables: vec![], tags: vec![] };
+    let watch = WatchRequest { tenant: "acme".into(), tables: vec![], tags: vec![], ..Default::default() };
     let mut stream = client.watch_invalidations(authed(watch, ACME_TOKEN)).await.unwrap().into_inner();
 
     let flushes = node.metric("herald_l1_flushes_total", "").await;
@@ -124,7 +124,8 @@ async fn a_table_filtered_watch_sees_the_apis_own_invalidations() {
     let _broadcast = sb.spawn_broadcast().await;
     let node = sb.spawn_cache_api(Options::default()).await;
     let mut client = node.client().await;
-    let watch = WatchRequest { tenant: "acme".into(), tables: vec!["res_users".into()], tags: vec![] };
+    let watch =
+        WatchRequest { tenant: "acme".into(), tables: vec!["res_users".into()], tags: vec![], ..Default::default() };
     let mut stream = client.watch_invalidations(authed(watch, ACME_TOKEN)).await.unwrap().into_inner();
 
     let delete = DeleteRequest {

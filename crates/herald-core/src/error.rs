@@ -16,6 +16,14 @@ pub enum Error {
 /// `Result` with herald-core's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<herald_l1::Error> for Error {
+    fn from(e: herald_l1::Error) -> Self {
+        match e {
+            herald_l1::Error::InvalidArgument { what, reason } => Error::InvalidArgument { what, reason },
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { what, reason: reason.into() }

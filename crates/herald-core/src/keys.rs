@@ -25,12 +25,14 @@
 //! invalidation of the cache deletes only what the cache owns
 //! ([`Segment::cache_may_sweep`]).
 
-use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-const MAX_TENANT_LEN: usize = 64;
+// Tenant, scope and tag types live with the L1 cache (herald-l1), which
+// applications embed without the rest of herald-core.
+pub use herald_l1::scope::{Scope, TagKey, TenantId, validate_identifier};
+
 const MAX_KEY_PART_LEN: usize = 512;
 /// Who owns the keys under a reserved segment of a scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,17 +79,6 @@ pub fn reserved_segment(segment: &str) -> Option<Segment> {
     SEGMENTS.iter().find(|(name, _)| *name == segment).map(|(_, owner)| *owner)
 }
 
-/// Checks an SQL identifier from configuration: `[a-z_][a-z0-9_]*`, at most
-/// 63 bytes. Identifiers are also quoted where they are used.
-pub fn validate_identifier(s: &str) -> std::result::Result<(), String> {
-    let mut chars = s.chars();
-    let ok_first = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    if !ok_first || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') || s.len() > 63 {
-        return Err(format!("{s:?} is not a valid identifier (lowercase letters, digits and _, at most 63 bytes)"));
-    }
-    Ok(())
-}
-
 /// Checks the key namespace name: `[A-Za-z0-9_-]{1,64}`.
 pub fn validate_env(s: &str) -> std::result::Result<(), String> {
     if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -96,65 +87,18 @@ pub fn validate_env(s: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// A validated tenant id: 1 to 64 of `A-Z a-z 0-9 _ - .`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TenantId(Arc<str>);
-
-impl TenantId {
-    pub fn new(s: &str) -> Result<Self> {
-        if s.is_empty() || s.len() > MAX_TENANT_LEN {
-            return Err(Error::invalid("tenant id", format!("must be 1 to {MAX_TENANT_LEN} bytes")));
-        }
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
-            return Err(Error::invalid("tenant id", format!("character {c:?} is not allowed")));
-        }
-        Ok(Self(s.into()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+/// The Redis Cluster hash-tagged form of a scope (`t:{<tenant>}`,
+/// `g:{global}`), used by every key of the scope.
+trait HashTagged {
+    fn hash_tagged(&self) -> String;
 }
 
-impl fmt::Display for TenantId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Whose data a key or tag belongs to: one tenant, or the explicit global
-/// namespace (tables without a tenant column).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Scope {
-    Tenant(TenantId),
-    Global,
-}
-
-impl Scope {
-    /// The scope of an event's tenant field: empty means global.
-    pub fn from_event_tenant(tenant: &str) -> Result<Self> {
-        if tenant.is_empty() { Ok(Scope::Global) } else { TenantId::new(tenant).map(Scope::Tenant) }
-    }
-
+impl HashTagged for Scope {
     fn hash_tagged(&self) -> String {
         match self {
             Scope::Tenant(t) => format!("t:{{{t}}}"),
             Scope::Global => "g:{global}".to_string(),
         }
-    }
-}
-
-/// A tag within a scope: what cache entries are indexed by and what events
-/// invalidate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TagKey {
-    pub scope: Scope,
-    pub tag: Arc<str>,
-}
-
-impl TagKey {
-    pub fn new(scope: Scope, tag: impl Into<Arc<str>>) -> Self {
-        Self { scope, tag: tag.into() }
     }
 }
 

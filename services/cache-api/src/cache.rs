@@ -65,11 +65,43 @@ pub struct Answer {
     pub layer: Layer,
     /// On an explicit-key miss: the token that gates the caller's Set.
     pub fill_token: String,
+    /// Set when this node's L1 vouches for the answer, so a near cache may
+    /// store it (docs/near-cache.md, "The fill rule").
+    pub vouched: Option<Vouched>,
+}
+
+/// What a near cache needs to store an answer: given only to an L1 hit or to
+/// a value this node's L1 accepted (no invalidation of its tags and no flush
+/// between the fill's ticket and its store).
+#[derive(Debug, Clone)]
+pub struct Vouched {
+    /// The tags the entry is indexed under, self tag included.
+    pub tags: Vec<String>,
+    /// Milliseconds since the Unix epoch (0: none).
+    pub expires_at_ms: i64,
+    /// This node's L1 generation the answer belongs to.
+    pub generation: u64,
+    /// The entry is in the global scope.
+    pub global: bool,
 }
 
 impl Answer {
     fn new(found: bool, value: Bytes, layer: Layer) -> Self {
-        Self { found, value, layer, fill_token: String::new() }
+        Self { found, value, layer, fill_token: String::new(), vouched: None }
+    }
+
+    fn vouched_by(mut self, vouched: Option<Vouched>) -> Self {
+        self.vouched = vouched;
+        self
+    }
+}
+
+fn vouch(scope: &Scope, tags: &[TagKey], expires_at_ms: i64, generation: u64) -> Vouched {
+    Vouched {
+        tags: tags.iter().map(|t| t.tag.to_string()).collect(),
+        expires_at_ms,
+        generation,
+        global: *scope == Scope::Global,
     }
 }
 
@@ -146,6 +178,14 @@ fn from_l1(bytes: Bytes) -> Answer {
     Answer::new(found, bytes.slice(1.min(bytes.len())..), Layer::L1)
 }
 
+/// An L1 hit, vouched for: the entry was there at `generation` (read before
+/// the lookup, so a flush in between gives an older generation, which near
+/// caches refuse).
+fn from_l1_hit(scope: &Scope, hit: herald_core::l1::Hit, generation: u64) -> Answer {
+    let vouched = vouch(scope, &hit.tags, hit.expires_at_ms, generation);
+    from_l1(hit.value).vouched_by(Some(vouched))
+}
+
 impl Cache {
     pub fn new(parts: Parts) -> Self {
         let resources = parts.resources.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
@@ -170,6 +210,11 @@ impl Cache {
 
     pub fn l1(&self) -> &L1Cache {
         &self.l1
+    }
+
+    /// This node's name (in leases, events, and answers to near caches).
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     pub fn resource(&self, name: &str) -> Result<Arc<Resource>> {
@@ -247,9 +292,10 @@ impl Cache {
             // database is sure to reflect it.
             return self.read_direct(read).await;
         }
-        if let Some(v) = self.l1.get(key) {
+        let generation = self.l1.generation();
+        if let Some(hit) = self.l1.get_entry(key) {
             self.metrics.hit(&res.name, "l1");
-            return Ok(from_l1(v));
+            return Ok(from_l1_hit(read.scope, hit, generation));
         }
         self.metrics.miss(&res.name, "l1");
         let mut attempt = 0;
@@ -394,8 +440,10 @@ impl Cache {
             .await;
         match stored {
             Ok(true) => {
-                self.l1.insert(ticket, key, l1_value(fetched.found, &fetched.value), tags, ttl);
-                Ok(Filled { answer, raced: false })
+                let generation = ticket.generation();
+                let vouched = vouch(scope, &tags, entry.expires_at_ms, generation);
+                let kept = self.l1.insert(ticket, key, l1_value(fetched.found, &fetched.value), tags, ttl);
+                Ok(Filled { answer: answer.vouched_by(kept.then_some(vouched)), raced: false })
             }
             Ok(false) => {
                 self.metrics.rejected(&res.name, "l2");
@@ -416,9 +464,10 @@ impl Cache {
             0 => None,
             at => Some(Duration::from_millis(u64::try_from(at - now_us() / 1000).ok().filter(|ms| *ms > 0)?)),
         };
-        let tags = entry.tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
-        self.l1.insert(ticket, key, l1_value(entry.found, &entry.value), tags, ttl);
-        Some(Answer::new(entry.found, entry.value, Layer::L2))
+        let tags: Vec<TagKey> = entry.tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
+        let vouched = vouch(scope, &tags, entry.expires_at_ms, ticket.generation());
+        let kept = self.l1.insert(ticket, key, l1_value(entry.found, &entry.value), tags, ttl);
+        Some(Answer::new(entry.found, entry.value, Layer::L2).vouched_by(kept.then_some(vouched)))
     }
 
     /// An entry's tags: its row tags plus its own `@<resource>:<key>`, which
@@ -498,9 +547,10 @@ impl Cache {
         let scope = Scope::Tenant(tenant.clone());
         let entry_key = self.keys.entry(&scope, KV, key)?;
         if self.fresh_enough(min_lsn) {
-            if let Some(v) = self.l1.get(&entry_key) {
+            let generation = self.l1.generation();
+            if let Some(hit) = self.l1.get_entry(&entry_key) {
                 self.metrics.hit(KV, "l1");
-                return Ok(from_l1(v));
+                return Ok(from_l1_hit(&scope, hit, generation));
             }
             self.metrics.miss(KV, "l1");
         }

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use herald_core::l1::Applied;
@@ -11,7 +12,7 @@ use herald_proto::v1::cache_server::Cache as CacheService;
 use herald_proto::v1::{
     AddRequest, AddResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
     GetResult, IncrRequest, IncrResponse, InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest,
-    InvalidationEvent, SetRequest, SetResponse, WatchRequest, delete_request, get_item, get_request,
+    InvalidationEvent, SetRequest, SetResponse, WatchMessage, WatchRequest, delete_request, get_item, get_request,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, mpsc};
@@ -23,6 +24,7 @@ use crate::auth::{Auth, Caller, bearer};
 use crate::cache::{Answer, Cache};
 use crate::error::Error;
 use crate::quota::TenantQuota;
+use crate::watch::{self, Watched};
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -48,8 +50,24 @@ impl Grpc {
     }
 }
 
-fn answer(a: Answer) -> GetResponse {
-    GetResponse { found: a.found, value: a.value, layer: a.layer as i32, fill_token: a.fill_token }
+/// An answer on the wire, with what a near cache needs to store it
+/// (docs/near-cache.md).
+fn answer(cache: &Cache, a: Answer) -> GetResponse {
+    let (tags, expires_at_ms, generation, global) = match a.vouched {
+        Some(v) => (v.tags, v.expires_at_ms, v.generation, v.global),
+        None => (Vec::new(), 0, cache.l1().generation(), false),
+    };
+    GetResponse {
+        found: a.found,
+        value: a.value,
+        layer: a.layer as i32,
+        fill_token: a.fill_token,
+        tags,
+        expires_at_ms,
+        node_id: cache.node().to_string(),
+        generation,
+        global,
+    }
 }
 
 fn missing_target() -> Status {
@@ -69,7 +87,7 @@ impl CacheService for Grpc {
             get_request::Target::Resource(r) => Target::Resource { name: r.resource, params: r.params },
             get_request::Target::Key(k) => Target::Key(k),
         };
-        Ok(Response::new(answer(api::lookup(&self.cache, &tenant, target, req.min_commit_lsn).await?)))
+        Ok(Response::new(answer(&self.cache, api::lookup(&self.cache, &tenant, target, req.min_commit_lsn).await?)))
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant, items = request.get_ref().items.len()))]
@@ -87,7 +105,7 @@ impl CacheService for Grpc {
             })
             .collect();
         let render = |r: Result<Answer, Error>| match r {
-            Ok(a) => GetResult { response: Some(answer(a)), code: 0, error: String::new() },
+            Ok(a) => GetResult { response: Some(answer(&self.cache, a)), code: 0, error: String::new() },
             Err(e) => GetResult { response: None, code: e.grpc_code() as i32, error: e.to_string() },
         };
         // The item's bytes in the answer, with its field tag and length.
@@ -172,16 +190,8 @@ impl CacheService for Grpc {
         let caller = self.caller(&request)?;
         let req = request.into_inner();
         let tenant = caller.tenant(&req.tenant)?;
-        let share = self.tenant_watchers.try_acquire(&tenant).ok_or_else(|| {
-            let max = self.tenant_watchers.per_tenant();
-            Status::resource_exhausted(format!(
-                "tenant has {max} watch streams on this node (cache.max_watchers_per_tenant)"
-            ))
-        })?;
-        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted("too many invalidation watchers on this node (cache.max_watchers)")
-        })?;
-        let permit = (share, permit);
+        let watched = Watched::Only([tenant].into());
+        let permit = watch::shares(&self.tenant_watchers, &self.watchers, &watched)?;
         let l1 = self.cache.l1();
         // Subscribed before the liveness check: any flush after it (the feed
         // dropping, however briefly, or an undecodable message) arrives in
@@ -213,7 +223,7 @@ impl CacheService for Grpc {
                     }
                     Err(RecvError::Closed) => return,
                 };
-                if matches_watch(&event, tenant.as_str(), &req.tables, &req.tags)
+                if watch::matches(&event, &watched, &req.tables, &req.tags)
                     && tx.send(Ok((*event).clone())).await.is_err()
                 {
                     return;
@@ -222,47 +232,24 @@ impl CacheService for Grpc {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
 
-/// Whether a watcher of `tenant` filtering by `tables` and `tags` gets
-/// `event`. Events of other tenants never pass; tenant-wide events (a
-/// TRUNCATE of a tenant table) and global-scope events (tables without a
-/// tenant column, whose entries every tenant may read) reach every tenant's
-/// watchers. The cache API's own invalidations (Delete, Set, InvalidateTags,
-/// InvalidatePrefix) name no table, so a table filter cannot exclude them.
-pub fn matches_watch(event: &InvalidationEvent, tenant: &str, tables: &[String], tags: &[String]) -> bool {
-    let ours = event.tenant == tenant || event.all_tenants || event.tenant.is_empty();
-    let table_ok = tables.is_empty() || event.table.is_empty() || tables.contains(&event.table);
-    let tags_ok = tags.is_empty()
-        || herald_core::tags::is_table_wide(event)
-        || !event.key_prefixes.is_empty()
-        || event.tags.iter().any(|t| tags.iter().any(|w| w == t));
-    ours && table_ok && tags_ok
-}
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, Status>> + Send>>;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn watch_filter_keeps_tenants_apart() {
-        let event = InvalidationEvent {
-            tenant: "acme".into(),
-            table: "res_users".into(),
-            tags: vec!["res_users.id=1".into()],
-            ..Default::default()
-        };
-        assert!(matches_watch(&event, "acme", &[], &[]));
-        assert!(!matches_watch(&event, "globex", &[], &[]));
-        assert!(matches_watch(&event, "acme", &["res_users".into()], &["res_users.id=1".into()]));
-        assert!(!matches_watch(&event, "acme", &["other".into()], &[]));
-        assert!(!matches_watch(&event, "acme", &[], &["res_users.id=2".into()]));
-        let api = InvalidationEvent { table: String::new(), ..event.clone() };
-        assert!(matches_watch(&api, "acme", &["res_users".into()], &[]));
-        assert!(!matches_watch(&api, "globex", &["res_users".into()], &[]));
-        let global = InvalidationEvent { tenant: String::new(), ..event.clone() };
-        assert!(matches_watch(&global, "globex", &["res_users".into()], &[]));
-        let truncate = InvalidationEvent { all_tenants: true, ..event };
-        assert!(matches_watch(&truncate, "globex", &[], &[]));
+    #[tracing::instrument(skip_all, fields(tenants = ?request.get_ref().tenants))]
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.caller(&request)?;
+        let req = request.into_inner();
+        let watched = Watched::of(&caller, &req)?;
+        let permits = watch::shares(&self.tenant_watchers, &self.watchers, &watched)?;
+        let rx = watch::start(watch::Stream {
+            l1: self.cache.l1().clone(),
+            node: self.cache.node().to_string(),
+            heartbeat: Duration::from_millis(self.cache.config().watch_heartbeat_ms),
+            watched,
+            tables: req.tables,
+            tags: req.tags,
+            permits,
+        })?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

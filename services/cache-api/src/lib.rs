@@ -5,13 +5,15 @@ pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod error;
-pub mod flight;
+/// Single-flight per key (shared with near caches: herald-l1).
+pub use herald_l1::flight;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
 pub mod quota;
 pub mod resource;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

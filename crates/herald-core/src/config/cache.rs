@@ -47,6 +47,9 @@ pub struct CacheConfig {
     pub max_watchers: usize,
     /// Invalidation watch streams per tenant on one node.
     pub max_watchers_per_tenant: usize,
+    /// `Watch` streams carry a heartbeat at least this often; near caches
+    /// flush when none arrives within their timeout.
+    pub watch_heartbeat_ms: u64,
     /// TTL of explicit keys set without one.
     pub key_ttl_ms: u64,
     /// Longest TTL a caller may ask for an explicit key.
@@ -76,6 +79,7 @@ impl Default for CacheConfig {
             query_timeout_ms: 10_000,
             max_watchers: 1024,
             max_watchers_per_tenant: 64,
+            watch_heartbeat_ms: 500,
             key_ttl_ms: 300_000,
             max_key_ttl_ms: 86_400_000,
             tokens: Vec::new(),
@@ -216,6 +220,7 @@ impl CacheConfig {
             ("cache.query_timeout_ms", self.query_timeout_ms as i64),
             ("cache.max_watchers", self.max_watchers as i64),
             ("cache.max_watchers_per_tenant", self.max_watchers_per_tenant as i64),
+            ("cache.watch_heartbeat_ms", self.watch_heartbeat_ms as i64),
         ];
         for (key, value) in positive {
             if value <= 0 {

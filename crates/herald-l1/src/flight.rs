@@ -1,4 +1,4 @@
-//! Single-flight: concurrent misses of one key on one node share one fill.
+//! Single-flight: concurrent misses of one key in one process share one fill.
 
 use std::collections::HashMap;
 use std::future::Future;

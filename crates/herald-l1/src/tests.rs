@@ -1,5 +1,5 @@
 use super::*;
-use crate::keys::TenantId;
+use crate::scope::TenantId;
 
 fn cache() -> L1Cache {
     let l1 = L1Cache::new(&L1Config { max_bytes: 1 << 20, max_ttl_ms: 60_000, heartbeat_timeout_ms: 3_000 });

@@ -20,7 +20,7 @@
 
 use herald_proto::v1::{InvalidationEvent, Operation};
 
-use crate::keys::{TagKey, validate_identifier};
+use crate::scope::{TagKey, validate_identifier};
 
 /// The any-row tag of `table`: held by every entry with a row tag of it.
 pub fn any_row(table: &str) -> String {
@@ -72,7 +72,7 @@ pub fn event_tags(event: &InvalidationEvent) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{Scope, TenantId};
+    use crate::scope::{Scope, TenantId};
 
     #[test]
     fn row_tags_name_their_table_and_nothing_else_does() {

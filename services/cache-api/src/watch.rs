@@ -1,0 +1,284 @@
+//! `Watch` (v2): the feed of near caches. One stream per client carries the
+//! invalidations this node applies for the watched tenants, framed as
+//! `Ready`, `Events{seq}` and `Heartbeat{generation, seq}`, and ends with a
+//! status whenever the node cannot vouch for completeness (its L1 flushed or
+//! went not-live: `UNAVAILABLE`; the watcher fell behind: `DATA_LOSS`).
+//! docs/near-cache.md states the contract and why fills stay safe.
+//!
+//! Completeness rests on [`L1Cache::watch`]: every event after it was applied
+//! and every flush, in order. The stream subscribes before it reads the
+//! generation and checks liveness, so any flush after its `Ready` reaches it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_core::keys::TenantId;
+use herald_core::l1::{Applied, L1Cache};
+use herald_proto::v1::watch_message::{Body, Events, Heartbeat, Ready};
+use herald_proto::v1::{InvalidationEvent, WatchMessage, WatchPosition, WatchRequest};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::auth::Caller;
+use crate::error::Error;
+
+/// Most events in one `Events` message.
+const MAX_BATCH: usize = 256;
+
+/// Which tenants a stream watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// `*`: every tenant (a token bound to every tenant only).
+    All,
+    Only(BTreeSet<TenantId>),
+}
+
+impl Watched {
+    /// The tenants of `request`, each checked against the caller's token.
+    pub fn of(caller: &Caller, request: &WatchRequest) -> Result<Self, Error> {
+        let names: Vec<&str> = if request.tenants.is_empty() {
+            vec![request.tenant.as_str()]
+        } else {
+            request.tenants.iter().map(String::as_str).collect()
+        };
+        if names.contains(&"*") {
+            if names.len() > 1 {
+                return Err(Error::InvalidArgument("`*` watches every tenant: name no other tenant with it".into()));
+            }
+            if !caller.trusted() {
+                return Err(Error::PermissionDenied { token: caller.token.clone(), tenant: "*".into() });
+            }
+            return Ok(Watched::All);
+        }
+        let tenants = names.into_iter().map(|t| caller.tenant(t)).collect::<Result<BTreeSet<_>, _>>()?;
+        Ok(Watched::Only(tenants))
+    }
+
+    fn includes(&self, tenant: &str) -> bool {
+        match self {
+            Watched::All => true,
+            Watched::Only(set) => set.iter().any(|t| t.as_str() == tenant),
+        }
+    }
+}
+
+/// Whether a watcher of `watched` tenants filtering by `tables` and `tags`
+/// gets `event`. Events of other tenants never pass; tenant-wide events (a
+/// TRUNCATE of a tenant table) and global-scope events (tables without a
+/// tenant column, whose entries every tenant may read) reach every watcher.
+/// The cache API's own invalidations (Delete, Set, InvalidateTags,
+/// InvalidatePrefix) name no table, so a table filter cannot exclude them.
+pub fn matches(event: &InvalidationEvent, watched: &Watched, tables: &[String], tags: &[String]) -> bool {
+    let ours = event.all_tenants || event.tenant.is_empty() || watched.includes(&event.tenant);
+    let table_ok = tables.is_empty() || event.table.is_empty() || tables.contains(&event.table);
+    let tags_ok = tags.is_empty()
+        || herald_core::tags::is_table_wide(event)
+        || !event.key_prefixes.is_empty()
+        || event.tags.iter().any(|t| tags.iter().any(|w| w == t));
+    ours && table_ok && tags_ok
+}
+
+/// What one stream needs; its permits are held until it ends.
+pub struct Stream<P> {
+    pub l1: L1Cache,
+    pub node: String,
+    pub heartbeat: Duration,
+    pub watched: Watched,
+    pub tables: Vec<String>,
+    pub tags: Vec<String>,
+    pub permits: P,
+}
+
+type Sender = mpsc::Sender<Result<WatchMessage, Status>>;
+
+fn message(body: Body) -> Result<WatchMessage, Status> {
+    Ok(WatchMessage { body: Some(body) })
+}
+
+fn flushed() -> Status {
+    Status::unavailable(
+        "this node's cache generation changed (its invalidation feed was interrupted or it flushed): \
+         drop everything and watch again",
+    )
+}
+
+/// Starts `stream`: fails with `UNAVAILABLE` when the node is not live,
+/// else spawns its task and returns the receiving end.
+pub fn start<P: Send + 'static>(stream: Stream<P>) -> Result<mpsc::Receiver<Result<WatchMessage, Status>>, Status> {
+    // Read before subscribing: the position may only understate what the
+    // stream has delivered (read-your-writes relies on it).
+    let applied_before = stream.l1.applied();
+    let applied = stream.l1.watch();
+    let generation = stream.l1.generation();
+    if !stream.l1.is_live() {
+        return Err(Status::unavailable("this node's invalidation feed is down; retry"));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let position = WatchPosition { commit_lsn: applied_before.commit_lsn, events: applied_before.events };
+    tokio::spawn(run(stream, applied, generation, position, tx));
+    Ok(rx)
+}
+
+async fn run<P>(
+    stream: Stream<P>,
+    mut applied: tokio::sync::broadcast::Receiver<Applied>,
+    generation: u64,
+    mut position: WatchPosition,
+    tx: Sender,
+) {
+    let _permits = &stream.permits;
+    let ready = Ready {
+        node_id: stream.node.clone(),
+        generation,
+        position: Some(position),
+        heartbeat_ms: stream.heartbeat.as_millis() as u64,
+    };
+    if tx.send(message(Body::Ready(ready))).await.is_err() {
+        return;
+    }
+    let mut seq = 0u64;
+    let mut ticks = tokio::time::interval(stream.heartbeat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        let first = tokio::select! {
+            received = applied.recv() => received,
+            _ = ticks.tick() => {
+                if !stream.l1.is_live() || stream.l1.generation() != generation {
+                    let _ = tx.send(Err(flushed())).await;
+                    return;
+                }
+                let heartbeat = Heartbeat { generation, seq, position: Some(position) };
+                if tx.send(message(Body::Heartbeat(heartbeat))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tx.closed() => return,
+        };
+        let mut batch = Vec::new();
+        let mut next = Some(first.map_err(Missed::from));
+        let end = loop {
+            let Some(item) = next.take() else { break None };
+            match item {
+                Ok(Applied::Event(event)) => {
+                    position.commit_lsn = position.commit_lsn.max(event.commit_lsn);
+                    position.events += 1;
+                    if matches(&event, &stream.watched, &stream.tables, &stream.tags) {
+                        batch.push((*event).clone());
+                    }
+                }
+                // A flush that happened before this stream read its
+                // generation is already accounted for.
+                Ok(Applied::Flushed { generation: g }) if g <= generation => {}
+                Ok(Applied::Flushed { .. }) => break Some(flushed()),
+                Err(Missed::Lagged(n)) => {
+                    break Some(Status::data_loss(format!(
+                        "watcher fell {n} events behind: drop everything and watch again"
+                    )));
+                }
+                Err(Missed::Closed) => break Some(Status::unavailable("this node is shutting down")),
+                Err(Missed::Empty) => break None,
+            }
+            if batch.len() < MAX_BATCH {
+                next = Some(applied.try_recv().map_err(Missed::from));
+            }
+        };
+        if !batch.is_empty() {
+            seq += 1;
+            if tx.send(message(Body::Events(Events { seq, events: batch }))).await.is_err() {
+                return;
+            }
+        }
+        if let Some(status) = end {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    }
+}
+
+/// Why the next applied item is not there.
+enum Missed {
+    Lagged(u64),
+    Closed,
+    Empty,
+}
+
+impl From<RecvError> for Missed {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Lagged(n) => Missed::Lagged(n),
+            RecvError::Closed => Missed::Closed,
+        }
+    }
+}
+
+impl From<TryRecvError> for Missed {
+    fn from(e: TryRecvError) -> Self {
+        match e {
+            TryRecvError::Lagged(n) => Missed::Lagged(n),
+            TryRecvError::Closed => Missed::Closed,
+            TryRecvError::Empty => Missed::Empty,
+        }
+    }
+}
+
+/// Shared by both watch RPCs: the node's and tenants' watch-stream limits.
+pub fn shares(
+    quota: &crate::quota::TenantQuota,
+    node: &Arc<tokio::sync::Semaphore>,
+    watched: &Watched,
+) -> Result<(Vec<crate::quota::QuotaPermit>, tokio::sync::OwnedSemaphorePermit), Status> {
+    let mut held = Vec::new();
+    if let Watched::Only(tenants) = watched {
+        for tenant in tenants {
+            held.push(quota.try_acquire(tenant).ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "tenant {tenant} has {} watch streams on this node (cache.max_watchers_per_tenant)",
+                    quota.per_tenant()
+                ))
+            })?);
+        }
+    }
+    let permit = node
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Status::resource_exhausted("too many invalidation watchers on this node (cache.max_watchers)"))?;
+    Ok((held, permit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn only(tenants: &[&str]) -> Watched {
+        Watched::Only(tenants.iter().map(|t| TenantId::new(t).unwrap()).collect())
+    }
+
+    #[test]
+    fn watch_filter_keeps_tenants_apart() {
+        let event = InvalidationEvent {
+            tenant: "acme".into(),
+            table: "res_users".into(),
+            tags: vec!["res_users.id=1".into()],
+            ..Default::default()
+        };
+        let (acme, globex) = (only(&["acme"]), only(&["globex"]));
+        assert!(matches(&event, &acme, &[], &[]));
+        assert!(!matches(&event, &globex, &[], &[]));
+        assert!(matches(&event, &only(&["globex", "acme"]), &[], &[]));
+        assert!(matches(&event, &Watched::All, &[], &[]));
+        assert!(matches(&event, &acme, &["res_users".into()], &["res_users.id=1".into()]));
+        assert!(!matches(&event, &acme, &["other".into()], &[]));
+        assert!(!matches(&event, &acme, &[], &["res_users.id=2".into()]));
+        let api = InvalidationEvent { table: String::new(), ..event.clone() };
+        assert!(matches(&api, &acme, &["res_users".into()], &[]));
+        assert!(!matches(&api, &globex, &["res_users".into()], &[]));
+        let global = InvalidationEvent { tenant: String::new(), ..event.clone() };
+        assert!(matches(&global, &globex, &["res_users".into()], &[]));
+        let truncate = InvalidationEvent { all_tenants: true, ..event };
+        assert!(matches(&truncate, &globex, &[], &[]));
+    }
+}
