@@ -210,15 +210,19 @@ def test_async_methods(cache: HeraldCache) -> None:
 def test_close_keeps_the_near_cache_and_threads_share_one_client(cache: HeraldCache, stack: Stack) -> None:
     assert cache.client.wait_live(), "the near cache never became live"
     cache.set("near", "v1")
-    cache.get("near")
     near = cache.client.near
     assert near is not None
+
+    def served_from_ram() -> bool:
+        hits = near.store.stats.hits
+        return bool(cache.get("near") == "v1" and near.store.stats.hits == hits + 1)
+
+    # The set's own invalidation may refuse the first fill after it.
+    eventually(served_from_ram, "the value is served from RAM")
     hits = near.store.stats.hits
-    cache.get("near")
-    assert near.store.stats.hits == hits + 1, "the second read came from RAM"
     cache.close()
     assert cache.client.live()
-    assert cache.get("near") == "v1" and near.store.stats.hits == hits + 2
+    assert cache.get("near") == "v1" and near.store.stats.hits == hits + 1
 
     other_thread: list[HeraldCache] = []
     t = threading.Thread(target=lambda: other_thread.append(caches["default"]))

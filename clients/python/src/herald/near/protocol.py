@@ -116,6 +116,7 @@ class NearState:
             self._last_seq = 0
             self._deadline = self._clock() + self.heartbeat_timeout_s
             self.applied_lsn = commit_lsn
+            self.store.refuse_older_fills()
             self.store.set_live(True)
 
     def on_events(self, seq: int, events: Iterable[events_pb2.InvalidationEvent]) -> None:

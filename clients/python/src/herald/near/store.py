@@ -294,6 +294,13 @@ class NearStore:
             self.generation += 1
         self.stats.flushes += 1
 
+    def refuse_older_fills(self) -> None:
+        """Refuses every fill whose ticket was taken before now (a new stream's
+        ``Ready``: what happened before it was never seen)."""
+        with self._lock:
+            self._seq += 1
+            self._flushed_at = self._seq
+
     def set_live(self, live: bool) -> None:
         """Marks the store live or not; going down flushes everything."""
         was = self._live
