@@ -10,10 +10,11 @@ dev: ## run Herald's four services (capture, broadcast, cache API, gateway) on t
 readme-examples: ## run the README's examples against a running `make dev` (in another shell)
 	scripts/readme-examples.sh
 
-test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis and the Python client; then the Python client's suite
 	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace
+	scripts/test-python.sh
 
 lint: ## formatting and clippy, as CI runs them
 	cargo fmt --all -- --check
@@ -22,11 +23,14 @@ lint: ## formatting and clippy, as CI runs them
 fmt: ## format the code
 	cargo fmt --all
 
-bench: ## every benchmark: invalidation, cache, coherence, ws (each prints a table and a JSON line)
+bench: ## every benchmark: invalidation, cache, coherence, ws, the Python near cache (each prints a table and a JSON line)
 	cargo run --release -p herald-bench -- invalidation
 	cargo run --release -p herald-bench -- cache
 	cargo run --release -p herald-bench -- coherence
 	cargo run --release -p herald-bench -- ws
+	scripts/setup-python.sh
+	cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api
+	HERALD_BIN_DIR=$${CARGO_TARGET_DIR:-target}/release .venv/bin/python clients/python/bench.py
 
 check-deploy: ## static checks of docker-compose.yml and the kustomize manifests
 	scripts/check-deploy.sh
