@@ -114,7 +114,9 @@ class NearStore:
         self.max_bytes = max_bytes
         self.max_ttl_s = max_ttl_s
         self._clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: a ticket dropped unreleased is released by its __del__,
+        # which the garbage collector may run while this thread holds the lock.
+        self._lock = threading.RLock()
         self._entries: OrderedDict[str, _Held] = OrderedDict()
         self._by_tag: dict[TagKey, dict[str, int]] = {}
         self._recent: dict[TagKey, int] = {}

@@ -68,6 +68,7 @@ class Watcher:
 
     def restart(self) -> None:
         """Ends the current stream (flushing) and watches again at once."""
+        self._wake.set()
         self._cancel()
 
     def _cancel(self) -> None:
