@@ -57,6 +57,21 @@ impl ChildService {
         Self { child, config_path }
     }
 
+    /// The process id (to stop or continue it with signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the service is running")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();

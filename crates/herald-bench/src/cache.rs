@@ -47,16 +47,16 @@ const CHANNELS: usize = 4;
 const RESOURCE: &str = "user_by_slug";
 const DIRECT_SQL: &str = "SELECT id, website_slug, name FROM res_users WHERE tenant_id = $1 AND website_slug = $2";
 
-struct Node {
+pub(crate) struct Node {
     child: Child,
     pid: u32,
-    grpc: SocketAddr,
+    pub(crate) grpc: SocketAddr,
     ops: SocketAddr,
     config_path: PathBuf,
 }
 
 impl Node {
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
         let _ = std::fs::remove_file(&self.config_path);
@@ -106,7 +106,7 @@ fn cache_api_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn start_node(config: &Config, l1: L1Config) -> anyhow::Result<Node> {
+pub(crate) async fn start_node(config: &Config, l1: L1Config) -> anyhow::Result<Node> {
     let mut config = config.clone();
     let (grpc, http, ops) = (free_addr()?, free_addr()?, free_addr()?);
     config.cache.grpc_addr = grpc.to_string();
@@ -148,9 +148,9 @@ fn get(slug: String) -> GetRequest {
 
 /// One measurement: requests per second and latencies, plus how many
 /// answers came from an unexpected layer.
-struct Run {
-    rps: f64,
-    latencies: Latencies,
+pub(crate) struct Run {
+    pub(crate) rps: f64,
+    pub(crate) latencies: Latencies,
     requests: u64,
     unexpected: u64,
 }
@@ -194,7 +194,7 @@ where
 }
 
 /// gRPC Gets of random existing slugs that should come from `layer`.
-async fn grpc_run(
+pub(crate) async fn grpc_run(
     node: &Node,
     rows: usize,
     concurrency: usize,
@@ -227,7 +227,12 @@ async fn miss_run(node: &Node, concurrency: usize, duration: Duration, round: us
     .await
 }
 
-async fn redis_run(sb: &Sandbox, rows: usize, concurrency: usize, duration: Duration) -> anyhow::Result<Run> {
+pub(crate) async fn redis_run(
+    sb: &Sandbox,
+    rows: usize,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Run> {
     let mut config = sb.config.redis.clone();
     config.pool_size = 8;
     let redis = herald_core::redis::connect_pool(&config).await?;
@@ -291,7 +296,7 @@ async fn stampede(sb: &Sandbox, nodes: [&Node; 2], stampede: usize) -> anyhow::R
     Ok(sb.scalar_i64("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM herald_reads").await)
 }
 
-fn describe(run: &Run) -> String {
+pub(crate) fn describe(run: &Run) -> String {
     format!(
         "{:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  (n={}{})",
         run.rps,

@@ -4,6 +4,7 @@
 mod cache;
 mod coherence;
 mod invalidation;
+mod near;
 mod report;
 mod ws;
 
@@ -22,6 +23,8 @@ enum Command {
     Invalidation(invalidation::Args),
     /// Cache API Get per layer against direct Redis and Postgres; stampede.
     Cache(cache::Args),
+    /// In-process near-cache hits against gRPC Get and Redis GET; commit → near-cache drop.
+    NearCache(near::Args),
     /// Stale reads under writes and faults, per phase.
     Coherence(coherence::Args),
     /// WebSocket fan-out: sockets held, memory per socket, deliveries/s, broadcast latency.
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Invalidation(args) => invalidation::run(args).await,
             Command::Cache(args) => cache::run(args).await,
+            Command::NearCache(args) => near::run(args).await,
             Command::Coherence(args) => coherence::run(args).await,
             Command::Ws(args) => ws::run(args).await,
             Command::WsNode(args) => ws::node(args).await,
