@@ -752,6 +752,14 @@ impl Cache {
     /// Tells every node's L1 (this one's at once) to drop `tags` and keys
     /// under `prefixes` in `scope`.
     async fn publish(&self, scope: &Scope, tags: Vec<String>, prefixes: Vec<String>) -> Result<()> {
+        // This node's L1 first, so the caller's next read here sees its own
+        // write. Only the entries: watchers get the event once, when the
+        // published copy comes back and is applied (deletes are idempotent).
+        let tag_keys: Vec<TagKey> = tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
+        self.l1.invalidate(&tag_keys);
+        for prefix in &prefixes {
+            self.l1.invalidate_prefix(prefix);
+        }
         let event = InvalidationEvent {
             event_id: format!("api:{}:{}", self.node, self.seq.fetch_add(1, Ordering::Relaxed)),
             tenant: match scope {
@@ -764,10 +772,6 @@ impl Cache {
             captured_time_us: now_us(),
             ..Default::default()
         };
-        // This node's L1 first, so the caller's next read here sees its own
-        // write; the published copy, applied again when it comes back, is
-        // harmless (deletes are idempotent).
-        self.l1.apply(&event);
         let channel = self.keys.l1_channel();
         self.redis_op(herald_core::l1::wire::publish_invalidations(&self.redis, &channel, &[event])).await
     }
