@@ -17,10 +17,13 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -41,6 +44,14 @@ CREATE TABLE res_users (
     name         text,
     updated_at   timestamptz NOT NULL DEFAULT now()
 )"""
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)
 
 
 def bin_dir() -> Path:
@@ -217,6 +228,39 @@ class Stack:
     def sql(self, statement: str, *args: object) -> None:
         with psycopg2.connect(self.db_url) as c, c.cursor() as cur:
             cur.execute(statement, args)
+
+    def quiesce(self, client: Any, tenant: str) -> None:
+        """Until every change committed so far has reached ``client``'s near cache:
+        capture drained the outbox, broadcast acknowledged (so published) every
+        event, and then a barrier invalidation published after them came through
+        the client's stream (one pub/sub channel keeps them in order)."""
+        r = redis.Redis.from_url(self.redis_url)
+        stream = f"herald:{self.env}:events"
+
+        def drained() -> bool:
+            with psycopg2.connect(self.db_url) as c, c.cursor() as cur:
+                cur.execute("SELECT count(*) FROM herald.outbox")
+                if cur.fetchone()[0] != 0:
+                    return False
+            groups = r.xinfo_groups(stream) if r.exists(stream) else []
+            return all(g["pending"] == 0 and not g.get("lag") for g in groups)
+
+        wait_for(drained, "capture and broadcast drained")
+        near = client.near
+        barrier = "barrier-" + secrets.token_hex(6)
+        seen = threading.Event()
+
+        def listener(event: Any) -> None:
+            if barrier in event.tags:
+                seen.set()
+
+        near.listeners.append(listener)
+        try:
+            client.invalidate_tags([barrier], tenant=tenant)
+            if not seen.wait(20):
+                raise AssertionError("the barrier invalidation never reached the near cache")
+        finally:
+            near.listeners.remove(listener)
 
     def stop(self) -> None:
         for name in list(self.procs):

@@ -91,14 +91,17 @@ class Workers:
 
 @pytest.fixture
 def workers(stack: Stack) -> Iterator[tuple[Client, Workers]]:
+    client = Client(stack.target, ACME_TOKEN, near=NearConfig(tenants=["acme"]))
+    assert client.wait_live()
     stack.sql("DELETE FROM res_users WHERE website_slug IN ('alice', 'bob')")
     stack.sql(
         "INSERT INTO res_users (tenant_id, website_slug, name) VALUES "
         "('acme', 'alice', 'Alice v0'), ('globex', 'alice', 'Globex Alice'), ('acme', 'bob', 'Bob')"
     )
-    client = Client(stack.target, ACME_TOKEN, near=NearConfig(tenants=["acme"]))
+    # Quiesced before the workers fork: no event of the fixture's own changes
+    # is still on its way to them.
+    stack.quiesce(client, "acme")
     # The parent uses the client before forking, as a preloading app server does.
-    assert client.wait_live()
     client.get_resource("user_by_slug", ["alice"], tenant="acme")
     w = Workers(client)
     try:

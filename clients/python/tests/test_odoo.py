@@ -66,13 +66,16 @@ MODELS["res.users"] = ResUsers
 
 @pytest.fixture
 def env(stack: Stack) -> Iterator[Environment]:
-    stack.sql("DELETE FROM res_users WHERE tenant_id = 'odoo_db'")
-    stack.sql("INSERT INTO res_users (tenant_id, website_slug, name) VALUES ('odoo_db', 'ana', 'Ana')")
     client = herald_odoo.configure(stack.target, BACKEND_TOKEN, near=NearConfig(tenants=None))
     cr = Cursor("odoo_db", stack.db_url)
     e = Environment(cr)
     herald_odoo.check_signaling(e)  # the first request of this database starts watching it
     assert client.wait_live(tenant="odoo_db")
+    stack.sql("DELETE FROM res_users WHERE tenant_id = 'odoo_db'")
+    stack.sql("INSERT INTO res_users (tenant_id, website_slug, name) VALUES ('odoo_db', 'ana', 'Ana')")
+    # The tests count computations: the fixture's own changes must have
+    # reached the near cache first, or they would drop what a test fills.
+    stack.quiesce(client, "odoo_db")
     yield e
     cr.close()
     client.close()

@@ -76,6 +76,9 @@ class NearState:
         #: Highest commit LSN the node said it applied (read-your-writes).
         self.applied_lsn = 0
         self.on_doubt: Callable[[str], None] | None = None
+        #: Called with each event after it was applied (observation: logs,
+        #: measurements, tests). Keep them cheap: they run on the watcher thread.
+        self.listeners: list[Callable[[events_pb2.InvalidationEvent], None]] = []
 
     # -- liveness --------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class NearState:
             self.apply(event)
             self.applied_lsn = max(self.applied_lsn, event.commit_lsn)
             self.store.stats.events_applied += 1
+            for listener in self.listeners:
+                listener(event)
 
     def on_heartbeat(self, generation: int, seq: int, commit_lsn: int = 0) -> None:
         with self._lock:
