@@ -33,6 +33,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use herald_client::{NearCache, NearConfig, Target};
+
 use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure, resource};
 use crate::process::ChildService;
 use crate::{Sandbox, assert_eventually, http_get, start_redis};
@@ -58,6 +60,12 @@ pub struct Settings {
     /// Reads per second over all readers (0: as fast as they can). A steady
     /// state below saturation measures Herald, not the CPU scheduler.
     pub read_rate: u64,
+    /// Readers of the near caches (herald-client, one per node, in this
+    /// process).
+    pub near_readers: usize,
+    /// Near-cache reads per second over all near readers (0: as fast as
+    /// they can).
+    pub near_read_rate: u64,
 }
 
 impl Default for Settings {
@@ -71,6 +79,8 @@ impl Default for Settings {
             write_pause: Duration::from_millis(5),
             down: Duration::from_secs(1),
             read_rate: 0,
+            near_readers: 2,
+            near_read_rate: 4_000,
         }
     }
 }
@@ -184,6 +194,12 @@ pub struct PhaseReport {
     pub pipeline: String,
     /// A few stale reads, explained.
     pub examples: Vec<String>,
+    /// The same for reads of the near caches (herald-client).
+    pub near_reads: u64,
+    pub near_read_errors: u64,
+    pub near_stale_beyond_window: u64,
+    pub near_stale_during: u64,
+    pub near_stale_after_quiesce: u64,
 }
 
 struct Node {
@@ -211,6 +227,8 @@ pub struct World {
     capture: Option<ChildService>,
     broadcast: Option<ChildService>,
     nodes: Vec<Node>,
+    /// One near cache per node, watching it.
+    near: Vec<NearCache>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -262,8 +280,16 @@ impl World {
             settings.rows
         ))
         .await;
-        let mut world =
-            Self { sb, settings, redis_port, redis: Some(redis), capture: None, broadcast: None, nodes: Vec::new() };
+        let mut world = Self {
+            sb,
+            settings,
+            redis_port,
+            redis: Some(redis),
+            capture: None,
+            broadcast: None,
+            nodes: Vec::new(),
+            near: Vec::new(),
+        };
         world.capture = Some(ChildService::spawn("herald-capture", &world.sb.config));
         world.broadcast = Some(ChildService::spawn("herald-broadcast", &world.sb.config));
         for _ in 0..2 {
@@ -276,12 +302,22 @@ impl World {
             world.nodes.push(Node { config, service, grpc, http, ops });
         }
         world.wait_ready().await;
+        for node in &world.nodes {
+            let mut config = NearConfig::new(format!("http://{}", node.grpc), ACME_TOKEN, &[TENANT]);
+            config.heartbeat_timeout = Duration::from_millis(1_500);
+            config.backoff = (Duration::from_millis(20), Duration::from_millis(500));
+            world.near.push(NearCache::connect(config).expect("near cache"));
+        }
+        world.wait_ready().await;
         world
     }
 
     async fn wait_ready(&self) {
         for node in &self.nodes {
             assert_eventually!(30, async { node.ready().await }, "a cache-api node did not become ready");
+        }
+        for near in &self.near {
+            assert!(near.wait_live(Duration::from_secs(30)).await, "a near cache did not become live");
         }
     }
 
@@ -322,6 +358,11 @@ impl World {
                 reader_stop.clone(),
             )));
         }
+        let mut near_readers: Vec<JoinHandle<(Vec<Read>, u64)>> = Vec::new();
+        for _ in 0..self.settings.near_readers {
+            let (near, settings, stop) = (self.near.clone(), self.settings.clone(), reader_stop.clone());
+            near_readers.push(tokio::spawn(near_read_loop(near, settings, stop)));
+        }
 
         let capture_before =
             histogram(self.sb.config.capture.ops_addr.parse().expect("addr"), "herald_capture_lag_seconds").await;
@@ -343,6 +384,12 @@ impl World {
         for r in readers {
             reads.extend(r.await.unwrap_or_default());
         }
+        let (mut near_reads, mut near_errors) = (Vec::new(), 0);
+        for r in near_readers {
+            let (reads, errors) = r.await.unwrap_or_default();
+            near_reads.extend(reads);
+            near_errors += errors;
+        }
         let capture_after =
             histogram(self.sb.config.capture.ops_addr.parse().expect("addr"), "herald_capture_lag_seconds").await;
         let broadcast_after =
@@ -357,6 +404,13 @@ impl World {
             let histories = histories.lock().unwrap_or_else(|p| p.into_inner());
             report.fault_ms = fault_ms;
             check_reads(&reads, &histories, self.settings.window, fault_at, &mut report);
+            let mut near = PhaseReport::default();
+            check_reads(&near_reads, &histories, self.settings.window, fault_at, &mut near);
+            report.near_reads = near_reads.len() as u64;
+            report.near_read_errors = near_errors;
+            report.near_stale_beyond_window = near.stale_beyond_window;
+            report.near_stale_during = near.stale_during;
+            report.examples.extend(near.examples.into_iter().take(3).map(|e| format!("near cache: {e}")));
             let commits = commits.lock().unwrap_or_else(|p| p.into_inner());
             let received = received.lock().unwrap_or_else(|p| p.into_inner());
             lags(&commits, &received, &mut report);
@@ -367,7 +421,43 @@ impl World {
             quantiles(&broadcast_before, &broadcast_after)
         );
         report.stale_after_quiesce = self.sweep(&mut report.examples).await;
+        report.near_stale_after_quiesce = self.sweep_near(&mut report.examples).await;
         report
+    }
+
+    /// After quiesce: every value each near cache serves (read twice: the
+    /// first may fill it), compared with Postgres.
+    async fn sweep_near(&self, examples: &mut Vec<String>) -> u64 {
+        let truth = self.truth().await;
+        let mut stale = 0;
+        for id in 1..=self.settings.rows as i64 {
+            let row = truth.get(&id);
+            let mut keys = vec![(Key::Id(id), row.map(|(_, v)| (id, *v)))];
+            for renamed in [false, true] {
+                let slug = slug_of(id, renamed);
+                keys.push((Key::Slug(slug.clone()), row.filter(|(s, _)| *s == slug).map(|(_, v)| (id, *v))));
+            }
+            for (key, expected) in keys {
+                for near in &self.near {
+                    for _ in 0..2 {
+                        match near_read(near, &key).await {
+                            Ok(state) if state == expected => {}
+                            Ok(state) => {
+                                stale += 1;
+                                note(
+                                    examples,
+                                    format!(
+                                        "after quiesce a near cache served {state:?} for {key}, postgres has {expected:?}"
+                                    ),
+                                );
+                            }
+                            Err(e) => note(examples, format!("after quiesce near cache {key}: read failed: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+        stale
     }
 
     /// Every key's state now, as the start of its history.
@@ -546,6 +636,9 @@ impl World {
 
     /// Stops every process and removes the sandbox.
     pub async fn stop(mut self) {
+        for near in &self.near {
+            near.close();
+        }
         for node in &mut self.nodes {
             if let Some(s) = node.service.take() {
                 s.kill().await;
@@ -669,6 +762,56 @@ async fn read_loop(
     s.reads += reads.len() as u64;
     s.read_errors += errors;
     reads
+}
+
+fn near_target(key: &Key) -> Target {
+    match key {
+        Key::Id(id) => Target::resource(BY_ID, &[&id.to_string()]),
+        Key::Slug(s) => Target::resource(BY_SLUG, &[s]),
+    }
+}
+
+async fn near_read(near: &NearCache, key: &Key) -> anyhow::Result<State> {
+    let value = near.get(TENANT, &near_target(key)).await?;
+    Ok(value.and_then(|v| parse_state(true, &v)))
+}
+
+/// Reads of the near caches at `settings.near_read_rate` (in bursts every
+/// millisecond: the timer's resolution). Returns the reads and the errors.
+async fn near_read_loop(near: Vec<NearCache>, settings: Settings, stop: CancellationToken) -> (Vec<Read>, u64) {
+    let per_ms = (settings.near_read_rate as f64 / 1000.0 / settings.near_readers.max(1) as f64).ceil() as usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut reads, mut errors) = (Vec::new(), 0u64);
+    while !stop.is_cancelled() {
+        if settings.near_read_rate > 0 {
+            tick.tick().await;
+        }
+        for _ in 0..per_ms.max(1) {
+            let (id, cache, by_slug, renamed) = {
+                let mut rng = rand::rng();
+                (
+                    rng.random_range(1..=settings.rows as i64),
+                    rng.random_range(0..near.len()),
+                    rng.random_bool(0.5),
+                    rng.random_bool(0.5),
+                )
+            };
+            let key = if by_slug { Key::Slug(slug_of(id, renamed)) } else { Key::Id(id) };
+            let started_us = now_us();
+            match tokio::time::timeout(Duration::from_secs(5), near_read(&near[cache], &key)).await {
+                Ok(Ok(state)) => reads.push(Read { key, started_us, state }),
+                _ => {
+                    errors += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        if settings.near_read_rate == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    (reads, errors)
 }
 
 async fn grpc_on(slot: &mut Option<CacheClient<Channel>>, addr: SocketAddr, key: &Key) -> anyhow::Result<State> {

@@ -1,7 +1,7 @@
 //! The coherence checker, slim: a few seconds of steady state and one fault
 //! (broadcast SIGKILLed and restarted) with capture, broadcast and two
-//! cache-api nodes as real processes. Fails on any stale value after
-//! quiesce, in any layer. The full run with every fault is
+//! cache-api nodes as real processes, and a near cache on each node. Fails
+//! on any stale value after quiesce, in any layer or near cache. The full run with every fault is
 //! `cargo run --release -p herald-bench -- coherence`.
 
 use std::time::Duration;
@@ -21,5 +21,7 @@ async fn no_stale_value_survives_quiesce_in_steady_state_or_after_a_broadcast_cr
         eprintln!("{r:?}");
         assert!(r.reads > 100 && r.writes > 20, "{}: too little traffic to judge: {r:?}", r.phase);
         assert_eq!(r.stale_after_quiesce, 0, "{}: stale values after quiesce: {:?}", r.phase, r.examples);
+        assert!(r.near_reads > 20, "{}: too few near-cache reads to judge: {r:?}", r.phase);
+        assert_eq!(r.near_stale_after_quiesce, 0, "{}: near caches stale after quiesce: {:?}", r.phase, r.examples);
     }
 }

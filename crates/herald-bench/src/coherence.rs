@@ -46,6 +46,13 @@ pub struct Args {
     /// (which saturates the CPU and then measures its scheduler).
     #[arg(long, default_value_t = 6000)]
     read_rate: u64,
+    /// Readers of the near caches (herald-client in this process, one cache
+    /// per node).
+    #[arg(long, default_value_t = 2)]
+    near_readers: usize,
+    /// Near-cache reads per second over all near readers.
+    #[arg(long, default_value_t = 8000)]
+    near_read_rate: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -58,6 +65,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         readers: args.readers,
         window: Duration::from_millis(args.window_ms),
         read_rate: args.read_rate,
+        near_readers: args.near_readers,
+        near_read_rate: args.near_read_rate,
         ..Settings::default()
     };
     let mut world = World::start(settings).await;
@@ -71,13 +80,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut json = JsonLine::default();
     let (mut reads, mut stale, mut after, mut lag_p99) = (0u64, 0u64, 0u64, 0f64);
+    let (mut near_reads, mut near_after, mut near_steady) = (0u64, 0u64, 0u64);
     for r in &reports {
         println!("{}", table(r, args.window_ms).render());
         reads += r.reads;
         stale += r.stale_beyond_window;
         after += r.stale_after_quiesce;
         lag_p99 = lag_p99.max(r.lag_p99_ms);
+        near_reads += r.near_reads;
+        near_after += r.near_stale_after_quiesce;
+        if r.phase == Fault::Steady.name() {
+            near_steady += r.near_stale_beyond_window;
+        }
     }
+    json.set("near_reads", near_reads).set("near_stale_after_quiesce", near_after);
+    json.set("near_steady_stale_beyond_window", near_steady);
     json.set("reads", reads).set("stale_beyond_window", stale).set("stale_after_quiesce", after);
     json.set_f64("lag_p99_ms", lag_p99, 2).set("window_ms", args.window_ms);
     for r in &reports {
@@ -87,6 +104,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         json.set(format!("{p}_stale_after_quiesce"), r.stale_after_quiesce);
         json.set(format!("{p}_stale_during_fault"), r.stale_during);
         json.set_f64(format!("{p}_lag_p99_ms"), r.lag_p99_ms, 2);
+        json.set(format!("{p}_near_reads"), r.near_reads);
+        json.set(format!("{p}_near_stale_beyond_window"), r.near_stale_beyond_window);
+        json.set(format!("{p}_near_stale_after_quiesce"), r.near_stale_after_quiesce);
+        json.set(format!("{p}_near_stale_during_fault"), r.near_stale_during);
     }
     json.set("cores", cores() as u64);
     println!("{}", json.render());
@@ -111,6 +132,12 @@ fn table(r: &PhaseReport, window_ms: u64) -> Table {
         );
     }
     t.row("stale after quiesce", r.stale_after_quiesce);
+    t.row("near-cache reads (errors)", format!("{} ({})", r.near_reads, r.near_read_errors));
+    t.row(
+        format!("near-cache stale beyond {window_ms} ms"),
+        format!("{} ({} during the fault + 3 s)", r.near_stale_beyond_window, r.near_stale_during),
+    );
+    t.row("near-cache stale after quiesce", r.near_stale_after_quiesce);
     t.row("pipeline", &r.pipeline);
     t.row(
         "commit → every node applied",
