@@ -10,10 +10,11 @@ dev: ## run Herald's four services (capture, broadcast, cache API, gateway) on t
 readme-examples: ## run the README's examples against a running `make dev` (in another shell)
 	scripts/readme-examples.sh
 
-test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis for the OpenAPI test; the TypeScript client's tests (npm ci, Chromium)
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis and the Python client; the Python client's suite; the TypeScript client's tests (npm ci, Chromium)
 	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace
+	scripts/test-python.sh
 	scripts/test-typescript.sh
 
 test-cluster: ## spine, fault, cache-API, gateway and cluster tests against a local Redis Cluster (3 masters + 3 replicas per test process, started by the tests)
@@ -27,11 +28,14 @@ lint: ## formatting and clippy, as CI runs them
 fmt: ## format the code
 	cargo fmt --all
 
-bench: ## every benchmark: invalidation, cache, coherence, ws (each prints a table and a JSON line)
+bench: ## every benchmark: invalidation, cache, coherence, ws, the Python near cache (each prints a table and a JSON line)
 	cargo run --release -p herald-bench -- invalidation
 	cargo run --release -p herald-bench -- cache
 	cargo run --release -p herald-bench -- coherence
 	cargo run --release -p herald-bench -- ws
+	scripts/setup-python.sh
+	cargo build --release -p herald-capture -p herald-broadcast -p herald-cache-api
+	HERALD_BIN_DIR=$${CARGO_TARGET_DIR:-target}/release .venv/bin/python clients/python/bench.py
 
 check-deploy: ## static checks of docker-compose.yml and the kustomize manifests
 	scripts/check-deploy.sh

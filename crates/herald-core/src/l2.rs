@@ -447,22 +447,62 @@ impl L2 {
         tags: &[TagKey],
         ttl: Option<Duration>,
     ) -> Result<()> {
+        self.replace_if(key, value, self_tag, tags, ttl, Condition::Always).await?;
+        Ok(())
+    }
+
+    /// [`L2::replace`] when `condition` holds, decided in the same script;
+    /// true when replaced. The atomic steps of explicit keys (add, incr).
+    pub async fn replace_if(
+        &self,
+        key: &str,
+        value: Bytes,
+        self_tag: &TagKey,
+        tags: &[TagKey],
+        ttl: Option<Duration>,
+        condition: Condition<'_>,
+    ) -> Result<bool> {
         let tags = tags::indexed_tags(tags.to_vec());
         let mut keys = Vec::with_capacity(tags.len() + 3);
         keys.push(key.to_string());
         keys.push(self.keys.tag_set(self_tag));
         keys.push(self.keys.tag_version(self_tag));
         keys.extend(tags.iter().map(|t| self.keys.tag_set(t)));
-        let args: Vec<Value> = vec![Value::Bytes(value), ttl.map_or(0, millis).into(), millis(STAMP_TTL).into()];
+        let (mode, expected) = match condition {
+            Condition::Always => ("always", Bytes::new()),
+            Condition::Absent => ("absent", Bytes::new()),
+            Condition::Holds(bytes) => ("holds", Bytes::copy_from_slice(bytes)),
+        };
+        let args: Vec<Value> = vec![
+            Value::Bytes(value),
+            ttl.map_or(0, millis).into(),
+            millis(STAMP_TTL).into(),
+            mode.into(),
+            Value::Bytes(expected),
+        ];
         one_slot(&keys)?;
-        let _: i64 = self.redis.next().eval(script(REPLACE), keys, args).await?;
-        Ok(())
+        let replaced: i64 = self.redis.next().eval(script(REPLACE), keys, args).await?;
+        Ok(replaced == 1)
     }
 }
 
-/// [`L2::replace`]. KEYS: entry, its self tag's set and version, then the
-/// entry's tag sets. ARGV: value, ttl ms (0: none), stamp ttl ms.
+/// When [`L2::replace_if`] replaces.
+#[derive(Debug, Clone, Copy)]
+pub enum Condition<'a> {
+    Always,
+    /// No entry is stored under the key.
+    Absent,
+    /// The stored entry is exactly these bytes (compare-and-swap).
+    Holds(&'a [u8]),
+}
+
+/// [`L2::replace_if`]. KEYS: entry, its self tag's set and version, then the
+/// entry's tag sets. ARGV: value, ttl ms (0: none), stamp ttl ms, condition
+/// (`always`, `absent`, `holds`), the bytes `holds` compares with. Returns 1
+/// when replaced, 0 when the condition failed (nothing changed).
 const REPLACE: &str = r#"
+if ARGV[4] == 'absent' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[4] == 'holds' and redis.call('GET', KEYS[1]) ~= ARGV[5] then return 0 end
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
 local members = redis.call('SMEMBERS', KEYS[2])

@@ -43,6 +43,8 @@ use crate::metrics::Metrics;
 use crate::quota::{QuotaPermit, TenantQuota};
 use crate::resource::{Fetched, Resource};
 
+mod atomic;
+
 /// The resource name of explicit keys, in keys and metrics.
 pub const KV: &str = "kv";
 /// Longest wait for one Redis operation before the request degrades to
@@ -626,21 +628,7 @@ impl Cache {
     ) -> Result<bool> {
         let scope = Scope::Tenant(tenant.clone());
         let entry_key = self.keys.entry(&scope, KV, key)?;
-        if value.len() > self.config.max_value_bytes {
-            return Err(Error::InvalidArgument(format!(
-                "value of {} bytes is over the limit of {} (cache.max_value_bytes)",
-                value.len(),
-                self.config.max_value_bytes
-            )));
-        }
-        let ttl_ms = if ttl_ms == 0 { self.config.key_ttl_ms } else { ttl_ms };
-        if ttl_ms > self.config.max_key_ttl_ms {
-            return Err(Error::InvalidArgument(format!(
-                "ttl_ms {ttl_ms} is over the limit of {} (cache.max_key_ttl_ms)",
-                self.config.max_key_ttl_ms
-            )));
-        }
-        self.check_tags(&tags)?;
+        let ttl_ms = self.check_explicit(&value, ttl_ms, &tags)?;
         let token: Option<FillToken> = if fill_token.is_empty() {
             None
         } else {
@@ -674,6 +662,27 @@ impl Cache {
             self.metrics.rejected(KV, "l2");
         }
         Ok(stored)
+    }
+
+    /// Checks an explicit key's value, TTL (0: `cache.key_ttl_ms`) and tags
+    /// against the limits; the TTL to use.
+    fn check_explicit(&self, value: &[u8], ttl_ms: u64, tags: &[String]) -> Result<u64> {
+        if value.len() > self.config.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "value of {} bytes is over the limit of {} (cache.max_value_bytes)",
+                value.len(),
+                self.config.max_value_bytes
+            )));
+        }
+        let ttl_ms = if ttl_ms == 0 { self.config.key_ttl_ms } else { ttl_ms };
+        if ttl_ms > self.config.max_key_ttl_ms {
+            return Err(Error::InvalidArgument(format!(
+                "ttl_ms {ttl_ms} is over the limit of {} (cache.max_key_ttl_ms)",
+                self.config.max_key_ttl_ms
+            )));
+        }
+        self.check_tags(tags)?;
+        Ok(ttl_ms)
     }
 
     /// Drops one explicit key on every node.
@@ -784,9 +793,17 @@ impl Cache {
         Ok(deleted)
     }
 
-    /// Tells every node's L1 (this one's included) to drop `tags` and keys
+    /// Tells every node's L1 (this one's at once) to drop `tags` and keys
     /// under `prefixes` in `scope`.
     async fn publish(&self, scope: &Scope, tags: Vec<String>, prefixes: Vec<String>) -> Result<()> {
+        // This node's L1 first, so the caller's next read here sees its own
+        // write. Only the entries: watchers get the event once, when the
+        // published copy comes back and is applied (deletes are idempotent).
+        let tag_keys: Vec<TagKey> = tags.iter().map(|t| TagKey::new(scope.clone(), t.as_str())).collect();
+        self.l1.invalidate(&tag_keys);
+        for prefix in &prefixes {
+            self.l1.invalidate_prefix(prefix);
+        }
         let event = InvalidationEvent {
             event_id: format!("api:{}:{}", self.node, self.seq.fetch_add(1, Ordering::Relaxed)),
             tenant: match scope {

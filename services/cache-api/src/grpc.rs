@@ -10,9 +10,9 @@ use herald_core::l1::Applied;
 use herald_proto::Message as _;
 use herald_proto::v1::cache_server::Cache as CacheService;
 use herald_proto::v1::{
-    DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse, GetResult,
-    InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest, InvalidationEvent, SetRequest, SetResponse,
-    WatchMessage, WatchRequest, delete_request, get_item, get_request,
+    AddRequest, AddResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
+    GetResult, IncrRequest, IncrResponse, InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest,
+    InvalidationEvent, SetRequest, SetResponse, WatchMessage, WatchRequest, delete_request, get_item, get_request,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, mpsc};
@@ -160,6 +160,24 @@ impl CacheService for Grpc {
         let target = api::prefix_target(&req.resource, &req.key_prefix, req.all)?;
         let deleted = self.cache.invalidate_prefix(&tenant, target, caller.trusted()).await?;
         Ok(Response::new(InvalidateResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant, bytes = request.get_ref().value.len()))]
+    async fn add(&self, request: Request<AddRequest>) -> Result<Response<AddResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let req = request.into_inner();
+        let tenant = caller.tenant(&req.tenant)?;
+        let stored = self.cache.add_key(&tenant, &req.key, req.value, req.ttl_ms, req.tags).await?;
+        Ok(Response::new(AddResponse { stored }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant))]
+    async fn incr(&self, request: Request<IncrRequest>) -> Result<Response<IncrResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let req = request.into_inner();
+        let tenant = caller.tenant(&req.tenant)?;
+        let value = self.cache.incr_key(&tenant, &req.key, req.delta).await?;
+        Ok(Response::new(IncrResponse { found: value.is_some(), value: value.unwrap_or(0) }))
     }
 
     type WatchInvalidationsStream = WatchStream;

@@ -11,6 +11,8 @@
 //! | `GET /v1/t/{tenant}/k/{key}` | Get an explicit key (raw bytes; 404 with `x-herald-fill-token` on a miss) |
 //! | `PUT /v1/t/{tenant}/k/{key}?ttl_ms=&tag=…` | Set an explicit key (body: the value) |
 //! | `DELETE /v1/t/{tenant}/k/{key}` | Delete an explicit key |
+//! | `POST /v1/t/{tenant}/k/{key}/add?ttl_ms=&tag=…` | Add: Set only when nothing is cached (409 when something is) |
+//! | `POST /v1/t/{tenant}/k/{key}/incr` | Incr (body `{"delta": n}`; 404 when nothing is cached) |
 //! | `POST /v1/t/{tenant}/get` | GetMany |
 //! | `POST /v1/t/{tenant}/invalidate` | InvalidateTags or InvalidatePrefix |
 
@@ -51,6 +53,8 @@ pub fn router(state: HttpState, max_value_bytes: usize) -> Router {
         )
         .route("/v1/t/{tenant}/r/{resource}", get(get_resource).delete(delete_resource))
         .route("/v1/t/{tenant}/k/{key}", get(get_key).put(put_key).delete(delete_key))
+        .route("/v1/t/{tenant}/k/{key}/add", post(add_key))
+        .route("/v1/t/{tenant}/k/{key}/incr", post(incr_key))
         .route("/v1/t/{tenant}/get", post(get_many))
         .route("/v1/t/{tenant}/invalidate", post(invalidate))
         .layer(DefaultBodyLimit::max(max_value_bytes + 64 * 1024))
@@ -268,32 +272,85 @@ async fn put_key(
     body: Bytes,
 ) -> Result<Response> {
     let (_, tenant) = state.tenant(&headers, &tenant)?;
-    let max = state.cache.config().max_value_bytes;
-    if body.len() > max {
-        let message = format!("value of {} bytes is over the limit of {max} (cache.max_value_bytes)", body.len());
-        return Ok(error_body(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE, &message));
+    if let Some(response) = too_large(&state, &body) {
+        return Ok(response);
     }
-    let mut ttl_ms = 0;
-    let mut tags = Vec::new();
-    let mut fill_token =
-        headers.get("x-herald-fill-token").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    for (k, v) in query_pairs(query.as_deref())? {
-        match k.as_str() {
-            "ttl_ms" => {
-                ttl_ms = v.parse().map_err(|_| Error::InvalidArgument(format!("ttl_ms: {v:?} is not a number")))?
-            }
-            "tag" => tags.push(v),
-            "fill_token" => fill_token = v,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown query parameter {other:?} (ttl_ms, tag, fill_token)"
-                )));
-            }
-        }
-    }
+    let header_token = headers.get("x-herald-fill-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let KeyQuery { ttl_ms, tags, fill_token } = key_query(query.as_deref(), header_token, true)?;
     let stored = state.cache.set_key(&tenant, &key, body, ttl_ms, tags, &fill_token).await?;
     let status = if stored { StatusCode::OK } else { StatusCode::CONFLICT };
     Ok((status, axum::Json(serde_json::json!({ "stored": stored }))).into_response())
+}
+
+/// The query of PUT and of Add: `ttl_ms`, `tag` (repeated) and, where a
+/// fill token is allowed, `fill_token` (over the header's).
+struct KeyQuery {
+    ttl_ms: u64,
+    tags: Vec<String>,
+    fill_token: String,
+}
+
+fn key_query(query: Option<&str>, header_token: &str, token_allowed: bool) -> Result<KeyQuery> {
+    let mut q = KeyQuery { ttl_ms: 0, tags: Vec::new(), fill_token: header_token.to_string() };
+    for (k, v) in query_pairs(query)? {
+        match k.as_str() {
+            "ttl_ms" => {
+                q.ttl_ms = v.parse().map_err(|_| Error::InvalidArgument(format!("ttl_ms: {v:?} is not a number")))?
+            }
+            "tag" => q.tags.push(v),
+            "fill_token" if token_allowed => q.fill_token = v,
+            other => {
+                let known = if token_allowed { "ttl_ms, tag, fill_token" } else { "ttl_ms, tag" };
+                return Err(Error::InvalidArgument(format!("unknown query parameter {other:?} ({known})")));
+            }
+        }
+    }
+    Ok(q)
+}
+
+fn too_large(state: &HttpState, body: &Bytes) -> Option<Response> {
+    let max = state.cache.config().max_value_bytes;
+    (body.len() > max).then(|| {
+        let message = format!("value of {} bytes is over the limit of {max} (cache.max_value_bytes)", body.len());
+        error_body(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE, &message)
+    })
+}
+
+async fn add_key(
+    State(state): State<HttpState>,
+    Path((tenant, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    if let Some(response) = too_large(&state, &body) {
+        return Ok(response);
+    }
+    let KeyQuery { ttl_ms, tags, .. } = key_query(query.as_deref(), "", false)?;
+    let stored = state.cache.add_key(&tenant, &key, body, ttl_ms, tags).await?;
+    let status = if stored { StatusCode::OK } else { StatusCode::CONFLICT };
+    Ok((status, axum::Json(serde_json::json!({ "stored": stored }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncrBody {
+    delta: i64,
+}
+
+async fn incr_key(
+    State(state): State<HttpState>,
+    Path((tenant, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let (_, tenant) = state.tenant(&headers, &tenant)?;
+    let body: IncrBody = json_body(&body)?;
+    Ok(match state.cache.incr_key(&tenant, &key, body.delta).await? {
+        Some(value) => axum::Json(serde_json::json!({ "found": true, "value": value })).into_response(),
+        None => (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "found": false }))).into_response(),
+    })
 }
 
 async fn delete_key(

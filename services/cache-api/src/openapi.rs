@@ -32,6 +32,8 @@ pub fn document(config: &CacheConfig, param_schema: ParamSchema<'_>) -> Value {
         paths.insert(format!("/v1/t/{{tenant}}/r/{}", res.name), resource_path(res, param_schema));
     }
     paths.insert("/v1/t/{tenant}/k/{key}".into(), key_path(config));
+    paths.insert("/v1/t/{tenant}/k/{key}/add".into(), add_path(config));
+    paths.insert("/v1/t/{tenant}/k/{key}/incr".into(), incr_path());
     paths.insert("/v1/t/{tenant}/get".into(), get_many_path());
     paths.insert("/v1/t/{tenant}/invalidate".into(), invalidate_path(config));
     json!({
@@ -293,18 +295,8 @@ fn key_path(config: &CacheConfig) -> Value {
                 x-herald-fill-token) the store is refused (409) when any of its tags was invalidated since \
                 the miss that issued the token.",
             "parameters": [
-                {
-                    "name": "ttl_ms", "in": "query",
-                    "description": "0 or absent: cache.key_ttl_ms",
-                    "schema": { "type": "integer", "minimum": 0, "maximum": config.max_key_ttl_ms }
-                },
-                {
-                    "name": "tag", "in": "query", "style": "form", "explode": true,
-                    "schema": {
-                        "type": "array", "maxItems": config.max_tags_per_request,
-                        "items": { "$ref": "#/components/schemas/Tag" }
-                    }
-                },
+                ttl_and_tags(config)[0],
+                ttl_and_tags(config)[1],
                 { "name": "fill_token", "in": "query", "schema": { "type": "string" } },
                 { "name": "x-herald-fill-token", "in": "header", "schema": { "type": "string" } }
             ],
@@ -324,6 +316,80 @@ fn key_path(config: &CacheConfig) -> Value {
             "operationId": "deleteKey",
             "summary": "Drop an explicit key on every node.",
             "responses": errors(json!({ "200": json_response("dropped", "Deleted") }), &[])
+        }
+    })
+}
+
+/// `ttl_ms` and repeated `tag`, as PUT and Add take them.
+fn ttl_and_tags(config: &CacheConfig) -> [Value; 2] {
+    [
+        json!({
+            "name": "ttl_ms", "in": "query",
+            "description": "0 or absent: cache.key_ttl_ms",
+            "schema": { "type": "integer", "minimum": 0, "maximum": config.max_key_ttl_ms }
+        }),
+        json!({
+            "name": "tag", "in": "query", "style": "form", "explode": true,
+            "schema": {
+                "type": "array", "maxItems": config.max_tags_per_request,
+                "items": { "$ref": "#/components/schemas/Tag" }
+            }
+        }),
+    ]
+}
+
+fn add_path(config: &CacheConfig) -> Value {
+    json!({
+        "parameters": path_params(&["tenant", "key"]),
+        "post": {
+            "operationId": "addKey",
+            "summary": "Store an explicit key only when nothing is cached under it (atomic across nodes).",
+            "parameters": ttl_and_tags(config),
+            "requestBody": {
+                "required": true,
+                "description": format!("the value: at most {} bytes (cache.max_value_bytes)", config.max_value_bytes),
+                "content": { "application/octet-stream": { "schema": {
+                    "type": "string", "format": "binary", "maxLength": config.max_value_bytes
+                } } }
+            },
+            "responses": errors(json!({
+                "200": json_response("stored", "Stored"),
+                "409": json_response("not stored: an entry is cached under the key ({\"stored\": false})", "Stored")
+            }), &["413"])
+        }
+    })
+}
+
+fn incr_path() -> Value {
+    json!({
+        "parameters": path_params(&["tenant", "key"]),
+        "post": {
+            "operationId": "incrKey",
+            "summary": "Add delta to an explicit key holding a decimal integer, atomically across nodes; the \
+                entry keeps its expiry and tags. 400 when the value is not an integer or the sum overflows \
+                64 bits.",
+            "requestBody": json_body(json!({
+                "type": "object",
+                "properties": { "delta": { "type": "integer", "minimum": i64::MIN, "maximum": i64::MAX } },
+                "required": ["delta"],
+                "additionalProperties": false
+            })),
+            "responses": errors(json!({
+                "200": {
+                    "description": "the value after the increment",
+                    "content": { "application/json": { "schema": {
+                        "type": "object",
+                        "properties": { "found": { "const": true }, "value": { "type": "integer" } },
+                        "required": ["found", "value"]
+                    } } }
+                },
+                "404": {
+                    "description": "nothing is cached under the key",
+                    "content": { "application/json": { "schema": {
+                        "type": "object", "properties": { "found": { "const": false } }, "required": ["found"]
+                    } } }
+                }
+            }), &[])
         }
     })
 }
@@ -414,6 +480,8 @@ mod tests {
             "/v1/t/{tenant}/r/{resource}",
             "/v1/t/{tenant}/r/user_by_slug",
             "/v1/t/{tenant}/k/{key}",
+            "/v1/t/{tenant}/k/{key}/add",
+            "/v1/t/{tenant}/k/{key}/incr",
             "/v1/t/{tenant}/get",
             "/v1/t/{tenant}/invalidate",
         ] {

@@ -1,0 +1,1 @@
+"""The near cache: an in-process cache kept coherent by cache-api's Watch stream."""
