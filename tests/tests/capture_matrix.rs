@@ -249,9 +249,9 @@ async fn events_since(client: &tokio_postgres::Client, case: &Case, table: &Tabl
     for row in rows {
         let (id, op, images): (i64, String, Vec<Option<String>>) = (row.get(0), row.get(1), row.get(2));
         *after = id;
+        let event_id = format!("db:{id}");
         let outbox = OutboxRow {
-            id,
-            database: "db",
+            event_id: &event_id,
             op: &op,
             rows: &images,
             txid: 1,
