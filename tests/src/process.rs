@@ -57,6 +57,11 @@ impl ChildService {
         Self { child, config_path }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();
