@@ -372,7 +372,10 @@ async fn remove_everything(redis: &Pool, prefix: &str, admin: &str, db_name: &st
         for _ in 0..50 {
             let slots = "FROM pg_replication_slots WHERE database = $1";
             let _ = client
-                .execute(&format!("SELECT pg_terminate_backend(active_pid) {slots} AND active_pid IS NOT NULL"), &[&db_name])
+                .execute(
+                    &format!("SELECT pg_terminate_backend(active_pid) {slots} AND active_pid IS NOT NULL"),
+                    &[&db_name],
+                )
                 .await;
             let _ = client
                 .execute(&format!("SELECT pg_drop_replication_slot(slot_name) {slots} AND NOT active"), &[&db_name])

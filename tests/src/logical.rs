@@ -16,6 +16,8 @@ pub struct LogicalCluster {
     data: PathBuf,
     bin: PathBuf,
     as_postgres: bool,
+    /// Outlives this process on purpose; never waited on.
+    _watchdog: Option<std::process::Child>,
 }
 
 static CLUSTER: OnceLock<LogicalCluster> = OnceLock::new();
@@ -39,13 +41,17 @@ impl LogicalCluster {
         let as_postgres = String::from_utf8_lossy(&uid.stdout).trim() == "0";
         let version = bin.parent().and_then(Path::file_name).map(|v| v.to_string_lossy().into_owned());
         let template = std::env::temp_dir().join(format!("herald-pg-logical-{}", version.unwrap_or_default()));
-        let cluster = Self { port: crate::free_port(), data: PathBuf::new(), bin, as_postgres };
+        let cluster = Self { port: crate::free_port(), data: PathBuf::new(), bin, as_postgres, _watchdog: None };
         if !template.join("PG_VERSION").exists() {
             let fresh = PathBuf::from(format!("{}.{}", template.display(), crate::unique("")));
             std::fs::create_dir_all(&fresh).expect("template dir");
             cluster.chown(&fresh);
             run(
-                cluster.pg_command("initdb").args(["-D"]).arg(&fresh).args(["-U", "postgres", "-A", "trust", "-E", "UTF8"]),
+                cluster
+                    .pg_command("initdb")
+                    .args(["-D"])
+                    .arg(&fresh)
+                    .args(["-U", "postgres", "-A", "trust", "-E", "UTF8"]),
                 "initdb",
             );
             // Another process may have won the race: then ours goes.
@@ -65,14 +71,14 @@ impl LogicalCluster {
             stop = cluster.shell_stop(),
             data = cluster.data.display()
         );
-        Command::new("sh")
+        let watchdog = Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("watchdog");
-        cluster
+        Self { _watchdog: Some(watchdog), ..cluster }
     }
 
     fn chown(&self, path: &Path) {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use herald_core::keys::{Scope, TagKey, TenantId};
@@ -41,7 +41,8 @@ async fn burst(sb: &Sandbox, n: u64, writers: u64, committed: Arc<AtomicU64>) {
                         }
                     };
                 }
-                let sql = format!("INSERT INTO res_users (id, tenant_id, website_slug) VALUES ({}, 'acme', 'b{i}')", i + 1);
+                let sql =
+                    format!("INSERT INTO res_users (id, tenant_id, website_slug) VALUES ({}, 'acme', 'b{i}')", i + 1);
                 match client.as_ref().expect("connected").batch_execute(&sql).await {
                     Ok(()) => {
                         committed.fetch_add(1, Ordering::SeqCst);
@@ -76,8 +77,10 @@ async fn events(sb: &Sandbox, op: Operation) -> Vec<InvalidationEvent> {
 async fn old_images_ride_renames_deletes_and_team_moves_and_a_rollback_emits_nothing() {
     let sb = wal_sandbox().await;
     let _capture = sb.spawn_capture().await;
-    sb.sql("INSERT INTO res_users (id, tenant_id, team_id, website_slug, callsign) VALUES (1, 'acme', 7, 'alice', 'K1')")
-        .await;
+    sb.sql(
+        "INSERT INTO res_users (id, tenant_id, team_id, website_slug, callsign) VALUES (1, 'acme', 7, 'alice', 'K1')",
+    )
+    .await;
     sb.sql("BEGIN; INSERT INTO res_users (id, tenant_id, website_slug) VALUES (2, 'acme', 'ghost'); ROLLBACK").await;
     sb.sql("UPDATE res_users SET website_slug = 'alice2' WHERE id = 1").await;
     sb.sql("UPDATE res_users SET team_id = 8 WHERE id = 1").await;
@@ -96,10 +99,16 @@ async fn old_images_ride_renames_deletes_and_team_moves_and_a_rollback_emits_not
     assert!(rename.tags.contains(&"res_users.website_slug=alice".into()), "{rename:?}");
     assert!(rename.tags.contains(&"res_users.website_slug=alice2".into()), "{rename:?}");
     let team_move = &all[2];
-    assert_eq!(team_move.teams.iter().collect::<BTreeSet<_>>(), ["7", "8"].iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().collect());
+    assert_eq!(
+        team_move.teams.iter().collect::<BTreeSet<_>>(),
+        ["7", "8"].iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().collect()
+    );
     let delete = &all[4];
     assert_eq!(delete.tenant, "acme");
-    assert!(delete.tags.contains(&"res_users.website_slug=alice2".into()) && delete.tags.contains(&"res_users.callsign=K1".into()));
+    assert!(
+        delete.tags.contains(&"res_users.website_slug=alice2".into())
+            && delete.tags.contains(&"res_users.callsign=K1".into())
+    );
     assert!(all[5].all_tenants);
     // Exact commit positions, in commit order, with deterministic ids.
     let lsns: Vec<u64> = all.iter().map(|e| e.commit_lsn).collect();
@@ -213,7 +222,6 @@ async fn a_slot_dropped_while_capture_is_down_flushes_l1_and_l2_then_service_res
 async fn a_column_added_while_capture_runs_changes_nothing_and_a_dropped_key_column_is_named() {
     let sb = wal_sandbox().await;
     let capture = sb.spawn_capture().await;
-    let stop = Arc::new(AtomicBool::new(false));
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
     sb.sql("ALTER TABLE res_users ADD COLUMN nickname text").await;
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug, nickname) VALUES (2, 'acme', 'b', 'bee')").await;
@@ -221,13 +229,16 @@ async fn a_column_added_while_capture_runs_changes_nothing_and_a_dropped_key_col
     assert_eventually!(30, async { ids_in_stream(&sb).await.len() == 2 }, "changes after ALTER TABLE lost");
     let renamed = events(&sb, Operation::Update).await;
     assert!(renamed[0].tags.contains(&"res_users.website_slug=a".to_string()), "{renamed:?}");
-    stop.store(true, Ordering::SeqCst);
 
     // A key column Herald needs disappears: an error naming it, never a
     // silent drop (capture does not confirm past it).
     sb.sql("ALTER TABLE res_users DROP COLUMN callsign CASCADE").await;
     sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (3, 'acme', 'c')").await;
-    assert_eventually!(30, async { herald_tests::metric(capture.ops_addr, "herald_capture_errors_total", "").await >= 1.0 }, "no error");
+    assert_eventually!(
+        30,
+        async { herald_tests::metric(capture.ops_addr, "herald_capture_errors_total", "").await >= 1.0 },
+        "no error"
+    );
     assert!(!ids_in_stream(&sb).await.contains("3"));
     sb.cleanup().await;
 }

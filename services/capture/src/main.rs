@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use herald_core::config::{CaptureSource, Config};
 use herald_capture::source::Source;
+use herald_core::config::{CaptureSource, Config};
 
 async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
@@ -122,7 +122,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Uninstall { drop_slot } => {
             let mut client = connect(&config).await?;
             let report = herald_capture::install::uninstall(&mut client, &config, drop_slot).await?;
-            println!("removed {} capture trigger(s) and publication {}", report.removed_triggers, config.capture.publication);
+            println!(
+                "removed {} capture trigger(s) and publication {}",
+                report.removed_triggers, config.capture.publication
+            );
             if report.slot_dropped {
                 println!("dropped replication slot {}", config.capture.slot);
             }

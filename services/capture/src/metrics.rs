@@ -89,7 +89,11 @@ impl Metrics {
             self.oldest_pending_seconds.clone(),
         );
         r.register("backpressure", "1 while appends pause because the stream is full", self.backpressure.clone());
-        r.register("lag_seconds", "writer statement (outbox) or commit (wal) to stream append", self.capture_lag.clone());
+        r.register(
+            "lag_seconds",
+            "writer statement (outbox) or commit (wal) to stream append",
+            self.capture_lag.clone(),
+        );
         r.register("transactions", "committed transactions read from the replication slot", self.transactions.clone());
         r.register("standby", "1 while another instance streams the slot and this one waits", self.standby.clone());
         r.register(
@@ -118,6 +122,10 @@ impl Metrics {
             "WAL written since the slot's confirmed position (sampled)",
             self.slot_lag_bytes.clone(),
         );
-        r.register("slot_active_pid", "backend streaming the slot, 0 when none (sampled)", self.slot_active_pid.clone());
+        r.register(
+            "slot_active_pid",
+            "backend streaming the slot, 0 when none (sampled)",
+            self.slot_active_pid.clone(),
+        );
     }
 }

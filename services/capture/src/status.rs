@@ -109,10 +109,12 @@ impl Status {
                 let _ = writeln!(
                     out,
                     "streaming pid:       {}",
-                    slot.active_pid.map_or("none (no capture is reading: WAL accumulates)".to_string(), |p| p.to_string())
+                    slot.active_pid
+                        .map_or("none (no capture is reading: WAL accumulates)".to_string(), |p| p.to_string())
                 );
             } else {
-                let _ = writeln!(out, "slot:                {name} MISSING (capture recreates it and flushes every cache)");
+                let _ =
+                    writeln!(out, "slot:                {name} MISSING (capture recreates it and flushes every cache)");
             }
         }
         let _ = writeln!(out, "outbox depth:        {}", self.outbox_depth);

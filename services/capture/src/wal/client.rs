@@ -13,8 +13,8 @@ use std::time::Duration;
 use herald_core::config::PostgresConfig;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
-pub use super::pgoutput::WalMessage;
 use super::pgoutput::PG_EPOCH_OFFSET_US;
+pub use super::pgoutput::WalMessage;
 
 /// Why the stream failed.
 #[derive(Debug, thiserror::Error)]

@@ -99,9 +99,8 @@ impl WalCapture {
     /// One replication session: slot checks, owed flush, then streaming.
     async fn session(&self, ready: &Readiness, shutdown: &CancellationToken) -> Result<(), SessionError> {
         let capture = &self.config.capture;
-        let (client, connection) = tokio_postgres::connect(&self.config.postgres.url, tokio_postgres::NoTls)
-            .await
-            .map_err(Error::from)?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.config.postgres.url, tokio_postgres::NoTls).await.map_err(Error::from)?;
         let connection = tokio::spawn(connection);
         let state = slot::state(&client, &capture.slot).await?;
         if state.active_pid.is_some() {
@@ -111,7 +110,8 @@ impl WalCapture {
         if ensured.lost {
             self.metrics.slot_recreated.inc();
         }
-        let database: String = client.query_one("SELECT current_database()::text", &[]).await.map_err(Error::from)?.get(0);
+        let database: String =
+            client.query_one("SELECT current_database()::text", &[]).await.map_err(Error::from)?.get(0);
         if slot::flush_pending(&client).await? {
             self.flush_everything(&database).await?;
             slot::flush_done(&client).await?;

@@ -53,12 +53,22 @@ pub struct Relation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Relation(Relation),
-    Insert { relation: u32, new: Vec<Value> },
+    Insert {
+        relation: u32,
+        new: Vec<Value>,
+    },
     /// The old key or old row image, when pgoutput sends one, is skipped:
     /// Herald's old images come from its own trigger messages.
-    Update { relation: u32, new: Vec<Value> },
-    Delete { relation: u32 },
-    Truncate { relations: Vec<u32> },
+    Update {
+        relation: u32,
+        new: Vec<Value>,
+    },
+    Delete {
+        relation: u32,
+    },
+    Truncate {
+        relations: Vec<u32>,
+    },
     /// Type, Origin and anything else Herald does not need.
     Ignored(u8),
 }

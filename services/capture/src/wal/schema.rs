@@ -156,7 +156,9 @@ mod tests {
              ROW(NEW.\"id\"::text, NEW.\"tenant_id\"::text, NEW.\"slug\"::text) OR ROW(OLD.\"id\"::text, \
              OLD.\"name\"::text, OLD.\"slug\"::text, OLD.\"tenant_id\"::text) IS NOT DISTINCT FROM"
         ));
-        assert!(sql.contains("json_build_array('D', 'res_users', OLD.\"tenant_id\"::text, OLD.\"id\"::text, NULL::text"));
+        assert!(
+            sql.contains("json_build_array('D', 'res_users', OLD.\"tenant_id\"::text, OLD.\"id\"::text, NULL::text")
+        );
         let publication = publication_sql(&[table], &CaptureConfig::default());
         assert!(publication.contains("SET TABLE \"public\".\"res_users\""));
     }
