@@ -143,12 +143,18 @@ impl Sandbox {
 
     /// A sandbox whose capture uses `source`.
     pub async fn start_source(source: Source, adjust: impl FnOnce(&mut Config)) -> Self {
-        init_logging();
-        let db_name = unique("herald_t_");
         let admin = match source {
             Source::Outbox => admin_url(),
             Source::Wal => logical::cluster().admin_url(),
         };
+        Self::start_at(admin, source, adjust).await
+    }
+
+    /// A sandbox on the server at `admin` whose capture uses `source` (the
+    /// WAL source needs a server with `wal_level = logical`).
+    pub async fn start_at(admin: String, source: Source, adjust: impl FnOnce(&mut Config)) -> Self {
+        init_logging();
+        let db_name = unique("herald_t_");
         let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.expect("connect to postgres");
         tokio::spawn(connection);
         client.batch_execute(&format!("CREATE DATABASE {db_name}")).await.expect("create database");

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 /// A running throwaway cluster.
 pub struct LogicalCluster {
     pub port: u16,
+    fsync: bool,
     data: PathBuf,
     bin: PathBuf,
     as_postgres: bool,
@@ -21,10 +22,17 @@ pub struct LogicalCluster {
 }
 
 static CLUSTER: OnceLock<LogicalCluster> = OnceLock::new();
+static DURABLE: OnceLock<LogicalCluster> = OnceLock::new();
 
-/// The process's cluster, started on first use.
+/// The process's cluster for tests (`fsync = off`), started on first use.
 pub fn cluster() -> &'static LogicalCluster {
-    CLUSTER.get_or_init(LogicalCluster::start)
+    CLUSTER.get_or_init(|| LogicalCluster::start(false))
+}
+
+/// A cluster that flushes its WAL like a production server (`fsync = on`),
+/// for benchmarks, started on first use.
+pub fn durable_cluster() -> &'static LogicalCluster {
+    DURABLE.get_or_init(|| LogicalCluster::start(true))
 }
 
 fn run(cmd: &mut Command, what: &str) {
@@ -33,7 +41,7 @@ fn run(cmd: &mut Command, what: &str) {
 }
 
 impl LogicalCluster {
-    fn start() -> Self {
+    fn start(fsync: bool) -> Self {
         let bin = Command::new("pg_config").arg("--bindir").output().expect("pg_config on PATH");
         let bin = PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim());
         // initdb refuses root: then the server runs as `postgres`.
@@ -41,7 +49,7 @@ impl LogicalCluster {
         let as_postgres = String::from_utf8_lossy(&uid.stdout).trim() == "0";
         let version = bin.parent().and_then(Path::file_name).map(|v| v.to_string_lossy().into_owned());
         let template = std::env::temp_dir().join(format!("herald-pg-logical-{}", version.unwrap_or_default()));
-        let cluster = Self { port: crate::free_port(), data: PathBuf::new(), bin, as_postgres, _watchdog: None };
+        let cluster = Self { port: crate::free_port(), fsync, data: PathBuf::new(), bin, as_postgres, _watchdog: None };
         if !template.join("PG_VERSION").exists() {
             let fresh = PathBuf::from(format!("{}.{}", template.display(), crate::unique("")));
             std::fs::create_dir_all(&fresh).expect("template dir");
@@ -101,9 +109,11 @@ impl LogicalCluster {
     fn pg_ctl_start(&self) {
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c wal_level=logical \
-             -c max_replication_slots=64 -c max_wal_senders=64 -c fsync=off -c max_connections=200",
+             -c max_replication_slots=64 -c max_wal_senders=64 -c fsync={} -c max_connections=300 \
+             -c shared_buffers=128MB",
             self.port,
-            self.data.display()
+            self.data.display(),
+            if self.fsync { "on" } else { "off" },
         );
         run(
             self.pg_command("pg_ctl")
