@@ -278,3 +278,35 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_is_idempotent_status_shows_the_slot_and_uninstall_drops_it() {
+    let sb = wal_sandbox().await;
+    sb.install().await; // again: nothing changes, no error
+    let slot = &sb.config.capture.slot;
+    let status = herald_capture::status::status(&sb.config).await.expect("status");
+    assert_eq!(status.source, Some(herald_capture::source::Source::Wal));
+    let (name, state) = status.slot.clone().expect("slot status");
+    assert!(name == *slot && state.exists && state.active_pid.is_none());
+    let text = status.render();
+    assert!(text.contains("retained wal:") && text.contains("no capture is reading"), "{text}");
+    let print = herald_capture::install::sql(&sb.config, herald_capture::source::Source::Wal);
+    assert!(print.contains("ALTER PUBLICATION") && print.contains("pg_create_logical_replication_slot"));
+
+    let (mut client, connection) =
+        tokio_postgres::connect(&sb.config.postgres.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let kept = herald_capture::install::uninstall(&mut client, &sb.config, false).await.expect("uninstall");
+    assert!(kept.slot_kept && kept.removed_triggers == 2, "{kept:?}");
+    let dropped = herald_capture::install::uninstall(&mut client, &sb.config, true).await.expect("uninstall");
+    assert!(dropped.slot_dropped);
+    let slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[slot])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+    // Writers are unaffected by the removed triggers and publication.
+    sb.sql("INSERT INTO res_users (tenant_id) VALUES ('acme'); DELETE FROM res_users").await;
+    sb.cleanup().await;
+}
