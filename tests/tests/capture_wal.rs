@@ -310,3 +310,31 @@ async fn install_is_idempotent_status_shows_the_slot_and_uninstall_drops_it() {
     sb.sql("INSERT INTO res_users (tenant_id) VALUES ('acme'); DELETE FROM res_users").await;
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_an_outbox_install_to_the_wal_loses_no_write() {
+    let admin = tokio::task::spawn_blocking(|| logical::cluster().admin_url()).await.unwrap();
+    let mut sb = Sandbox::start_at(admin, Source::Outbox, |_| {}).await;
+    sb.sql("INSERT INTO res_users (id, tenant_id) VALUES (1, 'acme')").await; // left in the outbox
+    sb.config.capture.source = herald_core::config::CaptureSource::Wal;
+    sb.config.capture.slot = herald_tests::unique("herald_s_");
+    // Writers keep writing while the install switches sources.
+    let writer = {
+        let url = sb.config.postgres.url.clone();
+        tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            for id in 2..=300 {
+                client
+                    .execute("INSERT INTO res_users (id, tenant_id) VALUES ($1, 'acme')", &[&(id as i64)])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    sb.install().await;
+    writer.await.unwrap();
+    let _capture = sb.spawn_capture().await;
+    assert_eventually!(30, async { ids_in_stream(&sb).await.len() == 300 }, "writes lost in the switch");
+    sb.cleanup().await;
+}

@@ -72,6 +72,21 @@ pub fn sql(config: &Config, source: Source) -> String {
 /// the WAL source then makes sure the slot exists.
 pub async fn install(client: &mut Client, config: &Config) -> Result<InstallReport> {
     let chosen = source::choose(config.capture.source, source::probe(&*client).await?)?;
+    // The (empty) publication, then the slot, then the triggers: the slot's
+    // start precedes the commit that publishes the tables (and, switching from the outbox, drops the
+    // outbox triggers), so no write falls between the two sources. Writes
+    // before that commit are in the outbox, which capture drains first.
+    let slot = match chosen {
+        Source::Wal => {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&install_lock_id()]).await?;
+            tx.batch_execute(&base_sql()).await?;
+            tx.batch_execute(&wal::schema::publication_create_sql(&config.capture)).await?;
+            tx.commit().await?;
+            Some(wal::slot::ensure(client, &config.capture.slot).await?)
+        }
+        Source::Outbox => None,
+    };
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&install_lock_id()]).await?;
 
@@ -179,10 +194,6 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
         removed_functions.push(function);
     }
     tx.commit().await?;
-    let slot = match chosen {
-        Source::Wal => Some(wal::slot::ensure(client, &config.capture.slot).await?),
-        Source::Outbox => None,
-    };
     Ok(InstallReport {
         source: chosen,
         slot,

@@ -60,16 +60,23 @@ fn nothing_watched_changed(table: &TableConfig) -> String {
     format!("ROW({}) IS NOT DISTINCT FROM ROW({})", side("OLD"), side("NEW"))
 }
 
-/// The publication: created once, its table list and operations set on
-/// every install.
+/// Creates the publication, empty, unless it exists. It must exist before
+/// the slot is created: pgoutput looks publications up as of each change it
+/// decodes, and a change older than the publication would fail the stream.
+pub fn publication_create_sql(capture: &CaptureConfig) -> String {
+    format!(
+        "DO $herald$ BEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {}) THEN\n        \
+         CREATE PUBLICATION {} WITH (publish = 'insert, update, truncate');\n    END IF;\nEND $herald$;\n",
+        lit(&capture.publication),
+        q(&capture.publication)
+    )
+}
+
+/// The publication's operations and table list, set on every install.
 pub fn publication_sql(tables: &[TableConfig], capture: &CaptureConfig) -> String {
     let name = q(&capture.publication);
-    let mut sql = format!(
-        "DO $herald$ BEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {}) THEN\n        \
-         CREATE PUBLICATION {name};\n    END IF;\nEND $herald$;\n\
-         ALTER PUBLICATION {name} SET (publish = 'insert, update, truncate');\n",
-        lit(&capture.publication)
-    );
+    let mut sql = publication_create_sql(capture);
+    sql.push_str(&format!("ALTER PUBLICATION {name} SET (publish = 'insert, update, truncate');\n"));
     if !tables.is_empty() {
         let list: Vec<String> = tables.iter().map(|t| qualified(&t.schema, t.pg_table())).collect();
         sql.push_str(&format!("ALTER PUBLICATION {name} SET TABLE {};\n", list.join(", ")));

@@ -98,15 +98,17 @@ pub async fn ensure(client: &Client, slot: &str) -> Result<Ensured> {
 
 async fn ensure_locked(client: &Client, slot: &str) -> Result<Ensured> {
     let current = state(client, slot).await?;
-    let ours = meta(client, "wal_slot").await?.as_deref() == Some(slot);
+    // Any slot Herald streamed before: changes since its position are gone
+    // with it (also when the configured slot name changed).
+    let recorded = meta(client, "wal_slot").await?;
     let lost_status = current.wal_status.as_deref() == Some("lost");
     if current.exists && !lost_status {
-        if !ours {
+        if recorded.as_deref() != Some(slot) {
             set_meta(client, "wal_slot", slot).await?;
         }
         return Ok(Ensured::default());
     }
-    let lost = ours || lost_status;
+    let lost = recorded.is_some() || lost_status;
     if lost {
         // First the debt, then the new slot: a crash in between still flushes.
         set_meta(client, "wal_flush_pending", slot).await?;
