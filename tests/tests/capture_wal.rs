@@ -338,3 +338,25 @@ async fn switching_an_outbox_install_to_the_wal_loses_no_write() {
     assert_eventually!(30, async { ids_in_stream(&sb).await.len() == 300 }, "writes lost in the switch");
     sb.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watched_table_on_a_busy_database_pins_no_wal() {
+    let sb = wal_sandbox().await;
+    let capture = sb.spawn_capture().await;
+    sb.sql("CREATE TABLE busy (id bigserial PRIMARY KEY, v text)").await;
+    for _ in 0..20 {
+        sb.sql("INSERT INTO busy (v) SELECT repeat('x', 100) FROM generate_series(1, 500)").await;
+    }
+    let written = sb.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+    let slot = sb.config.capture.slot.clone();
+    let confirmed = || async {
+        sb.scalar_i64(&format!(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .await
+    };
+    assert_eventually!(30, async { confirmed().await >= written }, "the slot's position stays behind the WAL");
+    assert_eq!(sb.stream_len().await, 0, "writes of an unwatched table made events");
+    assert!(herald_tests::metric(capture.ops_addr, "herald_capture_confirmed_lsn", "").await >= written as f64);
+    sb.cleanup().await;
+}
