@@ -233,6 +233,11 @@ async fn resolve_source(
             Err(error) => Err(error.into()),
         };
         match installed {
+            // Capture may start before the install job has run.
+            Ok(None) => {
+                tracing::warn!("the herald schema is not installed yet; waiting for `herald-capture install`");
+                pause(shutdown, backoff.next_delay()).await;
+            }
             Ok(installed) => return Ok(Some(source::for_run(config.capture.source, installed)?)),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the installed capture source; retrying");
