@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 seconds=${FUZZ_SECONDS:-600}
 sanitizer=${FUZZ_SANITIZER:-none}
 target_dir=${FUZZ_TARGET_DIR:-target}
-targets=${FUZZ_TARGETS:-stream_event capture_events l1_message ws_frames cache_api_http jwt config_load}
+targets=${FUZZ_TARGETS:-stream_event capture_events l1_message ws_frames cache_api_http jwt config_load pgoutput}
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

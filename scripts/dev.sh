@@ -379,7 +379,10 @@ log "            another: herald-gateway token --tenant demo --sub alice --chann
 log "commands:   source .dev/env; herald-capture status; herald-broadcast watch"
 log "logs:       .dev/capture.log .dev/broadcast.log .dev/cache-api.log .dev/gateway.log .dev/watch.log"
 
-log "herald-capture install"
+# deploy/herald.toml reads the WAL (the throwaway server has wal_level =
+# logical); a server given by URL may not: let capture choose there.
+if [[ ${HERALD_DEV_USE_EXISTING:-0} == 1 ]]; then export HERALD_CAPTURE__SOURCE=${HERALD_CAPTURE__SOURCE:-auto}; fi
+log "herald-capture install (capture.source ${HERALD_CAPTURE__SOURCE:-wal})"
 "$BIN/herald-capture" "${CFG[@]}" install || die "herald-capture install failed"
 
 start_bg() { # name logfile cmd...

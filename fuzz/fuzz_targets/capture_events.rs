@@ -38,9 +38,9 @@ fuzz_target!(|input: Input| {
         team_column: input.team_column.then(|| "team_id".into()),
         watch_columns: Vec::new(),
     };
+    let event_id = format!("{}:{}", input.database, input.id);
     let row = OutboxRow {
-        id: input.id,
-        database: &input.database,
+        event_id: &event_id,
         op: &input.op,
         rows: &input.rows,
         txid: input.txid,

@@ -37,7 +37,7 @@ use herald_client::{NearCache, NearConfig, Target};
 
 use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure, resource};
 use crate::process::ChildService;
-use crate::{Sandbox, assert_eventually, http_get, start_redis};
+use crate::{Sandbox, Source, assert_eventually, http_get, start_redis};
 
 const TENANT: &str = "acme";
 const BY_ID: &str = "coh_by_id";
@@ -66,6 +66,8 @@ pub struct Settings {
     /// Near-cache reads per second over all near readers (0: as fast as
     /// they can).
     pub near_read_rate: u64,
+    /// Capture's source.
+    pub source: Source,
 }
 
 impl Default for Settings {
@@ -81,6 +83,7 @@ impl Default for Settings {
             read_rate: 0,
             near_readers: 2,
             near_read_rate: 4_000,
+            source: Source::Outbox,
         }
     }
 }
@@ -254,7 +257,7 @@ impl World {
             async { tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await.is_ok() },
             "redis did not start"
         );
-        let sb = Sandbox::start_with(|c| {
+        let sb = Sandbox::start_source(settings.source, |c| {
             configure(c);
             // On a cluster (`make test-cluster`) the sandbox's cluster serves;
             // the Redis faults of the full benchmark need the own server.
@@ -535,7 +538,7 @@ impl World {
             }
             Fault::Postgres => {
                 let (client, connection) =
-                    tokio_postgres::connect(&crate::admin_url(), tokio_postgres::NoTls).await.expect("admin");
+                    tokio_postgres::connect(&self.sb.admin, tokio_postgres::NoTls).await.expect("admin");
                 tokio::spawn(connection);
                 client
                     .execute(
@@ -551,21 +554,29 @@ impl World {
     }
 
     /// Waits until every committed change has gone through: the outbox is
-    /// empty, broadcast has acknowledged the whole stream, and both nodes are
-    /// live again; then gives pub/sub a moment.
+    /// empty and the slot (WAL source) has confirmed the WAL written so far,
+    /// broadcast has acknowledged the whole stream, and both nodes are live
+    /// again; then gives pub/sub a moment.
     async fn quiesce(&self) {
+        let mut target = None;
         assert_eventually!(
             60,
             async {
-                match self.sb.pool.get().await {
-                    Ok(c) => c
-                        .query_one("SELECT count(*) FROM herald.outbox", &[])
-                        .await
-                        .is_ok_and(|r| r.get::<_, i64>(0) == 0),
-                    Err(_) => false,
+                let Ok(c) = self.sb.pool.get().await else { return false };
+                if target.is_none() {
+                    target =
+                        c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.ok().map(|r| r.get::<_, String>(0));
                 }
+                c.query_one(
+                    "SELECT (SELECT count(*) FROM herald.outbox) = 0 AND coalesce((SELECT confirmed_flush_lsn >= \
+                     $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2), true)",
+                    &[&target.clone().unwrap_or_else(|| "0/0".into()), &self.sb.config.capture.slot],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, bool>(0))
+                    && target.is_some()
             },
-            "the outbox never drained"
+            "capture never caught up"
         );
         assert_eventually!(60, async { self.stream_acknowledged().await }, "broadcast never caught up");
         self.wait_ready().await;

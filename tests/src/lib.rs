@@ -7,6 +7,7 @@
 pub mod cache_api;
 pub mod coherence;
 pub mod gateway;
+pub mod logical;
 pub mod process;
 pub mod redis_cluster;
 
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fred::prelude::*;
-use herald_core::config::{Config, TableConfig};
+use herald_core::config::{CaptureSource, Config, TableConfig};
 use herald_core::keys::KeySpace;
 use herald_core::l1::L1Cache;
 use herald_core::l1::subscriber::{self, SubscriberOptions};
@@ -119,9 +120,25 @@ impl ServiceHandle {
     }
 }
 
+/// Where a sandbox's capture reads changes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Statement triggers and `herald.outbox`, on the shared server.
+    Outbox,
+    /// A replication slot, on the process's throwaway logical cluster
+    /// ([`logical::cluster`]); each sandbox has its own slot.
+    Wal,
+}
+
+/// Both sources, for tests that must hold for each.
+pub const SOURCES: [Source; 2] = [Source::Outbox, Source::Wal];
+
 /// A test's private world.
 pub struct Sandbox {
     pub config: Config,
+    /// The server's admin URL (the shared server, or the logical cluster).
+    pub admin: String,
+    pub source: Source,
     pub db_name: String,
     pub pool: deadpool_postgres::Pool,
     pub redis: Pool,
@@ -143,9 +160,23 @@ impl Sandbox {
 
     /// Like [`Sandbox::start`], letting the test adjust the config first.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_source(Source::Outbox, adjust).await
+    }
+
+    /// A sandbox whose capture uses `source`.
+    pub async fn start_source(source: Source, adjust: impl FnOnce(&mut Config)) -> Self {
+        let admin = match source {
+            Source::Outbox => admin_url(),
+            Source::Wal => logical::cluster().admin_url(),
+        };
+        Self::start_at(admin, source, adjust).await
+    }
+
+    /// A sandbox on the server at `admin` whose capture uses `source` (the
+    /// WAL source needs a server with `wal_level = logical`).
+    pub async fn start_at(admin: String, source: Source, adjust: impl FnOnce(&mut Config)) -> Self {
         init_logging();
         let db_name = unique("herald_t_");
-        let admin = admin_url();
         let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.expect("connect to postgres");
         tokio::spawn(connection);
         client.batch_execute(&format!("CREATE DATABASE {db_name}")).await.expect("create database");
@@ -167,13 +198,30 @@ impl Sandbox {
         config.broadcast.heartbeat_ms = 100;
         config.l1.heartbeat_timeout_ms = 1_000;
         config.tables = vec![demo_table()];
+        match source {
+            Source::Outbox => config.capture.source = CaptureSource::Outbox,
+            Source::Wal => {
+                config.capture.source = CaptureSource::Wal;
+                config.capture.slot = unique("herald_s_");
+            }
+        }
         adjust(&mut config);
 
         let pool = herald_core::pg::pool(&config.postgres).expect("pool");
         pool.get().await.expect("connect to test db").batch_execute(DEMO_TABLE).await.expect("demo table");
         let redis = herald_core::redis::connect_pool(&config.redis).await.expect("connect to redis");
         let keys = KeySpace::new(&config.env).expect("keyspace");
-        let sandbox = Self { config, db_name, pool, redis, keys, shutdown: CancellationToken::new(), cleaned: false };
+        let sandbox = Self {
+            config,
+            admin,
+            source,
+            db_name,
+            pool,
+            redis,
+            keys,
+            shutdown: CancellationToken::new(),
+            cleaned: false,
+        };
         sandbox.install().await;
         sandbox
     }
@@ -341,7 +389,7 @@ impl Sandbox {
         self.shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.pool.close();
-        remove_everything(&self.redis, self.keys.prefix(), &self.db_name).await;
+        remove_everything(&self.redis, self.keys.prefix(), &self.admin, &self.db_name).await;
         let _ = self.redis.quit().await;
     }
 }
@@ -353,15 +401,15 @@ impl Drop for Sandbox {
         }
         self.shutdown.cancel();
         self.pool.close();
-        let (redis_config, prefix, db_name) =
-            (self.config.redis.clone(), self.keys.prefix().to_string(), self.db_name.clone());
+        let (redis_config, prefix, admin, db_name) =
+            (self.config.redis.clone(), self.keys.prefix().to_string(), self.admin.clone(), self.db_name.clone());
         // A fresh runtime on its own thread: Drop may run inside (or outside)
         // the test's runtime, where blocking on it is not allowed.
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             runtime.block_on(async move {
                 if let Ok(redis) = herald_core::redis::connect_pool(&redis_config).await {
-                    remove_everything(&redis, &prefix, &db_name).await;
+                    remove_everything(&redis, &prefix, &admin, &db_name).await;
                     let _ = redis.quit().await;
                 }
             });
@@ -370,14 +418,35 @@ impl Drop for Sandbox {
     }
 }
 
-/// Deletes every key under `prefix` and drops database `db_name`.
-async fn remove_everything(redis: &Pool, prefix: &str, db_name: &str) {
+/// Deletes every key under `prefix` and drops database `db_name` of the
+/// server at `admin` (and its replication slots first).
+async fn remove_everything(redis: &Pool, prefix: &str, admin: &str, db_name: &str) {
     let pattern = format!("{prefix}:*");
     if let Ok(keys) = herald_core::redis::scan_every_master(redis.next(), &pattern).await {
         let _ = herald_core::redis::del_any_slots(redis.next(), keys).await;
     }
-    if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+    if let Ok((client, connection)) = tokio_postgres::connect(admin, NoTls).await {
         tokio::spawn(connection);
+        for _ in 0..50 {
+            let slots = "FROM pg_replication_slots WHERE database = $1";
+            let _ = client
+                .execute(
+                    &format!("SELECT pg_terminate_backend(active_pid) {slots} AND active_pid IS NOT NULL"),
+                    &[&db_name],
+                )
+                .await;
+            let _ = client
+                .execute(&format!("SELECT pg_drop_replication_slot(slot_name) {slots} AND NOT active"), &[&db_name])
+                .await;
+            let left: i64 = match client.query_one(&format!("SELECT count(*) {slots}"), &[&db_name]).await {
+                Ok(row) => row.get(0),
+                Err(_) => 0,
+            };
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).await;
     }
 }

@@ -57,16 +57,17 @@ impl ChildService {
         Self { child, config_path }
     }
 
-    /// The process id (to stop or continue it with signals).
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the service is running")
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Sends `signal` (`STOP`, `CONT`, …) to the process.
     pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the service is running");
         let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
+            .arg(pid.to_string())
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{signal} failed");

@@ -4,8 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use herald_capture::events::{OutboxRow, events_of};
+use herald_capture::wal::pgoutput::{WalMessage, frame};
+use herald_capture::wal::txn::Assembler;
 use herald_core::config::TableConfig;
-use herald_tests::Sandbox;
+use herald_proto::v1::Operation;
+use herald_tests::{Sandbox, Source};
 use tokio_postgres::NoTls;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,6 +239,71 @@ fn expected(case: &Case, op: &str, images: &[&Row]) -> Seen {
     seen
 }
 
+/// Where a case's events are read from.
+enum Reader {
+    /// Outbox rows after this id.
+    Outbox(i64),
+    /// This connection's own replication slot, consumed by
+    /// `pg_logical_slot_get_binary_changes` and assembled as capture does.
+    Wal { slot: String, assembler: Box<Assembler> },
+}
+
+impl Reader {
+    async fn events_since(&mut self, client: &tokio_postgres::Client, case: &Case, table: &TableConfig) -> Seen {
+        match self {
+            Reader::Outbox(after) => events_since(client, case, table, after).await,
+            Reader::Wal { slot, assembler } => wal_events(client, case, slot, assembler).await,
+        }
+    }
+}
+
+/// Events of `case`'s table in the changes of `slot` not read yet.
+async fn wal_events(client: &tokio_postgres::Client, case: &Case, slot: &str, assembler: &mut Assembler) -> Seen {
+    let rows = client
+        .query(
+            "SELECT data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL, 'proto_version', '1', \
+             'publication_names', 'herald', 'messages', 'true')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    let mut seen = Seen::default();
+    for row in rows {
+        let data: Vec<u8> = row.get(0);
+        let events = match frame(bytes::Bytes::from(data)).unwrap() {
+            WalMessage::Begin { final_lsn, xid, commit_time_us } => {
+                assembler.begin(final_lsn, xid, commit_time_us);
+                continue;
+            }
+            WalMessage::Change(data) => {
+                assembler.change(&data).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+                continue;
+            }
+            WalMessage::Message { prefix, content, .. } => {
+                assembler.message(&prefix, &content).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+                continue;
+            }
+            WalMessage::KeepAlive { .. } => continue,
+            WalMessage::Commit { .. } => assembler.commit(1),
+        };
+        assert!(events.set_aside.is_empty(), "{case:?}: {:?}", events.set_aside);
+        for event in events.events.into_iter().filter(|e| e.table == case.name()) {
+            let op = match event.operation() {
+                Operation::Insert => "I",
+                Operation::Update => "U",
+                Operation::Delete => "D",
+                _ => "T",
+            };
+            seen.ops.insert(op.into());
+            seen.ids.entry(event.tenant.clone()).or_default().extend(event.ids);
+            seen.tags.extend(event.tags);
+            seen.teams.extend(event.teams);
+            seen.all_tenants |= event.all_tenants;
+        }
+    }
+    seen
+}
+
 /// Events of the outbox rows `case`'s table wrote after outbox id `after`.
 async fn events_since(client: &tokio_postgres::Client, case: &Case, table: &TableConfig, after: &mut i64) -> Seen {
     let rows = client
@@ -249,9 +317,9 @@ async fn events_since(client: &tokio_postgres::Client, case: &Case, table: &Tabl
     for row in rows {
         let (id, op, images): (i64, String, Vec<Option<String>>) = (row.get(0), row.get(1), row.get(2));
         *after = id;
+        let event_id = format!("db:{id}");
         let outbox = OutboxRow {
-            id,
-            database: "db",
+            event_id: &event_id,
             op: &op,
             rows: &images,
             txid: 1,
@@ -274,12 +342,11 @@ async fn events_since(client: &tokio_postgres::Client, case: &Case, table: &Tabl
 }
 
 /// Runs the statements of one case, checking the events of each.
-async fn run_case(client: &tokio_postgres::Client, case: &Case) {
+async fn run_case(client: &tokio_postgres::Client, case: &Case, reader: &mut Reader) {
     let n = case.names();
     let table = case.config();
     let target = case.target();
     let (id, watched, unwatched, key0) = (q(case.id()), q(n.watched), q(n.unwatched), q(n.keys[0]));
-    let mut after = 0;
     let mut rows: Vec<Row> = [(1, "acme", 7), (2, "acme", 7), (3, "beta", 8)]
         .into_iter()
         .map(|(id, tenant, team)| Row { id, tenant, team, keys: [format!("s{id}"), format!("c{id}")] })
@@ -305,25 +372,21 @@ async fn run_case(client: &tokio_postgres::Client, case: &Case) {
     ))
     .await;
     let all: Vec<&Row> = rows.iter().collect();
-    assert_eq!(events_since(client, case, &table, &mut after).await, expected(case, "I", &all), "{case:?}: insert");
+    assert_eq!(reader.events_since(client, case, &table).await, expected(case, "I", &all), "{case:?}: insert");
 
     // An update of a watched column.
     exec(format!("UPDATE {target} SET {watched} = '\"B\"' WHERE {id} = 1")).await;
     let one = [&rows[0], &rows[0]];
-    assert_eq!(events_since(client, case, &table, &mut after).await, expected(case, "U", &one), "{case:?}: watched");
+    assert_eq!(reader.events_since(client, case, &table).await, expected(case, "U", &one), "{case:?}: watched");
 
     // An update that changes nothing.
     exec(format!("UPDATE {target} SET {watched} = {watched}, {unwatched} = {unwatched}")).await;
-    assert_eq!(events_since(client, case, &table, &mut after).await, Seen::default(), "{case:?}: no-op update");
+    assert_eq!(reader.events_since(client, case, &table).await, Seen::default(), "{case:?}: no-op update");
 
     // An update of an unwatched column: it matters only when every column does.
     exec(format!("UPDATE {target} SET {unwatched} = 'b'")).await;
     let images: Vec<&Row> = if case.watch { vec![] } else { rows.iter().collect() };
-    assert_eq!(
-        events_since(client, case, &table, &mut after).await,
-        expected(case, "U", &images),
-        "{case:?}: unwatched"
-    );
+    assert_eq!(reader.events_since(client, case, &table).await, expected(case, "U", &images), "{case:?}: unwatched");
 
     // A key change tags the old and the new value; without key columns the
     // row's id changes instead.
@@ -336,20 +399,16 @@ async fn run_case(client: &tokio_postgres::Client, case: &Case) {
         rows[1].id = 20;
     }
     let pair = [&before, &rows[1]];
-    assert_eq!(
-        events_since(client, case, &table, &mut after).await,
-        expected(case, "U", &pair),
-        "{case:?}: key change"
-    );
+    assert_eq!(reader.events_since(client, case, &table).await, expected(case, "U", &pair), "{case:?}: key change");
 
     // A multi-row update of the watched column.
     exec(format!("UPDATE {target} SET {watched} = '\"C\"'")).await;
     let all: Vec<&Row> = rows.iter().collect();
-    assert_eq!(events_since(client, case, &table, &mut after).await, expected(case, "U", &all), "{case:?}: multi-row");
+    assert_eq!(reader.events_since(client, case, &table).await, expected(case, "U", &all), "{case:?}: multi-row");
 
     exec(format!("DELETE FROM {target} WHERE {id} = 3")).await;
     let gone = [&rows[2]];
-    assert_eq!(events_since(client, case, &table, &mut after).await, expected(case, "D", &gone), "{case:?}: delete");
+    assert_eq!(reader.events_since(client, case, &table).await, expected(case, "D", &gone), "{case:?}: delete");
 
     exec(format!("TRUNCATE {target}")).await;
     let truncate = Seen {
@@ -359,13 +418,22 @@ async fn run_case(client: &tokio_postgres::Client, case: &Case) {
         teams: BTreeSet::new(),
         all_tenants: case.tenant,
     };
-    assert_eq!(events_since(client, case, &table, &mut after).await, truncate, "{case:?}: truncate");
+    assert_eq!(reader.events_since(client, case, &table).await, truncate, "{case:?}: truncate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_table_option_combination_captures_every_statement() {
+    every_combination(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_table_option_combination_captures_every_statement_from_the_wal() {
+    every_combination(Source::Wal).await;
+}
+
+async fn every_combination(source: Source) {
     let cases = cases();
-    let mut sb = Sandbox::start_with(|c| c.capture.chunk_rows = 2).await;
+    let mut sb = Sandbox::start_source(source, |c| c.capture.chunk_rows = 2).await;
     let client = connect(&sb).await;
     let mut ddl = String::new();
     for schema in [Style::Plain, Style::Colliding, Style::Mixed].map(|s| names(s).schema) {
@@ -381,17 +449,30 @@ async fn every_table_option_combination_captures_every_statement() {
     let report = herald_capture::install::install(&mut installer, &sb.config).await.expect("install");
     assert_eq!(report.tables.len(), cases.len());
     // Four connections share the cases: the statements wait on round trips.
+    // With the WAL each has a slot of its own, made after the install.
     let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(connect(&sb).await);
+    for n in 0..4 {
+        let client = connect(&sb).await;
+        let reader = match source {
+            Source::Outbox => Reader::Outbox(0),
+            Source::Wal => {
+                let slot = format!("{}_{n}", sb.config.capture.slot);
+                client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.unwrap();
+                Reader::Wal { slot, assembler: Box::new(Assembler::new(&sb.config.tables, "db", 2, 100_000)) }
+            }
+        };
+        clients.push((client, reader));
     }
     let chunk = cases.len().div_ceil(clients.len());
-    futures::future::join_all(clients.iter().zip(cases.chunks(chunk)).map(|(client, cases)| async move {
-        for case in cases {
-            run_case(client, case).await;
-        }
-    }))
+    futures::future::join_all(clients.iter_mut().zip(cases.chunks(chunk)).map(
+        |((client, reader), cases)| async move {
+            for case in cases {
+                run_case(client, case, reader).await;
+            }
+        },
+    ))
     .await;
+    drop(clients);
     sb.cleanup().await;
 }
 

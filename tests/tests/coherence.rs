@@ -6,11 +6,21 @@
 
 use std::time::Duration;
 
+use herald_tests::Source;
 use herald_tests::coherence::{Fault, Settings, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_stale_value_survives_quiesce_in_steady_state_or_after_a_broadcast_crash() {
-    let settings = Settings { rows: 30, writers: 2, readers: 4, ..Settings::default() };
+    no_stale_value(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stale_value_survives_quiesce_in_steady_state_or_after_a_broadcast_crash_from_the_wal() {
+    no_stale_value(Source::Wal).await;
+}
+
+async fn no_stale_value(source: Source) {
+    let settings = Settings { rows: 30, writers: 2, readers: 4, source, ..Settings::default() };
     let mut world = World::start(settings).await;
     let mut reports = Vec::new();
     for (fault, seconds) in [(Fault::Steady, 3), (Fault::Broadcast, 4)] {

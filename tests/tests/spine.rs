@@ -6,11 +6,20 @@ use bytes::Bytes;
 use herald_core::keys::{Scope, TagKey, TenantId};
 use herald_core::l2::L2;
 use herald_proto::v1::Operation;
-use herald_tests::{Sandbox, assert_eventually, http_get};
+use herald_tests::{Sandbox, Source, assert_eventually, http_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_drops_the_entry_in_two_independent_l1_subscribers() {
-    let sb = Sandbox::start().await;
+    update_drops_the_entry_in_two_independent_l1_subscribers_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_drops_the_entry_in_two_independent_l1_subscribers_from_the_wal() {
+    update_drops_the_entry_in_two_independent_l1_subscribers_on(Source::Wal).await;
+}
+
+async fn update_drops_the_entry_in_two_independent_l1_subscribers_on(source: Source) {
+    let sb = Sandbox::start_source(source, |_| {}).await;
     let _capture = sb.spawn_capture().await;
     let _broadcast = sb.spawn_broadcast().await;
     let (a, b) = (sb.l1().await, sb.l1().await);
@@ -37,7 +46,16 @@ async fn update_drops_the_entry_in_two_independent_l1_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slug_rename_drops_old_and_new_values_and_insert_drops_negative_entry() {
-    let sb = Sandbox::start().await;
+    slug_rename_drops_old_and_new_values_and_insert_drops_negative_entry_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slug_rename_drops_old_and_new_values_and_insert_drops_negative_entry_from_the_wal() {
+    slug_rename_drops_old_and_new_values_and_insert_drops_negative_entry_on(Source::Wal).await;
+}
+
+async fn slug_rename_drops_old_and_new_values_and_insert_drops_negative_entry_on(source: Source) {
+    let sb = Sandbox::start_source(source, |_| {}).await;
     let _capture = sb.spawn_capture().await;
     let _broadcast = sb.spawn_broadcast().await;
     let l1 = sb.l1().await;
@@ -63,7 +81,16 @@ async fn slug_rename_drops_old_and_new_values_and_insert_drops_negative_entry() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_never_cross_tenants() {
-    let sb = Sandbox::start().await;
+    invalidations_never_cross_tenants_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_never_cross_tenants_from_the_wal() {
+    invalidations_never_cross_tenants_on(Source::Wal).await;
+}
+
+async fn invalidations_never_cross_tenants_on(source: Source) {
+    let sb = Sandbox::start_source(source, |_| {}).await;
     let _capture = sb.spawn_capture().await;
     let _broadcast = sb.spawn_broadcast().await;
     let l1 = sb.l1().await;
@@ -89,7 +116,16 @@ async fn invalidations_never_cross_tenants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_carry_the_contract_and_unwatched_updates_emit_nothing() {
-    let sb = Sandbox::start().await;
+    events_carry_the_contract_and_unwatched_updates_emit_nothing_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_carry_the_contract_and_unwatched_updates_emit_nothing_from_the_wal() {
+    events_carry_the_contract_and_unwatched_updates_emit_nothing_on(Source::Wal).await;
+}
+
+async fn events_carry_the_contract_and_unwatched_updates_emit_nothing_on(source: Source) {
+    let sb = Sandbox::start_source(source, |_| {}).await;
     sb.sql(
         "INSERT INTO res_users (id, tenant_id, team_id, website_slug, name) VALUES (5, 'acme', 42, 'eve', 'Eve');
          SET herald.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
@@ -118,7 +154,10 @@ async fn events_carry_the_contract_and_unwatched_updates_emit_nothing() {
     }
     assert!(update.txid > 0 && update.commit_lsn > 0 && update.commit_time_us > 0);
     assert!(update.captured_time_us >= update.commit_time_us);
-    assert!(update.traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{}", update.traceparent);
+    // The WAL source has no statement trigger to read the setting from.
+    if source == Source::Outbox {
+        assert!(update.traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{}", update.traceparent);
+    }
     assert!(events[0].traceparent.is_empty());
     assert_eventually!(
         10,
@@ -130,17 +169,25 @@ async fn events_carry_the_contract_and_unwatched_updates_emit_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_statements_are_split_into_bounded_chunks_per_tenant() {
-    let sb = Sandbox::start_with(|c| c.capture.chunk_rows = 100).await;
+    large_statements_are_split_into_bounded_chunks_per_tenant_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_statements_are_split_into_bounded_chunks_per_tenant_from_the_wal() {
+    large_statements_are_split_into_bounded_chunks_per_tenant_on(Source::Wal).await;
+}
+
+async fn large_statements_are_split_into_bounded_chunks_per_tenant_on(source: Source) {
+    let sb = Sandbox::start_source(source, |c| c.capture.chunk_rows = 100).await;
     sb.sql(
         "INSERT INTO res_users (tenant_id, website_slug) SELECT 't' || (g % 2), 's' || g FROM generate_series(1, 450) g",
     )
     .await;
     let _capture = sb.spawn_capture().await;
-    assert_eventually!(
-        10,
-        async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 },
-        "outbox not drained"
-    );
+    let ids_seen = || async {
+        sb.stream_events().await.iter().flat_map(|e| e.ids.clone()).collect::<std::collections::BTreeSet<_>>().len()
+    };
+    assert_eventually!(10, async { ids_seen().await == 450 }, "not every row was captured");
     let events = sb.stream_events().await;
     // The trigger writes 5 outbox rows of at most 100 rows; capture splits
     // each by tenant: at least 3 events per tenant, none over the bound.
@@ -156,7 +203,16 @@ async fn large_statements_are_split_into_bounded_chunks_per_tenant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_drops_the_table_in_every_tenant_and_l2() {
-    let sb = Sandbox::start().await;
+    truncate_drops_the_table_in_every_tenant_and_l2_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_drops_the_table_in_every_tenant_and_l2_from_the_wal() {
+    truncate_drops_the_table_in_every_tenant_and_l2_on(Source::Wal).await;
+}
+
+async fn truncate_drops_the_table_in_every_tenant_and_l2_on(source: Source) {
+    let sb = Sandbox::start_source(source, |_| {}).await;
     let _capture = sb.spawn_capture().await;
     let _broadcast = sb.spawn_broadcast().await;
     let l1 = sb.l1().await;
@@ -175,7 +231,16 @@ async fn truncate_drops_the_table_in_every_tenant_and_l2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_endpoints_report_health_readiness_and_metrics() {
-    let sb = Sandbox::start().await;
+    ops_endpoints_report_health_readiness_and_metrics_on(Source::Outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_endpoints_report_health_readiness_and_metrics_from_the_wal() {
+    ops_endpoints_report_health_readiness_and_metrics_on(Source::Wal).await;
+}
+
+async fn ops_endpoints_report_health_readiness_and_metrics_on(source: Source) {
+    let sb = Sandbox::start_source(source, |_| {}).await;
     let capture = sb.spawn_capture().await;
     let broadcast = sb.spawn_broadcast().await;
     sb.sql("INSERT INTO res_users (tenant_id, website_slug) VALUES ('acme', 'm')").await;

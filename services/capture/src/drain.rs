@@ -5,16 +5,11 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use fred::clients::Client;
-use fred::prelude::*;
 use herald_core::config::{Config, TableConfig};
-use herald_core::stream::EventLog;
 use herald_core::time::now_us;
-use herald_proto::Message as _;
-use herald_proto::v1::InvalidationEvent;
-use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::append::Appender;
+use crate::error::Result;
 use crate::events::{OutboxRow, Parsed, events_of};
 use crate::metrics::Metrics;
 
@@ -30,15 +25,10 @@ pub struct Drained {
 #[derive(Clone)]
 pub struct Drainer {
     pool: deadpool_postgres::Pool,
-    redis: Pool,
-    log: EventLog,
+    appender: Appender,
     tables: HashMap<String, TableConfig>,
     chunk_rows: usize,
     batch_size: i64,
-    max_event_bytes: usize,
-    stream_max_len: u64,
-    wait_replicas: u32,
-    wait_timeout_ms: u64,
     metrics: Metrics,
 }
 
@@ -68,35 +58,26 @@ const SET_ASIDE: &str = "\
     ON CONFLICT (id) DO NOTHING";
 
 impl Drainer {
-    pub fn new(config: &Config, pool: deadpool_postgres::Pool, redis: Pool, log: EventLog, metrics: Metrics) -> Self {
+    pub fn new(config: &Config, pool: deadpool_postgres::Pool, appender: Appender, metrics: Metrics) -> Self {
         let tables = config.tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
         Self {
             pool,
-            redis,
-            log,
+            appender,
             tables,
             chunk_rows: usize::try_from(config.capture.chunk_rows).unwrap_or(500),
             batch_size: config.capture.batch_size,
-            max_event_bytes: config.capture.max_event_bytes,
-            stream_max_len: config.capture.stream_max_len,
-            wait_replicas: config.capture.wait_replicas,
-            wait_timeout_ms: config.capture.wait_timeout_ms,
             metrics,
         }
     }
 
     /// Length of the longest partition's stream, for backpressure.
     pub async fn stream_len(&self) -> Result<u64> {
-        let mut longest = 0;
-        for stream in self.log.streams() {
-            longest = longest.max(self.redis.next().xlen::<u64, _>(stream).await?);
-        }
-        Ok(longest)
+        self.appender.stream_len().await
     }
 
     /// The length at which appends pause.
     pub fn stream_max_len(&self) -> u64 {
-        self.stream_max_len
+        self.appender.stream_max_len()
     }
 
     /// Drains one batch. On error nothing is deleted: the rows stay in the
@@ -141,20 +122,12 @@ impl Drainer {
                 }
             }
         }
-        let encoded: Vec<(Bytes, i64)> = events.iter().map(|e| (self.encode(e), e.commit_time_us)).collect();
-        if !encoded.is_empty() {
-            let payloads: Vec<(&str, Bytes)> =
-                events.iter().zip(&encoded).map(|(e, (bytes, _))| (e.tenant.as_str(), bytes.clone())).collect();
-            let client = self.redis.next();
-            let slots = self
-                .log
-                .append(client, &payloads, self.stream_max_len.saturating_mul(2))
-                .instrument(tracing::debug_span!("capture.append", events = encoded.len()))
-                .await?;
-            // Dropping `tx` on error rolls back: the rows stay and the batch
-            // is appended again later.
-            self.wait_for_replicas(client, &slots).await?;
-        }
+        let encoded: Vec<(Bytes, i64)> = events.iter().map(|e| (self.appender.encode(e), e.commit_time_us)).collect();
+        let payloads: Vec<(String, Bytes)> =
+            events.iter().zip(&encoded).map(|(e, (bytes, _))| (e.tenant.clone(), bytes.clone())).collect();
+        // Dropping `tx` on error rolls back: the rows stay and the batch is
+        // appended again later.
+        self.appender.append(&payloads).await?;
         if !dead_ids.is_empty() {
             tx.execute(DEAD_LETTER, &[&dead_ids, &dead_reasons]).await?;
         }
@@ -173,54 +146,6 @@ impl Drainer {
         self.metrics.dead_lettered.inc_by((dead_ids.len() + set_aside.len()) as u64);
         self.metrics.batches.inc();
         Ok(Drained { rows: rows.len(), appended: encoded.len(), dead: dead_ids.len() })
-    }
-
-    /// With `capture.wait_replicas` set, waits until that many replicas have
-    /// the appends just made on `client`'s connection. An acknowledgement
-    /// from the primary alone is not durability: a failover to a replica
-    /// that lacks the entries, or a restart that loses them, would lose the
-    /// invalidations while their outbox rows are already deleted.
-    async fn wait_for_replicas(&self, client: &Client, slots: &[u16]) -> Result<()> {
-        if self.wait_replicas == 0 {
-            return Ok(());
-        }
-        // In a cluster, WAIT must reach every master that holds a partition
-        // written to.
-        let acked = herald_core::redis::wait_for_replicas(client, slots, self.wait_replicas, self.wait_timeout_ms)
-            .await
-            .map_err(|e| match e {
-                herald_core::Error::Redis(e) => Error::Redis(e),
-                other => Error::Redis(fred::error::Error::new(fred::error::ErrorKind::Unknown, other.to_string())),
-            })?;
-        if acked < i64::from(self.wait_replicas) {
-            self.metrics.unreplicated.inc();
-            tracing::warn!(
-                acked,
-                wanted = self.wait_replicas,
-                "too few redis replicas acknowledged the appends; the rows stay in the outbox and are appended again"
-            );
-            return Err(Error::NotReplicated { acked, wanted: self.wait_replicas });
-        }
-        Ok(())
-    }
-
-    /// Encodes `event`, widening it to a table-wide invalidation when it
-    /// would not fit `capture.max_event_bytes`.
-    fn encode(&self, event: &InvalidationEvent) -> Bytes {
-        let bytes = event.encode_to_vec();
-        if bytes.len() <= self.max_event_bytes {
-            return bytes.into();
-        }
-        self.metrics.widened.inc();
-        tracing::warn!(event_id = %event.event_id, bytes = bytes.len(), "event too large, widened to a table-wide invalidation");
-        let mut widened = event.clone();
-        widened.ids.clear();
-        widened.tags = vec![event.table.clone()];
-        widened.widened = true;
-        if widened.encoded_len() > self.max_event_bytes {
-            widened.teams.clear();
-        }
-        widened.encode_to_vec().into()
     }
 
     /// Builds the events of one outbox row, or the reason it is malformed.
@@ -244,9 +169,9 @@ impl Drainer {
                 traceparent = continued;
             }
         }
+        let event_id = format!("{database}:{id}");
         let outbox_row = OutboxRow {
-            id,
-            database: &database,
+            event_id: &event_id,
             op: &op,
             rows: &rows,
             txid: txid.parse().unwrap_or_default(),

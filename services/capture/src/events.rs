@@ -10,8 +10,10 @@ use herald_proto::v1::{InvalidationEvent, Operation};
 
 /// What the outbox row says, before it becomes events.
 pub struct OutboxRow<'a> {
-    pub id: i64,
-    pub database: &'a str,
+    /// The events' id, `<database>:<outbox row id>` or, from the WAL,
+    /// `<database>:<commit LSN>.<group>`; `.n` is appended when the row
+    /// makes several events.
+    pub event_id: &'a str,
     pub op: &'a str,
     /// Flattened images: tenant, id, team, key columns; per row.
     pub rows: &'a [Option<String>],
@@ -99,7 +101,7 @@ pub fn events_of(table: &TableConfig, row: &OutboxRow<'_>, chunk_rows: usize) ->
         other => return Err(format!("unknown op {other:?}")),
     };
     let base = InvalidationEvent {
-        event_id: format!("{}:{}", row.database, row.id),
+        event_id: row.event_id.to_string(),
         table: table.name.clone(),
         operation: operation as i32,
         txid: row.txid,
@@ -248,8 +250,7 @@ mod tests {
 
     fn row<'a>(op: &'a str, rows: &'a [Option<String>]) -> OutboxRow<'a> {
         OutboxRow {
-            id: 9,
-            database: "db",
+            event_id: "db:9",
             op,
             rows,
             txid: 1,

@@ -8,11 +8,16 @@ use herald_core::config::Config;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
-use crate::schema::{SCHEMA_VERSION, full_sql, install_lock_id, q, qualified};
+use crate::schema::{SCHEMA_VERSION, base_sql, install_lock_id, q, qualified};
+use crate::source::{self, Source};
+use crate::wal;
 
 /// What an install did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct InstallReport {
+    pub source: Source,
+    /// With the WAL source: the slot was created (now or earlier) …
+    pub slot: Option<wal::slot::Ensured>,
     pub tables: Vec<String>,
     /// Herald triggers removed from tables that are no longer configured.
     pub removed_triggers: Vec<String>,
@@ -20,9 +25,68 @@ pub struct InstallReport {
     pub removed_functions: Vec<String>,
 }
 
-/// Installs (or updates) the `herald` schema and the triggers of every
-/// configured table, in one transaction.
+/// Everything install applies in its transaction for `source`, in order
+/// (also what `install --print` shows).
+pub fn sql(config: &Config, source: Source) -> String {
+    let mut sql = base_sql();
+    for table in &config.tables {
+        sql.push_str(&format!("\n-- table {} ({} source)\n", table.name, source.as_str()));
+        match source {
+            Source::Outbox => {
+                sql.push_str(&wal::schema::drop_wal_triggers_sql(table));
+                sql.push_str(&crate::schema::table_sql(table, &config.capture));
+            }
+            Source::Wal => {
+                sql.push_str(&wal::schema::drop_outbox_triggers_sql(table));
+                sql.push_str(&wal::schema::table_sql(table));
+            }
+        }
+    }
+    match source {
+        Source::Outbox => {
+            sql.push_str(&format!("\nDROP PUBLICATION IF EXISTS {};\n", q(&config.capture.publication)));
+        }
+        Source::Wal => {
+            sql.push('\n');
+            sql.push_str(&wal::schema::publication_sql(&config.tables, &config.capture));
+        }
+    }
+    sql.push_str(&format!(
+        "\nINSERT INTO herald.meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}'), ('source', '{}')\n    \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value;\n",
+        source.as_str()
+    ));
+    if source == Source::Wal {
+        sql.push_str(&format!(
+            "\n-- Then, outside the transaction, unless it exists (a slot nobody reads pins WAL forever:\n\
+             -- `herald-capture uninstall --drop-slot` removes it):\n\
+             -- SELECT pg_create_logical_replication_slot('{}', 'pgoutput');\n",
+            config.capture.slot
+        ));
+    }
+    sql
+}
+
+/// Installs (or updates) the `herald` schema and the capture objects of
+/// every configured table for the chosen source, in one transaction; with
+/// the WAL source then makes sure the slot exists.
 pub async fn install(client: &mut Client, config: &Config) -> Result<InstallReport> {
+    let chosen = source::choose(config.capture.source, source::probe(&*client).await?)?;
+    // The (empty) publication, then the slot, then the triggers: the slot's
+    // start precedes the commit that publishes the tables (and, switching from the outbox, drops the
+    // outbox triggers), so no write falls between the two sources. Writes
+    // before that commit are in the outbox, which capture drains first.
+    let slot = match chosen {
+        Source::Wal => {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&install_lock_id()]).await?;
+            tx.batch_execute(&base_sql()).await?;
+            tx.batch_execute(&wal::schema::publication_create_sql(&config.capture)).await?;
+            tx.commit().await?;
+            Some(wal::slot::ensure(client, &config.capture.slot).await?)
+        }
+        Source::Outbox => None,
+    };
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&install_lock_id()]).await?;
 
@@ -69,10 +133,27 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
                 )));
             }
         }
+        if chosen == Source::Wal {
+            let identity = tx
+                .query_one(
+                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i \
+                     WHERE i.indrelid = c.oid AND i.indisprimary) FROM pg_class c WHERE c.oid = to_regclass($1)",
+                    &[&qualified(&table.schema, table.pg_table())],
+                )
+                .await?;
+            let (identity, primary_key): (String, bool) = (identity.get(0), identity.get(1));
+            if identity == "n" || (identity == "d" && !primary_key) {
+                return Err(Error::Schema(format!(
+                    "tables[{i}] ({}): {target} has no replica identity (no primary key): with the WAL source \
+                     every UPDATE of it would fail; add a primary key, or use capture.source = \"outbox\"",
+                    table.name
+                )));
+            }
+        }
         targets.insert((table.schema.clone(), table.pg_table().to_string()));
     }
 
-    tx.batch_execute(&full_sql(&config.tables, &config.capture)).await?;
+    tx.batch_execute(&sql(config, chosen)).await?;
 
     // Only triggers Herald made: named like ours *and* running a function in
     // the `herald` schema. Any role that can create a table can name a
@@ -114,8 +195,63 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
     }
     tx.commit().await?;
     Ok(InstallReport {
+        source: chosen,
+        slot,
         tables: config.tables.iter().map(|t| t.name.clone()).collect(),
         removed_triggers: removed,
         removed_functions,
     })
+}
+
+/// What an uninstall did.
+#[derive(Debug, Default)]
+pub struct UninstallReport {
+    pub removed_triggers: usize,
+    pub slot_dropped: bool,
+    /// The slot still exists (kept without `--drop-slot`): it pins WAL.
+    pub slot_kept: bool,
+}
+
+/// Removes every capture trigger and function and the publication; with
+/// `drop_slot` the replication slot too. The `herald` schema (outbox, dead
+/// letters) stays.
+pub async fn uninstall(client: &mut Client, config: &Config, drop_slot: bool) -> Result<UninstallReport> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&install_lock_id()]).await?;
+    let rows = tx
+        .query(
+            "SELECT n.nspname::text, c.relname::text, t.tgname::text FROM pg_trigger t \
+             JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace \
+             WHERE t.tgname LIKE 'herald\\_capture\\_%' AND NOT t.tgisinternal AND pn.nspname = 'herald'",
+            &[],
+        )
+        .await?;
+    let mut report = UninstallReport { removed_triggers: rows.len(), ..Default::default() };
+    for row in rows {
+        let (schema, relation, trigger): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {} ON {}", q(&trigger), qualified(&schema, &relation)))
+            .await?;
+    }
+    let functions = tx
+        .query(
+            "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'herald' AND p.proname LIKE 'capture\\_%'",
+            &[],
+        )
+        .await?;
+    for row in functions {
+        tx.batch_execute(&format!("DROP FUNCTION IF EXISTS herald.{}()", q(&row.get::<_, String>(0)))).await?;
+    }
+    tx.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", q(&config.capture.publication))).await?;
+    if tx.query_one("SELECT to_regclass('herald.meta') IS NOT NULL", &[]).await?.get(0) {
+        tx.execute("DELETE FROM herald.meta WHERE key = 'source'", &[]).await?;
+    }
+    tx.commit().await?;
+    if drop_slot {
+        report.slot_dropped = wal::slot::drop_slot(client, &config.capture.slot).await?;
+    } else {
+        report.slot_kept = wal::slot::state(client, &config.capture.slot).await?.exists;
+    }
+    Ok(report)
 }

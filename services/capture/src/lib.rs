@@ -1,6 +1,9 @@
 //! Capture: Postgres changes into Herald's durable event log.
 //!
-//! Writers' statement triggers put one row per statement, table and chunk of
+//! Two sources (`capture.source`, see `source.rs`): the WAL source streams a
+//! logical replication slot (`wal/`), and writers pay almost nothing. The
+//! outbox source, for databases without `wal_level = logical`:
+//! writers' statement triggers put one row per statement, table and chunk of
 //! rows into `herald.outbox`, inside the writer's transaction. Capture drains
 //! the outbox in bounded batches, appends protobuf `InvalidationEvent`s to the
 //! Redis stream (one per outbox row, tenant and chunk of ids), and deletes the
@@ -8,6 +11,7 @@
 //! while capture is idle), drains continuously while busy, and polls slowly as
 //! a backstop.
 
+pub mod append;
 pub mod doorbell;
 pub mod drain;
 pub mod error;
@@ -15,9 +19,13 @@ pub mod events;
 pub mod install;
 pub mod metrics;
 pub mod schema;
+pub mod source;
 pub mod status;
+pub mod wal;
 pub mod watermark;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -30,10 +38,12 @@ use tokio::net::TcpListener;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
+use crate::append::Appender;
 use crate::doorbell::{Doorbell, Wake};
 use crate::drain::Drainer;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::source::Source;
 
 /// Longest sleep between polls of an empty outbox while busy.
 const BUSY_POLL_MAX: Duration = Duration::from_millis(8);
@@ -53,19 +63,51 @@ pub async fn run(config: Config, ops: TcpListener, shutdown: CancellationToken) 
     let redis = herald_core::redis::build_pool(&config.redis)?;
     let _connections = redis.connect();
     let log = EventLog::new(&keys, config.redis.partitions);
-    let drainer = Drainer::new(&config, pool.clone(), redis.clone(), log.clone(), metrics.clone());
+    let appender = Appender::new(&config, redis.clone(), log.clone(), metrics.clone());
+    let drainer = Drainer::new(&config, pool.clone(), appender.clone(), metrics.clone());
+    let pg_ready = readiness.flag("postgres");
+    let redis_ready = readiness.flag("redis");
+
+    let Some(source) = resolve_source(&config, &pool, &shutdown).await? else { return Ok(()) };
+    if source == Source::Wal {
+        tracing::info!(stream = %keys.stream(), slot = %config.capture.slot, tables = config.tables.len(), "capture started (wal source)");
+        let mut backoff = Backoff::reconnect();
+        while !shutdown.is_cancelled() {
+            match ensure_groups(&redis, &log, &config.broadcast.group).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot create the consumer group; retrying");
+                    pause(&shutdown, backoff.next_delay()).await;
+                }
+            }
+        }
+        // Rows an earlier outbox installation left behind go first.
+        while let Ok(drained) = drainer.drain_once().await {
+            if drained.rows == 0 {
+                break;
+            }
+        }
+        let sampler = tokio::spawn(sample_slot(config.clone(), metrics.clone(), shutdown.clone()));
+        let appended = Arc::new(AtomicU64::new(0));
+        let confirm = watermark::Confirm::AppendedThrough(appended.clone());
+        let watermarks =
+            tokio::spawn(watermark::run(pool.clone(), appender.clone(), confirm, metrics.clone(), shutdown.clone()));
+        let ready = wal::Readiness { postgres: pg_ready, redis: redis_ready };
+        let result = wal::run(config, appender, appended, metrics, ready, shutdown).await;
+        sampler.abort();
+        watermarks.abort();
+        let _ = redis.quit().await;
+        let _ = ops_task.await;
+        return result;
+    }
     let sampler = tokio::spawn(sample_depth(pool.clone(), metrics.clone(), shutdown.clone()));
     let watermarks = tokio::spawn(watermark::run(
         pool.clone(),
-        redis.clone(),
-        log.clone(),
-        config.capture.stream_max_len,
+        appender.clone(),
+        watermark::Confirm::OutboxDrained,
         metrics.clone(),
         shutdown.clone(),
     ));
-
-    let pg_ready = readiness.flag("postgres");
-    let redis_ready = readiness.flag("redis");
     let bell_ready = readiness.flag("doorbell");
     let mut bell = Doorbell::new(config.postgres.clone(), pool.clone());
     let mut backoff = Backoff::reconnect();
@@ -204,7 +246,36 @@ async fn ensure_groups(redis: &Pool, log: &EventLog, group: &str) -> herald_core
     Ok(())
 }
 
-async fn pause(shutdown: &CancellationToken, duration: Duration) {
+/// The installed source (see `source.rs`); retried while Postgres is
+/// unreachable, `None` when shut down first.
+async fn resolve_source(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Source>> {
+    let mut backoff = Backoff::reconnect();
+    while !shutdown.is_cancelled() {
+        let installed = match pool.get().await {
+            Ok(client) => source::installed(&**client).await,
+            Err(error) => Err(error.into()),
+        };
+        match installed {
+            // Capture may start before the install job has run.
+            Ok(None) => {
+                tracing::warn!("the herald schema is not installed yet; waiting for `herald-capture install`");
+                pause(shutdown, backoff.next_delay()).await;
+            }
+            Ok(installed) => return Ok(Some(source::for_run(config.capture.source, installed)?)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the installed capture source; retrying");
+                pause(shutdown, backoff.next_delay()).await;
+            }
+        }
+    }
+    Ok(None)
+}
+
+pub(crate) async fn pause(shutdown: &CancellationToken, duration: Duration) {
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = sleep(duration) => {}
@@ -226,6 +297,31 @@ async fn sample_depth(pool: deadpool_postgres::Pool, metrics: Metrics, shutdown:
         {
             metrics.outbox_depth.set(row.get(0));
             metrics.oldest_pending_seconds.set(row.get(1));
+        }
+        pause(&shutdown, Duration::from_secs(2)).await;
+    }
+}
+
+/// Samples the replication slot for `/metrics`: retained WAL, lag, the
+/// streaming backend.
+async fn sample_slot(config: Config, metrics: Metrics, shutdown: CancellationToken) {
+    let mut client = None;
+    while !shutdown.is_cancelled() {
+        if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
+            client = match tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls).await {
+                Ok((c, connection)) => {
+                    tokio::spawn(connection);
+                    Some(c)
+                }
+                Err(_) => None,
+            };
+        }
+        if let Some(c) = &client
+            && let Ok(state) = wal::slot::state(c, &config.capture.slot).await
+        {
+            metrics.slot_retained_bytes.set(state.retained_bytes.unwrap_or(0));
+            metrics.slot_lag_bytes.set(state.lag_bytes.unwrap_or(0));
+            metrics.slot_active_pid.set(i64::from(state.active_pid.unwrap_or(0)));
         }
         pause(&shutdown, Duration::from_secs(2)).await;
     }

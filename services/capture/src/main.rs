@@ -4,7 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use herald_core::config::Config;
+use herald_capture::source::Source;
+use herald_core::config::{CaptureSource, Config};
+
+async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
+        .await
+        .context("failed to connect to postgres")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
 
 #[derive(Parser)]
 #[command(version, about = "Postgres changes into Herald's durable event log")]
@@ -18,16 +27,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Drain the outbox into the event stream (the default).
+    /// Capture changes into the event stream (the default).
     Run,
-    /// Install or update the herald schema and the triggers of the configured tables.
+    /// Install or update the herald schema and the capture objects of the
+    /// configured tables: with the WAL source a publication, two row
+    /// triggers per table and the replication slot; with the outbox source
+    /// statement triggers.
     Install {
-        /// Print the SQL instead of applying it.
+        /// Print the SQL instead of applying it (the WAL source's unless
+        /// capture.source = "outbox").
         #[arg(long)]
         print: bool,
     },
-    /// Print outbox depth, oldest pending age and the last appended event;
-    /// fails when the herald schema is not installed.
+    /// Remove the capture triggers and the publication. A replication slot
+    /// nobody reads keeps every WAL segment from now on: pass --drop-slot
+    /// unless another install will read it again soon.
+    Uninstall {
+        /// Drop the replication slot too.
+        #[arg(long)]
+        drop_slot: bool,
+    },
+    /// Print the source, the replication slot (retained WAL, confirmed LSN,
+    /// lag, streaming backend) or the outbox depth, and the last appended
+    /// event; fails when the herald schema is not installed.
     Status,
 }
 
@@ -40,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run => herald_core::telemetry::announce("herald-capture run", &config),
         Command::Install { print: false } => herald_core::telemetry::announce("herald-capture install", &config),
         Command::Install { print: true } => {}
+        Command::Uninstall { .. } => herald_core::telemetry::announce("herald-capture uninstall", &config),
         Command::Status => herald_core::telemetry::announce("herald-capture status", &config),
     }
     match command {
@@ -52,16 +75,39 @@ async fn main() -> anyhow::Result<()> {
             herald_capture::run(config, listener, shutdown).await
         }
         Command::Install { print: true } => {
-            print!("{}", herald_capture::schema::full_sql(&config.tables, &config.capture));
+            let source = match config.capture.source {
+                CaptureSource::Outbox => Source::Outbox,
+                CaptureSource::Wal | CaptureSource::Auto => Source::Wal,
+            };
+            if config.capture.source == CaptureSource::Auto {
+                println!(
+                    "-- capture.source = auto: this is the WAL source's SQL, installed when the database has \
+                     wal_level = logical and the role may replicate (else the outbox's: set source = \"outbox\" to see it)"
+                );
+            }
+            print!("{}", herald_capture::install::sql(&config, source));
             Ok(())
         }
         Command::Install { print: false } => {
-            let (mut client, connection) = tokio_postgres::connect(&config.postgres.url, tokio_postgres::NoTls)
-                .await
-                .context("failed to connect to postgres")?;
-            tokio::spawn(connection);
+            let mut client = connect(&config).await?;
             let report = herald_capture::install::install(&mut client, &config).await?;
-            println!("herald schema version {} installed", herald_capture::schema::SCHEMA_VERSION);
+            println!(
+                "herald schema version {} installed, source {}",
+                herald_capture::schema::SCHEMA_VERSION,
+                report.source.as_str()
+            );
+            if let Some(slot) = &report.slot {
+                let what = match (slot.created, slot.lost) {
+                    (_, true) => "was lost and is recreated: capture will flush every cache once",
+                    (true, false) => "created",
+                    (false, false) => "exists",
+                };
+                println!(
+                    "  replication slot {} {what} (a slot nobody reads pins WAL forever: \
+                     `herald-capture uninstall --drop-slot` removes it)",
+                    config.capture.slot
+                );
+            }
             for table in &report.tables {
                 println!("  watching {table}");
             }
@@ -70,6 +116,25 @@ async fn main() -> anyhow::Result<()> {
             }
             for function in &report.removed_functions {
                 println!("  removed function herald.{function} (no trigger uses it)");
+            }
+            Ok(())
+        }
+        Command::Uninstall { drop_slot } => {
+            let mut client = connect(&config).await?;
+            let report = herald_capture::install::uninstall(&mut client, &config, drop_slot).await?;
+            println!(
+                "removed {} capture trigger(s) and publication {}",
+                report.removed_triggers, config.capture.publication
+            );
+            if report.slot_dropped {
+                println!("dropped replication slot {}", config.capture.slot);
+            }
+            if report.slot_kept {
+                eprintln!(
+                    "warning: replication slot {} still exists and keeps every WAL segment from now on; \
+                     run `herald-capture uninstall --drop-slot` unless capture will read it again soon",
+                    config.capture.slot
+                );
             }
             Ok(())
         }

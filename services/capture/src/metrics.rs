@@ -25,6 +25,16 @@ pub struct Metrics {
     pub watermarks: Counter,
     /// WAL position of the last watermark appended.
     pub watermark_lsn: Gauge,
+    // The WAL source.
+    pub transactions: Counter,
+    pub standby: Gauge,
+    pub slot_recreated: Counter,
+    pub flush_everything: Counter,
+    pub confirmed_lsn: Gauge,
+    pub wal_lag_seconds: Gauge,
+    pub slot_retained_bytes: Gauge,
+    pub slot_lag_bytes: Gauge,
+    pub slot_active_pid: Gauge,
 }
 
 impl Default for Metrics {
@@ -45,6 +55,15 @@ impl Default for Metrics {
             capture_lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             watermarks: Counter::default(),
             watermark_lsn: Gauge::default(),
+            transactions: Counter::default(),
+            standby: Gauge::default(),
+            slot_recreated: Counter::default(),
+            flush_everything: Counter::default(),
+            confirmed_lsn: Gauge::default(),
+            wal_lag_seconds: Gauge::default(),
+            slot_retained_bytes: Gauge::default(),
+            slot_lag_bytes: Gauge::default(),
+            slot_active_pid: Gauge::default(),
         }
     }
 }
@@ -82,6 +101,43 @@ impl Metrics {
             self.oldest_pending_seconds.clone(),
         );
         r.register("backpressure", "1 while appends pause because the stream is full", self.backpressure.clone());
-        r.register("lag_seconds", "writer statement to stream append", self.capture_lag.clone());
+        r.register(
+            "lag_seconds",
+            "writer statement (outbox) or commit (wal) to stream append",
+            self.capture_lag.clone(),
+        );
+        r.register("transactions", "committed transactions read from the replication slot", self.transactions.clone());
+        r.register("standby", "1 while another instance streams the slot and this one waits", self.standby.clone());
+        r.register(
+            "slot_recreated",
+            "replication slots found lost or missing and recreated (each followed by a flush of every cache)",
+            self.slot_recreated.clone(),
+        );
+        r.register(
+            "flush_everything",
+            "flush-everything events appended after a lost slot",
+            self.flush_everything.clone(),
+        );
+        r.register("confirmed_lsn", "last LSN this instance confirmed to Postgres", self.confirmed_lsn.clone());
+        r.register(
+            "wal_lag_seconds",
+            "commit to append of the last transaction appended (0 while idle)",
+            self.wal_lag_seconds.clone(),
+        );
+        r.register(
+            "slot_retained_wal_bytes",
+            "WAL the replication slot keeps on the database server (sampled); a slot nobody reads grows it forever",
+            self.slot_retained_bytes.clone(),
+        );
+        r.register(
+            "slot_lag_bytes",
+            "WAL written since the slot's confirmed position (sampled)",
+            self.slot_lag_bytes.clone(),
+        );
+        r.register(
+            "slot_active_pid",
+            "backend streaming the slot, 0 when none (sampled)",
+            self.slot_active_pid.clone(),
+        );
     }
 }

@@ -41,7 +41,7 @@ pub(crate) fn qualified(schema: &str, relation: &str) -> String {
 }
 
 /// Quotes a string literal.
-fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -272,20 +272,6 @@ fn update_images(table: &TableConfig) -> String {
     )
 }
 
-/// Everything `install` applies, in order (for `install --print`).
-pub fn full_sql(tables: &[TableConfig], capture: &CaptureConfig) -> String {
-    let mut sql = base_sql();
-    for table in tables {
-        sql.push_str(&format!("\n-- table {}\n", table.name));
-        sql.push_str(&table_sql(table, capture));
-    }
-    sql.push_str(&format!(
-        "\nINSERT INTO herald.meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}')\n    \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value;\n"
-    ));
-    sql
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,7 +299,7 @@ mod tests {
 
     #[test]
     fn generated_sql_names_what_it_should() {
-        let sql = full_sql(&[users()], &CaptureConfig::default());
+        let sql = table_sql(&users(), &CaptureConfig::default());
         assert!(sql.contains("REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
         assert!(sql.contains("ARRAY[_herald_r.tenant, _herald_r.id, _herald_r.team, _herald_r.k0, _herald_r.k1]"));
         assert!(sql.contains("IF _herald_count >= 500 THEN"));

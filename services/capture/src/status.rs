@@ -18,6 +18,10 @@ pub struct Status {
     /// Whether the herald schema exists; when not, nothing else is read.
     pub installed: bool,
     pub schema_version: Option<String>,
+    /// The installed source.
+    pub source: Option<crate::source::Source>,
+    /// With the WAL source: the slot's name and state.
+    pub slot: Option<(String, crate::wal::slot::SlotState)>,
     pub outbox_depth: i64,
     pub oldest_pending_seconds: Option<f64>,
     pub dead_letters: i64,
@@ -41,6 +45,11 @@ pub async fn status(config: &Config) -> Result<Status> {
     }
     status.schema_version =
         client.query_opt("SELECT value FROM herald.meta WHERE key = 'schema_version'", &[]).await?.map(|r| r.get(0));
+    status.source = crate::source::installed(&**client).await?;
+    if status.source == Some(crate::source::Source::Wal) {
+        let state = crate::wal::slot::state(&client, &config.capture.slot).await?;
+        status.slot = Some((config.capture.slot.clone(), state));
+    }
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM herald.outbox), \
@@ -123,6 +132,36 @@ impl Status {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "schema version:      {}", self.schema_version.as_deref().unwrap_or("not installed"));
+        let _ = writeln!(out, "source:              {}", self.source.map_or("-", |s| s.as_str()));
+        if let Some((name, slot)) = &self.slot {
+            let bytes = |b: Option<i64>| b.map_or("-".to_string(), |b| format!("{b} bytes"));
+            if slot.exists {
+                let _ = writeln!(out, "slot:                {name} ({})", slot.wal_status.as_deref().unwrap_or("?"));
+                let _ = writeln!(
+                    out,
+                    "confirmed lsn:       {}",
+                    slot.confirmed_lsn.map_or("-".to_string(), crate::wal::txn::lsn_text)
+                );
+                let _ = writeln!(out, "retained wal:        {}", bytes(slot.retained_bytes));
+                let _ = writeln!(out, "lag:                 {}", bytes(slot.lag_bytes));
+                let lag_seconds = match (&self.last_event, slot.lag_bytes) {
+                    (Some((_, e)), Some(lag)) if lag > 0 => {
+                        format!("{:.1} s", (herald_core::time::now_us() - e.commit_time_us).max(0) as f64 / 1e6)
+                    }
+                    _ => "0 s".to_string(),
+                };
+                let _ = writeln!(out, "lag (time):          {lag_seconds}");
+                let _ = writeln!(
+                    out,
+                    "streaming pid:       {}",
+                    slot.active_pid
+                        .map_or("none (no capture is reading: WAL accumulates)".to_string(), |p| p.to_string())
+                );
+            } else {
+                let _ =
+                    writeln!(out, "slot:                {name} MISSING (capture recreates it and flushes every cache)");
+            }
+        }
         let _ = writeln!(out, "outbox depth:        {}", self.outbox_depth);
         let _ = writeln!(
             out,

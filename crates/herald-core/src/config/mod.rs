@@ -139,6 +139,30 @@ pub struct CaptureConfig {
     /// How long one `WAIT` may block; must be shorter than
     /// `redis.command_timeout_ms`.
     pub wait_timeout_ms: u64,
+    /// Where changes come from: `wal` (logical replication: a publication
+    /// and a slot, no statement triggers), `outbox` (statement triggers
+    /// writing `herald.outbox`), or `auto` (`wal` when the database has
+    /// `wal_level = logical` and the role may replicate, else `outbox`).
+    pub source: CaptureSource,
+    /// The WAL source's replication slot. A slot nobody reads pins WAL on
+    /// the database server forever: drop it with `herald-capture uninstall
+    /// --drop-slot` when Herald leaves.
+    pub slot: String,
+    /// The WAL source's publication.
+    pub publication: String,
+    /// How often a standby capture (the slot is active in another instance)
+    /// tries to take the slot over.
+    pub standby_poll_ms: u64,
+}
+
+/// `capture.source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureSource {
+    #[default]
+    Auto,
+    Wal,
+    Outbox,
 }
 
 impl Default for CaptureConfig {
@@ -153,6 +177,10 @@ impl Default for CaptureConfig {
             max_event_bytes: 256 * 1024,
             wait_replicas: 0,
             wait_timeout_ms: 1_000,
+            source: CaptureSource::Auto,
+            slot: "herald".into(),
+            publication: "herald".into(),
+            standby_poll_ms: 500,
         }
     }
 }
@@ -295,6 +323,14 @@ impl Config {
         for (key, value) in positive {
             if value <= 0 {
                 return Err(Error::Config(format!("{key}: must be greater than 0")));
+            }
+        }
+        for (key, value) in [("capture.slot", &self.capture.slot), ("capture.publication", &self.capture.publication)] {
+            if value.is_empty()
+                || value.len() > 63
+                || !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(Error::Config(format!("{key}: {value:?} must be 1 to 63 of a-z 0-9 _")));
             }
         }
         if self.capture.max_event_bytes < 4096 {
