@@ -462,6 +462,13 @@ mod tests {
                 max_staleness_ms: None,
                 on_stale: Default::default(),
             }],
+            commands: vec![CommandConfig {
+                name: "rename_user".into(),
+                sql: "UPDATE res_users SET name = $2 WHERE tenant_id = $tenant AND id = $1".into(),
+                params: vec!["id".into(), "name".into()],
+                tags: vec!["res_users.id=$1".into()],
+                model: Default::default(),
+            }],
             ..CacheConfig::default()
         };
         let doc = document(&config, &|_, _| json!({ "type": "integer" }));
@@ -472,9 +479,14 @@ mod tests {
             "/v1/t/{tenant}/k/{key}",
             "/v1/t/{tenant}/get",
             "/v1/t/{tenant}/invalidate",
+            "/v1/t/{tenant}/w/rename_user",
         ] {
             assert!(paths.contains_key(route), "{route}");
         }
+        let write = &paths["/v1/t/{tenant}/w/rename_user"]["post"];
+        assert_eq!(write["operationId"], "writeRenameUser");
+        let named = &write["requestBody"]["content"]["application/json"]["schema"]["properties"]["params"]["oneOf"][0];
+        assert_eq!(named["required"], json!(["id", "name"]));
         let get = &paths["/v1/t/{tenant}/r/user_by_slug"]["get"];
         assert_eq!(get["operationId"], "getResourceUserBySlug");
         let slug = get["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "slug").unwrap();
