@@ -88,6 +88,12 @@ async fn a_write_through_one_node_is_read_on_another_without_a_token() {
     let response = a.http("POST", "/v1/t/acme/w/rename_user", Some(ACME_TOKEN), br#"{"params": ["1", "A4"]}"#).await;
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(name(&b.get(ACME_TOKEN, "acme", "user_by_id", &["1"]).await.unwrap()), "A4");
+
+    // A node that stopped is no longer waited for.
+    b.stop().await.unwrap();
+    let written = write(&a, ACME_TOKEN, "acme", &["1", "A5"]).await.unwrap();
+    assert!(written.wait_reached, "{written:?}");
+    assert_eq!(a.metric("herald_cache_write_commands_total", "outcome=\"reached\"").await, 3.0, "writes through A");
     sb.cleanup().await;
 }
 

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod quota;
 pub mod resource;
 pub mod write;
+pub mod write_metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,11 +91,13 @@ pub async fn run(
         tracing::warn!("no cache.tokens configured: every request will be refused");
     }
     let metrics = Metrics::default();
+    let write_metrics = write_metrics::WriteMetrics::default();
     let l1 = L1Cache::new(&config.l1);
     let (readiness, ops_task) = ops::start(
         listeners.ops,
         |registry| {
             metrics.register(registry);
+            write_metrics.register(registry);
             l1.metrics().register(registry);
         },
         &config.http,
@@ -131,7 +134,7 @@ pub async fn run(
     // explicit keys "not cached", refuse Sets): serve only after the probe.
     let postgres_up = readiness.soft_flag("postgres");
     probe(&cache, &redis, &db, &postgres_up).await;
-    let writer = Arc::new(write::Writer::new(commands, cache.clone(), db.clone(), redis.clone()));
+    let writer = Arc::new(write::Writer::new(commands, cache.clone(), db.clone(), redis.clone(), write_metrics));
     let progress = tokio::spawn(progress::run(
         cache.l1().clone(),
         redis.clone(),

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::http::HttpState;
 use crate::progress;
 use crate::resource::connection_failed;
+use crate::write_metrics::WriteMetrics;
 
 /// What a write did.
 #[derive(Debug, Clone, Copy)]
@@ -44,13 +45,20 @@ pub struct Writer {
     db: deadpool_postgres::Pool,
     redis: Pool,
     wait: Duration,
+    metrics: WriteMetrics,
 }
 
 impl Writer {
-    pub fn new(commands: Vec<Command>, cache: Arc<Cache>, db: deadpool_postgres::Pool, redis: Pool) -> Self {
+    pub fn new(
+        commands: Vec<Command>,
+        cache: Arc<Cache>,
+        db: deadpool_postgres::Pool,
+        redis: Pool,
+        metrics: WriteMetrics,
+    ) -> Self {
         let wait = Duration::from_millis(cache.config().write_wait_ms);
         let commands = commands.into_iter().map(|c| (c.name.clone(), c)).collect();
-        Self { commands, cache, db, redis, wait }
+        Self { commands, cache, db, redis, wait, metrics }
     }
 
     pub fn command(&self, name: &str) -> Result<&Command> {
@@ -60,6 +68,18 @@ impl Writer {
     /// Runs `name` for `tenant` (already checked against the caller's token).
     pub async fn write(&self, tenant: &TenantId, name: &str, params: &[String]) -> Result<Written> {
         let command = self.command(name)?;
+        let result = self.run(command, tenant, params).await;
+        let outcome = match &result {
+            Ok(w) if w.wait_reached => "reached",
+            Ok(_) => "not_reached",
+            Err(e) => e.kind(),
+        };
+        self.metrics.outcome(name, outcome);
+        result
+    }
+
+    async fn run(&self, command: &Command, tenant: &TenantId, params: &[String]) -> Result<Written> {
+        let name = command.name.as_str();
         let params = command.canonical_params(params)?;
         let mut client =
             self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: no connection: {e}")))?;
@@ -78,8 +98,11 @@ impl Writer {
         let commit_lsn = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
         drop(client);
         let key = self.cache.keys().node_watermarks();
+        let started = std::time::Instant::now();
         let wait_reached = progress::wait_past(&self.redis, &key, commit_lsn, self.wait).await;
-        if !wait_reached {
+        if wait_reached {
+            self.metrics.waited(name, started.elapsed().as_secs_f64());
+        } else {
             tracing::warn!(command = name, commit_lsn, "write-through: not every live node applied the write in time");
         }
         Ok(Written { rows_affected, commit_lsn, wait_reached })
