@@ -12,20 +12,39 @@ use herald_tests::{Sandbox, assert_eventually};
 
 /// `rename_user(id, name)`: renames one of the tenant's users.
 fn commands(c: &mut Config, write_wait_ms: u64) {
-    c.cache.commands = vec![CommandConfig {
-        name: "rename_user".into(),
-        sql: "UPDATE res_users SET name = $2 WHERE tenant_id = $tenant AND id = $1".into(),
-        params: vec!["id".into(), "name".into()],
-        tags: vec!["res_users.id=$1".into()],
-        model: WriteModel::WriteThrough,
-    }];
+    c.cache.commands = vec![
+        CommandConfig {
+            name: "rename_user".into(),
+            sql: "UPDATE res_users SET name = $2 WHERE tenant_id = $tenant AND id = $1".into(),
+            params: vec!["id".into(), "name".into()],
+            tags: vec!["res_users.id=$1".into()],
+            model: WriteModel::WriteThrough,
+        },
+        CommandConfig {
+            name: "move_user".into(),
+            sql: "UPDATE res_users SET website_slug = $2 WHERE tenant_id = $tenant AND id = $1".into(),
+            params: vec!["id".into(), "slug".into()],
+            tags: vec!["res_users.id=$1".into(), "res_users.website_slug=$2".into()],
+            model: WriteModel::WriteThrough,
+        },
+    ];
     c.cache.write_wait_ms = write_wait_ms;
 }
 
 async fn write(node: &CacheNode, token: &str, tenant: &str, params: &[&str]) -> Result<WriteResponse, tonic::Status> {
+    write_command(node, token, tenant, "rename_user", params).await
+}
+
+async fn write_command(
+    node: &CacheNode,
+    token: &str,
+    tenant: &str,
+    command: &str,
+    params: &[&str],
+) -> Result<WriteResponse, tonic::Status> {
     let request = WriteRequest {
         tenant: tenant.into(),
-        command: "rename_user".into(),
+        command: command.into(),
         params: params.iter().map(|s| s.to_string()).collect(),
     };
     node.client().await.write(authed(request, token)).await.map(|r| r.into_inner())
@@ -130,6 +149,13 @@ async fn commands_are_tenant_checked_and_bad_parameters_refused() {
         (vec!["one", "x"], "bad parameter 1 (\"id\")"),
         (vec!["99999999999999999999", "x"], "bad parameter 1"),
     ];
+    // A tag the cache would refuse is refused before anything commits.
+    let long = "s".repeat(300);
+    let err = write_command(&node, ACME_TOKEN, "acme", "move_user", &["1", &long]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("cache.max_tag_bytes"), "{}", err.message());
+    let slug = sb.pool.get().await.unwrap().query_one("SELECT website_slug FROM res_users WHERE id = 1", &[]).await;
+    assert_eq!(slug.unwrap().get::<_, String>(0), "alice", "a refused write committed");
     for (params, expected) in bad_grpc {
         let err = write(&node, ACME_TOKEN, "acme", &params).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");

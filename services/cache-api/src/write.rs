@@ -81,10 +81,13 @@ impl Writer {
     async fn run(&self, command: &Command, tenant: &TenantId, params: &[String]) -> Result<Written> {
         let name = command.name.as_str();
         let params = command.canonical_params(params)?;
+        // Checked before the commit: a tag the cache would refuse (a long or
+        // control-character parameter) must not leave a write undropped.
+        let tags = command.tags(&params);
+        self.cache.check_tags(&tags)?;
         let mut client =
             self.db.get().await.map_err(|e| Error::Unavailable(format!("postgres: no connection: {e}")))?;
         let rows_affected = command.execute(&mut client, tenant, &params).await?;
-        let tags = command.tags(&params);
         self.cache.invalidate_tags(tenant, tags).await.map_err(|e| {
             Error::Unavailable(format!(
                 "command {name:?} committed, but the cache could not drop its tags ({e}); \
