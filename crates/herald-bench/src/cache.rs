@@ -149,14 +149,14 @@ fn get(slug: String) -> GetRequest {
 /// One measurement: requests per second and latencies, plus how many
 /// answers came from an unexpected layer.
 pub(crate) struct Run {
-    pub(crate) rps: f64,
-    pub(crate) latencies: Latencies,
-    requests: u64,
-    unexpected: u64,
+    pub rps: f64,
+    pub latencies: Latencies,
+    pub requests: u64,
+    pub unexpected: u64,
 }
 
 /// Runs `op` from `concurrency` tasks for `duration`.
-async fn load<F, Fut>(concurrency: usize, duration: Duration, op: F) -> anyhow::Result<Run>
+pub(crate) async fn load<F, Fut>(concurrency: usize, duration: Duration, op: F) -> anyhow::Result<Run>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<bool>> + Send,

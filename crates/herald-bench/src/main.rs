@@ -4,6 +4,7 @@
 mod cache;
 mod coherence;
 mod invalidation;
+mod models;
 mod near;
 mod report;
 mod ws;
@@ -27,6 +28,8 @@ enum Command {
     NearCache(near::Args),
     /// Stale reads under writes and faults, per phase.
     Coherence(coherence::Args),
+    /// Write paths of the cache models: write-through against a direct Postgres write.
+    Models(models::Args),
     /// WebSocket fan-out: sockets held, memory per socket, deliveries/s, broadcast latency.
     Ws(ws::Args),
     #[command(hide = true)]
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
             Command::Cache(args) => cache::run(args).await,
             Command::NearCache(args) => near::run(args).await,
             Command::Coherence(args) => coherence::run(args).await,
+            Command::Models(args) => models::run(args).await,
             Command::Ws(args) => ws::run(args).await,
             Command::WsNode(args) => ws::node(args).await,
         }

@@ -205,6 +205,13 @@ impl KeySpace {
         format!("{}:events:dead", self.prefix)
     }
 
+    /// Each cache-api node's applied freshness watermark: a hash of node name
+    /// → `<watermark lsn>:<Redis time ms of the update>`. A write-through
+    /// call waits until every node updated recently (live) is past its commit.
+    pub fn node_watermarks(&self) -> String {
+        format!("{}:nodes:watermarks", self.prefix)
+    }
+
     /// The L1 invalidation pub/sub channel (the only one with a single
     /// partition).
     pub fn l1_channel(&self) -> String {
@@ -329,6 +336,7 @@ mod tests {
         assert_eq!(ks.tag_set(&TagKey::new(acme.clone(), "res_users.id=5")), "herald:prod:t:{acme}:tag:res_users.id=5");
         assert_eq!(ks.tag_set(&TagKey::new(Scope::Global, "x")), "herald:prod:g:{global}:tag:x");
         assert_eq!(ks.stream(), "herald:prod:events");
+        assert_eq!(ks.node_watermarks(), "herald:prod:nodes:watermarks");
         let entry = ks.entry(&acme, "user_by_slug", "alice").unwrap();
         assert_eq!(ks.lease(&entry), "herald:prod:t:{acme}:lease:user_by_slug:alice");
         assert_eq!(ks.scope_root(&acme), "herald:prod:t:{acme}:");

@@ -714,7 +714,7 @@ impl Cache {
 
     /// Caller-supplied tags: at most `cache.max_tags_per_request`, each 1 to
     /// `cache.max_tag_bytes` bytes without control characters.
-    fn check_tags(&self, tags: &[String]) -> Result<()> {
+    pub(crate) fn check_tags(&self, tags: &[String]) -> Result<()> {
         let (max_tags, max_bytes) = (self.config.max_tags_per_request, self.config.max_tag_bytes);
         if tags.len() > max_tags {
             return Err(Error::InvalidArgument(format!(

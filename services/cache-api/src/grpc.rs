@@ -12,7 +12,8 @@ use herald_proto::v1::cache_server::Cache as CacheService;
 use herald_proto::v1::{
     AddRequest, AddResponse, DeleteRequest, DeleteResponse, GetManyRequest, GetManyResponse, GetRequest, GetResponse,
     GetResult, IncrRequest, IncrResponse, InvalidatePrefixRequest, InvalidateResponse, InvalidateTagsRequest,
-    InvalidationEvent, SetRequest, SetResponse, WatchMessage, WatchRequest, delete_request, get_item, get_request,
+    InvalidationEvent, SetRequest, SetResponse, WatchMessage, WatchRequest, WriteRequest, WriteResponse,
+    delete_request, get_item, get_request,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, mpsc};
@@ -25,12 +26,14 @@ use crate::cache::{Answer, Cache};
 use crate::error::Error;
 use crate::quota::TenantQuota;
 use crate::watch::{self, Watched};
+use crate::write::Writer;
 
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Grpc {
     cache: Arc<Cache>,
     auth: Arc<Auth>,
+    writer: Arc<Writer>,
     watchers: Arc<Semaphore>,
     tenant_watchers: TenantQuota,
 }
@@ -38,10 +41,10 @@ pub struct Grpc {
 impl Grpc {
     /// Watch streams are limited by `cache.max_watchers` and
     /// `cache.max_watchers_per_tenant`.
-    pub fn new(cache: Arc<Cache>, auth: Arc<Auth>) -> Self {
+    pub fn new(cache: Arc<Cache>, auth: Arc<Auth>, writer: Arc<Writer>) -> Self {
         let watchers = Arc::new(Semaphore::new(cache.config().max_watchers));
         let tenant_watchers = TenantQuota::new(cache.config().max_watchers_per_tenant);
-        Self { cache, auth, watchers, tenant_watchers }
+        Self { cache, auth, writer, watchers, tenant_watchers }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -231,6 +234,19 @@ impl CacheService for Grpc {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant, command = %request.get_ref().command))]
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let req = request.into_inner();
+        let tenant = caller.tenant(&req.tenant)?;
+        let w = self.writer.write(&tenant, &req.command, &req.params).await?;
+        Ok(Response::new(WriteResponse {
+            rows_affected: w.rows_affected,
+            commit_lsn: w.commit_lsn,
+            wait_reached: w.wait_reached,
+        }))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, Status>> + Send>>;

@@ -15,6 +15,7 @@
 //! | `POST /v1/t/{tenant}/k/{key}/incr` | Incr (body `{"delta": n}`; 404 when nothing is cached) |
 //! | `POST /v1/t/{tenant}/get` | GetMany |
 //! | `POST /v1/t/{tenant}/invalidate` | InvalidateTags or InvalidatePrefix |
+//! | `POST /v1/t/{tenant}/w/{command}` | Write: a configured command (`write.rs`) |
 
 use std::sync::Arc;
 
@@ -37,6 +38,7 @@ use crate::error::{Error, Result};
 pub struct HttpState {
     pub cache: Arc<Cache>,
     pub auth: Arc<Auth>,
+    pub writer: Arc<crate::write::Writer>,
 }
 
 /// The HTTP routes; `max_value_bytes` bounds request bodies (413 past it).
@@ -57,6 +59,7 @@ pub fn router(state: HttpState, max_value_bytes: usize) -> Router {
         .route("/v1/t/{tenant}/k/{key}/incr", post(incr_key))
         .route("/v1/t/{tenant}/get", post(get_many))
         .route("/v1/t/{tenant}/invalidate", post(invalidate))
+        .route("/v1/t/{tenant}/w/{command}", post(crate::write::http_write))
         .layer(DefaultBodyLimit::max(max_value_bytes + 64 * 1024))
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(trace))
@@ -122,7 +125,7 @@ fn layer_name(layer: Layer) -> &'static str {
 }
 
 impl HttpState {
-    fn tenant(&self, headers: &HeaderMap, tenant: &str) -> Result<(Caller, TenantId)> {
+    pub(crate) fn tenant(&self, headers: &HeaderMap, tenant: &str) -> Result<(Caller, TenantId)> {
         let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let caller = self.auth.authenticate(bearer(header))?;
         let tenant = caller.tenant(tenant)?;

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod commands;
 pub mod error;
 /// Single-flight per key (shared with near caches: herald-l1).
 pub use herald_l1::flight;
@@ -11,9 +12,12 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod progress;
 pub mod quota;
 pub mod resource;
 pub mod watch;
+pub mod write;
+pub mod write_metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,11 +93,13 @@ pub async fn run(
         tracing::warn!("no cache.tokens configured: every request will be refused");
     }
     let metrics = Metrics::default();
+    let write_metrics = write_metrics::WriteMetrics::default();
     let l1 = L1Cache::new(&config.l1);
     let (readiness, ops_task) = ops::start(
         listeners.ops,
         |registry| {
             metrics.register(registry);
+            write_metrics.register(registry);
             l1.metrics().register(registry);
         },
         &config.http,
@@ -103,7 +109,7 @@ pub async fn run(
     // Bounds every query of this node, resource reads above all.
     let statement_timeout = config.cache.query_timeout_ms.to_string();
     let db = herald_core::pg::pool_with_settings(&config.postgres, &[("statement_timeout", &statement_timeout)])?;
-    let Some(resources) = compile_resources(&config, &db, &shutdown).await? else { return Ok(()) };
+    let Some((resources, commands)) = compile_resources(&config, &db, &shutdown).await? else { return Ok(()) };
     resources_ready.set(true);
 
     let redis = herald_core::redis::build_pool(&config.redis)?;
@@ -130,6 +136,14 @@ pub async fn run(
     // explicit keys "not cached", refuse Sets): serve only after the probe.
     let postgres_up = readiness.soft_flag("postgres");
     probe(&cache, &redis, &db, &postgres_up).await;
+    let writer = Arc::new(write::Writer::new(commands, cache.clone(), db.clone(), redis.clone(), write_metrics));
+    let progress = tokio::spawn(progress::run(
+        cache.l1().clone(),
+        redis.clone(),
+        keys.node_watermarks(),
+        node.clone(),
+        shutdown.clone(),
+    ));
     let health = tokio::spawn(health_loop(cache.clone(), redis, db, postgres_up, readiness.clone(), shutdown.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -139,7 +153,7 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) =
         herald_core::grpc::reflection(&descriptors).context("failed to build gRPC reflection")?;
     let limit = config.cache.max_value_bytes + 64 * 1024;
-    let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone()))
+    let service = CacheServer::new(grpc::Grpc::new(cache.clone(), auth.clone(), writer.clone()))
         .max_decoding_message_size(limit)
         // Above the largest answer: one value, or a GetMany at its size limit.
         .max_encoding_message_size(limit.max(config.cache.max_get_many_bytes) + 256 * 1024);
@@ -160,7 +174,7 @@ pub async fn run(
             ),
     );
     let http_addr = listeners.http.local_addr()?;
-    let router = http::router(http::HttpState { cache: cache.clone(), auth }, config.cache.max_value_bytes);
+    let router = http::router(http::HttpState { cache: cache.clone(), auth, writer }, config.cache.max_value_bytes);
     let http_shutdown = shutdown.clone();
     let http_config = config.http.clone();
     let http_task =
@@ -186,19 +200,20 @@ pub async fn run(
         Err(_) => tracing::warn!(grace = ?GRACE, "requests still in flight after the grace period"),
     }
     let _ = health.await;
+    let _ = progress.await;
     let _ = subscriber.await;
     let _ = ops_task.await;
     Ok(())
 }
 
-/// Checks every resource against Postgres, waiting (with backoff) while
+/// Checks every resource and command against Postgres, waiting (with backoff) while
 /// Postgres is unreachable. A resource that does not check out is a fatal
 /// configuration error. `None` when shutdown came first.
 async fn compile_resources(
     config: &Config,
     db: &deadpool_postgres::Pool,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<Vec<Resource>>> {
+) -> anyhow::Result<Option<(Vec<Resource>, Vec<commands::Command>)>> {
     let mut backoff = Backoff::reconnect();
     loop {
         match db.get().await {
@@ -207,7 +222,11 @@ async fn compile_resources(
                 for r in &config.cache.resources {
                     resources.push(Resource::compile(r, &client).await?);
                 }
-                return Ok(Some(resources));
+                let mut commands = Vec::with_capacity(config.cache.commands.len());
+                for c in &config.cache.commands {
+                    commands.push(commands::Command::compile(c, &client).await?);
+                }
+                return Ok(Some((resources, commands)));
             }
             Err(error) => {
                 tracing::warn!(%error, "postgres unreachable, cannot check resources yet");

@@ -3,7 +3,7 @@
 //! its named query parameters, and every limit the server enforces
 //! (`cache.max_*`) is stated as the JSON Schema constraint it is.
 
-use herald_core::config::{CacheConfig, ResourceConfig};
+use herald_core::config::{CacheConfig, CommandConfig, ResourceConfig};
 use serde_json::{Value, json};
 
 use crate::api::MAX_GET_MANY;
@@ -36,6 +36,9 @@ pub fn document(config: &CacheConfig, param_schema: ParamSchema<'_>) -> Value {
     paths.insert("/v1/t/{tenant}/k/{key}/incr".into(), incr_path());
     paths.insert("/v1/t/{tenant}/get".into(), get_many_path());
     paths.insert("/v1/t/{tenant}/invalidate".into(), invalidate_path(config));
+    for command in &config.commands {
+        paths.insert(format!("/v1/t/{{tenant}}/w/{}", command.name), write_path(command));
+    }
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -252,18 +255,21 @@ fn resource_path(res: &ResourceConfig, param_schema: ParamSchema<'_>) -> Value {
             })
         })
         .collect();
-    let id: String = res
-        .name
-        .split(['_', '-', '.'])
-        .map(|w| {
-            let mut c = w.chars();
-            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
-        })
-        .collect();
+    let id = camel(&res.name);
     let summary = format!("Get resource {:?} ({:?} shape).", res.name, res.shape);
     let mut path = resource_ops(&format!("Resource{id}"), &summary, query);
     path["parameters"] = path_params(&["tenant"]);
     path
+}
+
+/// `user_by_slug` → `UserBySlug`, for operation ids.
+fn camel(name: &str) -> String {
+    name.split(['_', '-', '.'])
+        .map(|w| {
+            let mut c = w.chars();
+            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
+        })
+        .collect()
 }
 
 fn key_path(config: &CacheConfig) -> Value {
@@ -448,6 +454,56 @@ fn invalidate_path(config: &CacheConfig) -> Value {
     })
 }
 
+/// One configured write command (`write.rs`), its parameters by name.
+fn write_path(command: &CommandConfig) -> Value {
+    let value = json!({ "type": ["string", "number", "boolean"] });
+    let named: serde_json::Map<String, Value> = command.params.iter().map(|p| (p.clone(), value.clone())).collect();
+    json!({
+        "parameters": path_params(&["tenant"]),
+        "post": {
+            "operationId": format!("write{}", camel(&command.name)),
+            "summary": format!(
+                "Run command {:?} (write-through): returns after the commit, after its tags were dropped on \
+                 every node, and once every live node applied the changes up to the commit (at most \
+                 cache.write_wait_ms; wait_reached says whether they did).",
+                command.name
+            ),
+            "requestBody": json_body(json!({
+                "type": "object",
+                "properties": {
+                    "params": {
+                        "oneOf": [
+                            { "type": "object", "properties": named, "required": command.params, "additionalProperties": false },
+                            { "type": "array", "items": value, "minItems": command.params.len(), "maxItems": command.params.len() }
+                        ]
+                    }
+                },
+                "additionalProperties": false
+            })),
+            "responses": errors(json!({
+                "200": {
+                    "description": "committed",
+                    "content": { "application/json": { "schema": {
+                        "type": "object",
+                        "properties": {
+                            "rows_affected": { "type": "integer", "minimum": 0 },
+                            "commit_lsn": {
+                                "type": "string", "pattern": LSN_PATTERN,
+                                "description": "the position after the commit; usable as x-herald-min-lsn"
+                            },
+                            "wait_reached": {
+                                "type": "boolean",
+                                "description": "every live node applied the changes up to commit_lsn in time"
+                            }
+                        },
+                        "required": ["rows_affected", "commit_lsn", "wait_reached"]
+                    } } }
+                }
+            }), &["413", "500"])
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use herald_core::config::Shape;
@@ -472,6 +528,13 @@ mod tests {
                 max_staleness_ms: None,
                 on_stale: Default::default(),
             }],
+            commands: vec![CommandConfig {
+                name: "rename_user".into(),
+                sql: "UPDATE res_users SET name = $2 WHERE tenant_id = $tenant AND id = $1".into(),
+                params: vec!["id".into(), "name".into()],
+                tags: vec!["res_users.id=$1".into()],
+                model: Default::default(),
+            }],
             ..CacheConfig::default()
         };
         let doc = document(&config, &|_, _| json!({ "type": "integer" }));
@@ -484,9 +547,14 @@ mod tests {
             "/v1/t/{tenant}/k/{key}/incr",
             "/v1/t/{tenant}/get",
             "/v1/t/{tenant}/invalidate",
+            "/v1/t/{tenant}/w/rename_user",
         ] {
             assert!(paths.contains_key(route), "{route}");
         }
+        let write = &paths["/v1/t/{tenant}/w/rename_user"]["post"];
+        assert_eq!(write["operationId"], "writeRenameUser");
+        let named = &write["requestBody"]["content"]["application/json"]["schema"]["properties"]["params"]["oneOf"][0];
+        assert_eq!(named["required"], json!(["id", "name"]));
         let get = &paths["/v1/t/{tenant}/r/user_by_slug"]["get"];
         assert_eq!(get["operationId"], "getResourceUserBySlug");
         let slug = get["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "slug").unwrap();

@@ -53,7 +53,7 @@ pub struct Fetched {
 /// A parameter sent in text format: Postgres parses it as whatever type the
 /// query needs, so `id = $1` and `slug = $1` both take caller strings.
 #[derive(Debug)]
-struct Text<'a>(&'a str);
+pub(crate) struct Text<'a>(pub(crate) &'a str);
 
 impl ToSql for Text<'_> {
     fn to_sql(&self, _: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
@@ -74,7 +74,7 @@ impl ToSql for Text<'_> {
 
 /// How Postgres reads a parameter, for its canonical text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ParamKind {
+pub(crate) enum ParamKind {
     /// Compared as written.
     Text,
     /// An integer type of this range.
@@ -85,7 +85,7 @@ enum ParamKind {
 }
 
 impl ParamKind {
-    fn of(ty: &Type) -> Self {
+    pub(crate) fn of(ty: &Type) -> Self {
         match *ty {
             Type::TEXT | Type::VARCHAR => Self::Text,
             Type::INT2 => Self::Int(i16::MIN.into(), i16::MAX.into()),
@@ -98,7 +98,7 @@ impl ParamKind {
 
     /// The canonical text of `p`, `None` when it is not a value of the kind
     /// (stricter than Postgres: no `0x1` or `1_000`).
-    fn canonical(self, p: &str) -> Option<String> {
+    pub(crate) fn canonical(self, p: &str) -> Option<String> {
         match self {
             Self::Text | Self::Other => Some(p.to_string()),
             Self::Int(min, max) => {
@@ -125,7 +125,7 @@ impl ParamKind {
 
     /// The JSON Schema of the values `canonical` accepts (the OpenAPI
     /// document's; integers as the query parameter's text).
-    fn schema(self) -> serde_json::Value {
+    pub(crate) fn schema(self) -> serde_json::Value {
         match self {
             Self::Int(min, max) => serde_json::json!({ "type": "integer", "minimum": min, "maximum": max }),
             Self::Uuid => serde_json::json!({ "type": "string", "format": "uuid" }),
@@ -133,7 +133,7 @@ impl ParamKind {
         }
     }
 
-    fn expected(self) -> &'static str {
+    pub(crate) fn expected(self) -> &'static str {
         match self {
             Self::Int(..) => "an integer in range",
             Self::Uuid => "a uuid",
@@ -368,7 +368,7 @@ impl Resource {
 }
 
 /// Fills a tag template: `$k` with parameter k, `{column}` from `column`.
-fn render(template: &str, params: &[String], column: impl Fn(&str) -> Option<String>) -> String {
+pub(crate) fn render(template: &str, params: &[String], column: impl Fn(&str) -> Option<String>) -> String {
     let mut out = String::with_capacity(template.len() + 16);
     let bytes = template.as_bytes();
     let mut i = 0;
@@ -403,7 +403,7 @@ fn render(template: &str, params: &[String], column: impl Fn(&str) -> Option<Str
     out
 }
 
-fn db_message(e: &tokio_postgres::Error) -> String {
+pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 

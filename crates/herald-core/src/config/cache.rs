@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::TableConfig;
+use super::command::CommandConfig;
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, validate_identifier};
 
@@ -68,6 +69,11 @@ pub struct CacheConfig {
     pub tokens: Vec<TokenConfig>,
     /// Read-through resources.
     pub resources: Vec<ResourceConfig>,
+    /// Write commands (`[[cache.commands]]`, see `command.rs`).
+    pub commands: Vec<CommandConfig>,
+    /// Longest a write-through call waits, after its commit, for every live
+    /// node to apply the changes up to it (the answer says whether it did).
+    pub write_wait_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -96,6 +102,8 @@ impl Default for CacheConfig {
             clock_skew_ms: 0,
             tokens: Vec::new(),
             resources: Vec::new(),
+            commands: Vec::new(),
+            write_wait_ms: 2_000,
         }
     }
 }
@@ -264,6 +272,7 @@ impl CacheConfig {
             ("cache.max_watchers", self.max_watchers as i64),
             ("cache.max_watchers_per_tenant", self.max_watchers_per_tenant as i64),
             ("cache.watch_heartbeat_ms", self.watch_heartbeat_ms as i64),
+            ("cache.write_wait_ms", self.write_wait_ms as i64),
         ];
         for (key, value) in positive {
             if value <= 0 {
@@ -373,7 +382,7 @@ impl CacheConfig {
                     .map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
             }
         }
-        Ok(())
+        super::command::validate(&self.commands, tables).map_err(Error::Config)
     }
 }
 
@@ -383,7 +392,7 @@ impl CacheConfig {
 /// none for a global one): capture emits no other row tags, and events of
 /// one scope never drop entries of the other, so such an entry would never
 /// be invalidated.
-fn check_row_tag(tag: &str, global: bool, tables: &[TableConfig]) -> std::result::Result<(), String> {
+pub(super) fn check_row_tag(tag: &str, global: bool, tables: &[TableConfig]) -> std::result::Result<(), String> {
     let head = tag.split('=').next().unwrap_or(tag);
     let (table, column) = match head.split_once('.') {
         Some((t, c)) => (t, Some(c)),

@@ -17,9 +17,11 @@ use crate::error::{Error, Result};
 use crate::keys::{validate_env, validate_identifier};
 
 mod cache;
+mod command;
 mod gateway;
 
 pub use cache::{CacheConfig, OnStale, ResourceConfig, Shape, TokenConfig};
+pub use command::{CommandConfig, WriteModel};
 pub use gateway::{GatewayConfig, OpsChannelConfig};
 pub use herald_l1::L1Config;
 

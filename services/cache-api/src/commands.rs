@@ -1,0 +1,158 @@
+//! Write commands (`[[cache.commands]]`) checked against the database and
+//! ready to run: the statement with `$tenant` bound by Herald, each caller
+//! parameter's canonical text, and the tags of the entries it changes.
+
+use herald_core::config::{CommandConfig, ResourceConfig, WriteModel};
+use herald_core::keys::TenantId;
+use postgres_types::ToSql;
+use tokio_postgres::error::SqlState;
+
+use crate::error::{Error, Result};
+use crate::resource::{ParamKind, Text, connection_failed, db_message, render};
+
+/// A command ready to run.
+#[derive(Debug)]
+pub struct Command {
+    pub name: String,
+    pub params: Vec<String>,
+    pub model: WriteModel,
+    /// The statement with `$tenant` as `$n+1`.
+    sql: String,
+    tags: Vec<String>,
+    kinds: Vec<ParamKind>,
+}
+
+impl Command {
+    /// Checks `config` against the database (the statement prepares; `$k`
+    /// tags use parameters whose text Herald can make canonical).
+    pub async fn compile(config: &CommandConfig, db: &tokio_postgres::Client) -> anyhow::Result<Self> {
+        let at = format!("cache.commands ({})", config.name);
+        let n = config.params.len();
+        let sql = config.sql.replace("$tenant", &format!("${}", n + 1));
+        let stmt =
+            db.prepare(&sql).await.map_err(|e| anyhow::anyhow!("{at}.sql: does not prepare: {}", db_message(&e)))?;
+        let kinds: Vec<ParamKind> = stmt.params().iter().take(n).map(ParamKind::of).collect();
+        for tag in &config.tags {
+            for k in ResourceConfig::placeholders(tag) {
+                if kinds.get(k.wrapping_sub(1)) == Some(&ParamKind::Other) {
+                    anyhow::bail!(
+                        "{at}.tags: {tag:?} uses ${k} ({}), which Postgres reads as {}: Herald cannot make its \
+                         text canonical, so the tag could miss the entries it names",
+                        config.params[k - 1],
+                        stmt.params()[k - 1]
+                    );
+                }
+            }
+        }
+        Ok(Self {
+            name: config.name.clone(),
+            params: config.params.clone(),
+            model: config.model,
+            sql,
+            tags: config.tags.clone(),
+            kinds,
+        })
+    }
+
+    /// The caller's parameters, checked and canonical (the text capture's
+    /// tags carry for the same value).
+    pub fn canonical_params(&self, params: &[String]) -> Result<Vec<String>> {
+        if params.len() != self.params.len() {
+            return Err(Error::InvalidArgument(format!(
+                "command {:?} takes {} parameter(s) ({}), got {}",
+                self.name,
+                self.params.len(),
+                self.params.join(", "),
+                params.len()
+            )));
+        }
+        params
+            .iter()
+            .zip(&self.kinds)
+            .enumerate()
+            .map(|(i, (p, kind))| {
+                kind.canonical(p).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "command {:?}: bad parameter {} ({:?}): {p:?} is not {}",
+                        self.name,
+                        i + 1,
+                        self.params[i],
+                        kind.expected()
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The tags the command changes, for canonical `params`.
+    pub fn tags(&self, params: &[String]) -> Vec<String> {
+        let mut tags: Vec<String> = self.tags.iter().map(|t| render(t, params, |_| None)).collect();
+        tags.sort();
+        tags.dedup();
+        tags
+    }
+
+    /// The JSON Schema of parameter `i` (the OpenAPI document's).
+    pub fn param_schema(&self, i: usize) -> serde_json::Value {
+        self.kinds.get(i).map_or_else(|| serde_json::json!({ "type": "string" }), |k| k.schema())
+    }
+
+    /// Runs the statement for `tenant` in its own transaction and commits;
+    /// the rows it changed.
+    pub async fn execute(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        tenant: &TenantId,
+        params: &[String],
+    ) -> Result<u64> {
+        let mut args: Vec<Text<'_>> = params.iter().map(|p| Text(p)).collect();
+        args.push(Text(tenant.as_str()));
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let tx = client.transaction().await.map_err(|e| self.error(&e))?;
+        let stmt = tx.prepare_cached(&self.sql).await.map_err(|e| self.error(&e))?;
+        let rows = tx.execute(&stmt, &refs).await.map_err(|e| self.error(&e))?;
+        tx.commit().await.map_err(|e| {
+            if connection_failed(&e) {
+                Error::Unavailable(format!(
+                    "command {:?}: the connection failed during COMMIT, so whether it committed is unknown: {}",
+                    self.name,
+                    db_message(&e)
+                ))
+            } else {
+                self.error(&e)
+            }
+        })?;
+        Ok(rows)
+    }
+
+    /// A failed statement: bad parameter text and refused changes are the
+    /// caller's error; a lost connection means Postgres is unavailable.
+    fn error(&self, e: &tokio_postgres::Error) -> Error {
+        let name = &self.name;
+        if connection_failed(e) {
+            return Error::Unavailable(format!("postgres: {}", db_message(e)));
+        }
+        if e.code() == Some(&SqlState::QUERY_CANCELED) {
+            return Error::Unavailable(format!(
+                "command {name:?}: the statement ran longer than cache.query_timeout_ms and was cancelled"
+            ));
+        }
+        let class = e.code().map(|c| &c.code()[..2]);
+        match (class, e.as_db_error()) {
+            // Data exceptions: the parameter's text is not a value of its type.
+            (Some("22"), _) => Error::InvalidArgument(format!("command {name:?}: bad parameter: {}", db_message(e))),
+            // Integrity constraints: the change was refused.
+            (Some("23"), Some(db)) => Error::InvalidArgument(format!(
+                "command {name:?}: the change violates {}",
+                db.constraint().map_or_else(|| "a constraint".to_string(), |c| format!("constraint {c:?}"))
+            )),
+            _ => {
+                // Postgres's text may show the schema or data: it goes to the
+                // log, the caller gets an id to find it there.
+                let id = format!("{:08x}", rand::random::<u32>());
+                tracing::error!(command = %name, error_id = %id, error = %db_message(e), "command failed");
+                Error::Internal(format!("command {name:?}: the statement failed (error id {id} in the node's log)"))
+            }
+        }
+    }
+}
