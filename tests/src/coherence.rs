@@ -244,6 +244,9 @@ impl World {
                 c.redis.url = format!("redis://127.0.0.1:{redis_port}");
             }
             c.redis.command_timeout_ms = 1_000;
+            // WAIT (on a cluster) must end before the command times out.
+            c.capture.wait_timeout_ms = 500;
+            c.broadcast.wait_timeout_ms = 500;
             c.broadcast.claim_idle_ms = 1_000;
             c.broadcast.heartbeat_ms = 200;
             c.l1.heartbeat_timeout_ms = 1_000;
@@ -283,9 +286,27 @@ impl World {
         world
     }
 
-    async fn wait_ready(&self) {
-        for node in &self.nodes {
-            assert_eventually!(30, async { node.ready().await }, "a cache-api node did not become ready");
+    async fn wait_ready(&mut self) {
+        for i in 0..self.nodes.len() {
+            assert_eventually!(
+                30,
+                async {
+                    self.assert_running();
+                    self.nodes[i].ready().await
+                },
+                "a cache-api node did not become ready"
+            );
+        }
+    }
+
+    /// Panics if a service process has exited: one that refused its
+    /// configuration would never become ready (its stderr says why).
+    fn assert_running(&mut self) {
+        let nodes = self.nodes.iter_mut().filter_map(|n| n.service.as_mut());
+        for service in nodes.chain(&mut self.capture).chain(&mut self.broadcast) {
+            if let Some(status) = service.exited() {
+                panic!("a service process exited while starting ({status}); see its stderr above");
+            }
         }
     }
 
@@ -463,7 +484,7 @@ impl World {
     /// Waits until every committed change has gone through: the outbox is
     /// empty, broadcast has acknowledged the whole stream, and both nodes are
     /// live again; then gives pub/sub a moment.
-    async fn quiesce(&self) {
+    async fn quiesce(&mut self) {
         assert_eventually!(
             60,
             async {
@@ -477,24 +498,9 @@ impl World {
             },
             "the outbox never drained"
         );
-        assert_eventually!(60, async { self.stream_acknowledged().await }, "broadcast never caught up");
+        assert_eventually!(60, async { self.sb.log_acknowledged().await }, "broadcast never caught up");
         self.wait_ready().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    async fn stream_acknowledged(&self) -> bool {
-        let redis = self.sb.redis.next();
-        let stream = self.sb.keys.stream();
-        let Ok(info) = redis.xinfo_stream::<HashMap<String, Value>, _>(&stream, false, None).await else {
-            return false;
-        };
-        let last = info.get("last-generated-id").and_then(|v| v.as_string()).unwrap_or_default();
-        let Ok(groups) = redis.xinfo_groups::<Vec<HashMap<String, Value>>, _>(&stream).await else { return false };
-        !groups.is_empty()
-            && groups.iter().all(|g| {
-                g.get("pending").and_then(|v| v.as_i64()) == Some(0)
-                    && g.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default() == last
-            })
     }
 
     /// After quiesce: every value L1 of each node or L2 serves, compared

@@ -205,7 +205,7 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
         }
     }
     assert_eventually!(30, async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 }, "inserts");
-    assert_eventually!(30, async { acknowledged(&sb).await }, "inserts not applied");
+    assert_eventually!(30, async { sb.log_acknowledged().await }, "inserts not applied");
     for (tenant, id) in &rows {
         let scope = Scope::Tenant(TenantId::new(tenant).unwrap());
         let tag = format!("res_users.id={id}");
@@ -236,7 +236,11 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
 
     // Quiesce: the outbox drained, every partition acknowledged.
     assert_eventually!(60, async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 }, "outbox");
-    assert_eventually!(60, async { acknowledged(&sb).await }, "broadcast never caught up after the {change:?} master");
+    assert_eventually!(
+        60,
+        async { sb.log_acknowledged().await },
+        "broadcast never caught up after the {change:?} master"
+    );
     let entries: Vec<String> = rows
         .iter()
         .map(|(tenant, id)| {
@@ -274,29 +278,6 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
     capture.stop().await.unwrap();
     broadcast.stop().await.unwrap();
     sb.cleanup().await;
-}
-
-/// Every partition's group has delivered everything and has nothing pending.
-async fn acknowledged(sb: &Sandbox) -> bool {
-    use fred::prelude::*;
-    use std::collections::HashMap;
-    for stream in sb.log().streams() {
-        let redis = sb.redis.next();
-        let Ok(info) = redis.xinfo_stream::<HashMap<String, Value>, _>(stream, false, None).await else {
-            return false;
-        };
-        let last = info.get("last-generated-id").and_then(|v| v.as_string()).unwrap_or_default();
-        let Ok(groups) = redis.xinfo_groups::<Vec<HashMap<String, Value>>, _>(stream).await else { return false };
-        let done = !groups.is_empty()
-            && groups.iter().all(|g| {
-                g.get("pending").and_then(|v| v.as_i64()) == Some(0)
-                    && g.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default() == last
-            });
-        if !done {
-            return false;
-        }
-    }
-    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
