@@ -35,6 +35,7 @@ use tonic::transport::Channel;
 
 use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure, resource};
 use crate::process::ChildService;
+use crate::redis_cluster::RedisCluster;
 use crate::{Sandbox, assert_eventually, http_get, start_redis};
 
 const TENANT: &str = "acme";
@@ -58,6 +59,9 @@ pub struct Settings {
     /// Reads per second over all readers (0: as fast as they can). A steady
     /// state below saturation measures Herald, not the CPU scheduler.
     pub read_rate: u64,
+    /// Run on a Redis Cluster of its own (3 masters, 3 replicas, 3 log
+    /// partitions), which the `redis-failover` phase needs.
+    pub cluster: bool,
 }
 
 impl Default for Settings {
@@ -71,6 +75,7 @@ impl Default for Settings {
             write_pause: Duration::from_millis(5),
             down: Duration::from_secs(1),
             read_rate: 0,
+            cluster: false,
         }
     }
 }
@@ -85,10 +90,13 @@ pub enum Fault {
     RedisClients,
     RedisRestart,
     Postgres,
+    /// `CLUSTER FAILOVER` of the masters of the tenant's slot and of its log
+    /// partition (needs [`Settings::cluster`]).
+    Failover,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Steady,
         Fault::Capture,
         Fault::Broadcast,
@@ -96,6 +104,7 @@ impl Fault {
         Fault::RedisClients,
         Fault::RedisRestart,
         Fault::Postgres,
+        Fault::Failover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +116,7 @@ impl Fault {
             Fault::RedisClients => "redis-clients-killed",
             Fault::RedisRestart => "redis-restart",
             Fault::Postgres => "postgres-terminated",
+            Fault::Failover => "redis-failover",
         }
     }
 }
@@ -208,6 +218,8 @@ pub struct World {
     settings: Settings,
     redis_port: u16,
     redis: Option<Child>,
+    /// The World's own Redis Cluster ([`Settings::cluster`]).
+    cluster: Option<RedisCluster>,
     capture: Option<ChildService>,
     broadcast: Option<ChildService>,
     nodes: Vec<Node>,
@@ -236,11 +248,16 @@ impl World {
             async { tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await.is_ok() },
             "redis did not start"
         );
+        let cluster = settings.cluster.then(|| RedisCluster::start(3));
+        let cluster_url = cluster.as_ref().map(RedisCluster::url);
         let sb = Sandbox::start_with(|c| {
             configure(c);
-            // On a cluster (`make test-cluster`) the sandbox's cluster serves;
-            // the Redis faults of the full benchmark need the own server.
-            if !crate::on_cluster() {
+            // On a cluster (`make test-cluster`, or the World's own) the
+            // cluster serves; the Redis faults of the full benchmark need the
+            // own server.
+            if let Some(url) = cluster_url {
+                crate::cluster_settings(c, url);
+            } else if !crate::on_cluster() {
                 c.redis.url = format!("redis://127.0.0.1:{redis_port}");
             }
             c.redis.command_timeout_ms = 1_000;
@@ -269,8 +286,16 @@ impl World {
             settings.rows
         ))
         .await;
-        let mut world =
-            Self { sb, settings, redis_port, redis: Some(redis), capture: None, broadcast: None, nodes: Vec::new() };
+        let mut world = Self {
+            sb,
+            settings,
+            redis_port,
+            redis: Some(redis),
+            cluster,
+            capture: None,
+            broadcast: None,
+            nodes: Vec::new(),
+        };
         world.capture = Some(ChildService::spawn("herald-capture", &world.sb.config));
         world.broadcast = Some(ChildService::spawn("herald-broadcast", &world.sb.config));
         for _ in 0..2 {
@@ -463,6 +488,27 @@ impl World {
                 }
                 tokio::time::sleep(down).await;
                 self.redis = Some(start_redis(self.redis_port));
+            }
+            Fault::Failover => {
+                let cluster =
+                    self.cluster.as_ref().expect("the redis-failover phase needs a cluster of the World's own");
+                let tenant = Scope::Tenant(TenantId::new(TENANT).expect("tenant"));
+                let entry = self.sb.keys.entry(&tenant, BY_ID, "1").expect("key");
+                let partitions = self.sb.config.redis.partitions;
+                let stream =
+                    self.sb.keys.stream_partition(herald_core::keys::partition_of(TENANT, partitions), partitions);
+                let mut masters: Vec<u16> =
+                    [&entry, &stream].map(|key| cluster.master_of(herald_core::keys::slot(key))).to_vec();
+                masters.dedup();
+                // The cluster tools block: keep the readers and writers running.
+                tokio::task::block_in_place(|| {
+                    for master in masters {
+                        let replica = cluster.replica_of(master);
+                        cluster.failover(replica);
+                        cluster.wait_master(replica);
+                    }
+                });
+                tokio::time::sleep(down).await;
             }
             Fault::Postgres => {
                 let (client, connection) =

@@ -10,6 +10,8 @@
 //! 2. Writer throughput: N connections INSERT in autocommit as fast as they
 //!    can into a plain table, a Herald-watched table (capture draining) and a
 //!    table with the naive per-statement `pg_notify` trigger.
+//! 3. With `--redis-cluster`: the latency run again, on a Redis Cluster with
+//!    a partitioned log (`--partitions`), against the single Redis of 1.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,7 +25,8 @@ use herald_core::config::{BroadcastConfig, CaptureConfig, Config, L1Config, Post
 use herald_core::l1::{Applied, L1Cache};
 use herald_core::time::now_us;
 use herald_proto::v1::InvalidationEvent;
-use herald_tests::Sandbox;
+use herald_tests::redis_cluster::RedisCluster;
+use herald_tests::{Sandbox, cluster_settings};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
@@ -50,7 +53,19 @@ pub struct Args {
     /// Measured length of each writer-throughput run (after a 1 s warm-up).
     #[arg(long, default_value_t = 10)]
     tps_seconds: u64,
+    /// Also run the latency run on a Redis Cluster of its own (3 masters
+    /// with a replica each; capture and broadcast wait for 1 replica), after
+    /// the single-Redis one, with the same offered load.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// Log partitions of the cluster run.
+    #[arg(long, default_value_t = 3)]
+    partitions: u16,
 }
+
+/// Tenants the latency run's commits cycle through, so that a partitioned
+/// log gets events in every partition.
+const TENANTS: u64 = 16;
 
 const LATENCY_TABLE: &str = "bench_latency";
 const PLAIN_TABLE: &str = "bench_plain";
@@ -111,16 +126,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--clients must list connection counts greater than 0");
     }
+    if args.redis_cluster && !(1..=herald_core::keys::MAX_PARTITIONS).contains(&args.partitions) {
+        bail!("--partitions must be 1 to {}", herald_core::keys::MAX_PARTITIONS);
+    }
     let mut sandbox = Sandbox::start_with(production_timings).await;
     let result = measure(&mut sandbox, &args).await;
     sandbox.cleanup().await;
     let (latency, throughput) = result?;
+    let cluster = if args.redis_cluster { Some(cluster_latency(&args).await?) } else { None };
 
     let mut errors = Vec::new();
-    println!("{}", latency.table(&args, &mut errors).render());
+    println!("{}", latency.table(&args, "one Redis, 1 partition", &mut errors).render());
+    if let Some(cluster) = &cluster {
+        let on = format!("Redis Cluster, 3 masters + 3 replicas, {} partitions, WAIT 1", args.partitions);
+        println!("{}", cluster.table(&args, &on, &mut errors).render());
+    }
     println!("{}", throughput_table(&throughput, &mut errors).render());
     let mut json = JsonLine::default();
-    latency.json(&mut json);
+    latency.json(&mut json, "");
+    if let Some(cluster) = &cluster {
+        cluster.json(&mut json, "cluster_");
+        json.set("partitions", u64::from(args.partitions));
+    }
     throughput_json(&throughput, &mut json);
     json.set("cores", cores() as u64).set("errors", errors.len() as u64);
     println!("{}", json.render());
@@ -182,6 +209,39 @@ async fn measure(sandbox: &mut Sandbox, args: &Args) -> anyhow::Result<(LatencyO
         }
     }
     Ok((latency, runs))
+}
+
+/// The latency run on a Redis Cluster of its own, with production timings,
+/// `--partitions` log partitions and capture and broadcast waiting for one
+/// replica (as a cluster with replicas should run).
+async fn cluster_latency(args: &Args) -> anyhow::Result<LatencyOutcome> {
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
+    let url = cluster.url();
+    let partitions = args.partitions;
+    let mut sandbox = Sandbox::start_with(|c| {
+        production_timings(c);
+        cluster_settings(c, url);
+        c.redis.partitions = partitions;
+    })
+    .await;
+    let result = async {
+        sandbox.sql(&table_sql(LATENCY_TABLE)).await;
+        sandbox.config.tables.push(watched(LATENCY_TABLE));
+        sandbox.install().await;
+        let capture = sandbox.spawn_capture().await;
+        let broadcast = sandbox.spawn_broadcast().await;
+        let (a, b) = (sandbox.l1().await, sandbox.l1().await);
+        eprintln!("latency on the cluster: {} commits/s for {} s, {partitions} partitions", args.rate, args.seconds);
+        let mut latency =
+            latency_run(&sandbox.config.postgres.url, args, [&a.cache, &b.cache], capture.ops_addr).await?;
+        latency.flushes = [a.cache.metrics().flushes.get(), b.cache.metrics().flushes.get()];
+        broadcast.stop().await?;
+        capture.stop().await?;
+        Ok(latency)
+    }
+    .await;
+    sandbox.cleanup().await;
+    result
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
@@ -323,9 +383,10 @@ async fn latency_run(
             loop {
                 let job = { jobs_rx.lock().await.recv().await };
                 let Some(seq) = job else { break };
+                let tenant = format!("bench{}", seq % TENANTS);
                 let slug = format!("s{seq}");
                 let val = i32::try_from(seq % 1_000_000).unwrap_or(0);
-                match client.query_one(&statement, &[&"bench", &slug, &val]).await {
+                match client.query_one(&statement, &[&tenant, &slug, &val]).await {
                     Ok(row) => result.commits.push((row.get::<_, i64>(0), now_us())),
                     Err(error) => {
                         result.errors += 1;
@@ -409,9 +470,9 @@ async fn latency_run(
 }
 
 impl LatencyOutcome {
-    fn table(&self, args: &Args, errors: &mut Vec<String>) -> Table {
+    fn table(&self, args: &Args, on: &str, errors: &mut Vec<String>) -> Table {
         let mut t = Table::new(format!(
-            "invalidation latency: commit returned → applied at L1 ({} commits/s offered for {} s, {} writers)",
+            "invalidation latency: commit returned → applied at L1 ({} commits/s offered for {} s, {} writers; {on})",
             args.rate, args.seconds, args.writers
         ));
         t.row("commits", self.commits)
@@ -460,21 +521,23 @@ impl LatencyOutcome {
         t
     }
 
-    fn json(&self, json: &mut JsonLine) {
-        json.set_f64("p50_ms", self.all.quantile_ms(0.50), 3)
-            .set_f64("p95_ms", self.all.quantile_ms(0.95), 3)
-            .set_f64("p99_ms", self.all.quantile_ms(0.99), 3)
-            .set_f64("max_ms", self.all.max_ms(), 3)
-            .set_f64("rate", self.achieved_rate, 1)
-            .set("commits", self.commits)
-            .set("missing", self.caches.iter().map(|c| c.missing).sum::<u64>())
-            .set("invalidations_a", self.caches[0].received)
-            .set("invalidations_b", self.caches[1].received)
-            .set("early", self.caches.iter().map(|c| c.early).sum::<u64>())
-            .set("lagged", self.caches.iter().map(|c| c.watched.lagged).sum::<u64>())
-            .set("write_errors", self.write_errors)
-            .set_f64("capture_p99_ms", self.caches[0].watched.to_capture.quantile_ms(0.99), 3)
-            .set_f64("apply_p99_ms", self.caches[0].watched.to_apply.quantile_ms(0.99), 3);
+    /// Its JSON fields, each name prefixed with `prefix`.
+    fn json(&self, json: &mut JsonLine, prefix: &str) {
+        let k = |name: &str| format!("{prefix}{name}");
+        json.set_f64(k("p50_ms"), self.all.quantile_ms(0.50), 3)
+            .set_f64(k("p95_ms"), self.all.quantile_ms(0.95), 3)
+            .set_f64(k("p99_ms"), self.all.quantile_ms(0.99), 3)
+            .set_f64(k("max_ms"), self.all.max_ms(), 3)
+            .set_f64(k("rate"), self.achieved_rate, 1)
+            .set(k("commits"), self.commits)
+            .set(k("missing"), self.caches.iter().map(|c| c.missing).sum::<u64>())
+            .set(k("invalidations_a"), self.caches[0].received)
+            .set(k("invalidations_b"), self.caches[1].received)
+            .set(k("early"), self.caches.iter().map(|c| c.early).sum::<u64>())
+            .set(k("lagged"), self.caches.iter().map(|c| c.watched.lagged).sum::<u64>())
+            .set(k("write_errors"), self.write_errors)
+            .set_f64(k("capture_p99_ms"), self.caches[0].watched.to_capture.quantile_ms(0.99), 3)
+            .set_f64(k("apply_p99_ms"), self.caches[0].watched.to_apply.quantile_ms(0.99), 3);
     }
 }
 
