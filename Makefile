@@ -17,9 +17,9 @@ test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_UR
 	scripts/test-python.sh
 	scripts/test-typescript.sh
 
-test-cluster: ## spine, fault, cache-API, gateway and cluster tests against a local Redis Cluster (3 masters + 3 replicas per test process, started by the tests)
+test-cluster: ## spine, fault, cache-API, gateway, slim coherence and cluster tests against a local Redis Cluster (3 masters + 3 replicas per test process, started by the tests)
 	cargo build --workspace --bins
-	HERALD_TEST_REDIS=cluster cargo nextest run -p herald-tests --test spine --test faults --test cache_api --test gateway --test cluster
+	HERALD_TEST_REDIS=cluster cargo nextest run -p herald-tests --test spine --test faults --test cache_api --test gateway --test coherence --test cluster
 
 lint: ## formatting and clippy, as CI runs them
 	cargo fmt --all -- --check

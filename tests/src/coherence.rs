@@ -37,6 +37,7 @@ use herald_client::{NearCache, NearConfig, Target};
 
 use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure, resource};
 use crate::process::ChildService;
+use crate::redis_cluster::RedisCluster;
 use crate::{Sandbox, Source, assert_eventually, http_get, start_redis};
 
 const TENANT: &str = "acme";
@@ -68,6 +69,9 @@ pub struct Settings {
     pub near_read_rate: u64,
     /// Capture's source.
     pub source: Source,
+    /// Run on a Redis Cluster of its own (3 masters, 3 replicas, 3 log
+    /// partitions), which the `redis-failover` phase needs.
+    pub cluster: bool,
 }
 
 impl Default for Settings {
@@ -84,6 +88,7 @@ impl Default for Settings {
             near_readers: 2,
             near_read_rate: 4_000,
             source: Source::Outbox,
+            cluster: false,
         }
     }
 }
@@ -98,10 +103,13 @@ pub enum Fault {
     RedisClients,
     RedisRestart,
     Postgres,
+    /// `CLUSTER FAILOVER` of the masters of the tenant's slot and of its log
+    /// partition (needs [`Settings::cluster`]).
+    Failover,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Steady,
         Fault::Capture,
         Fault::Broadcast,
@@ -109,6 +117,7 @@ impl Fault {
         Fault::RedisClients,
         Fault::RedisRestart,
         Fault::Postgres,
+        Fault::Failover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -120,6 +129,7 @@ impl Fault {
             Fault::RedisClients => "redis-clients-killed",
             Fault::RedisRestart => "redis-restart",
             Fault::Postgres => "postgres-terminated",
+            Fault::Failover => "redis-failover",
         }
     }
 }
@@ -227,6 +237,8 @@ pub struct World {
     settings: Settings,
     redis_port: u16,
     redis: Option<Child>,
+    /// The World's own Redis Cluster ([`Settings::cluster`]).
+    cluster: Option<RedisCluster>,
     capture: Option<ChildService>,
     broadcast: Option<ChildService>,
     nodes: Vec<Node>,
@@ -257,14 +269,22 @@ impl World {
             async { tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await.is_ok() },
             "redis did not start"
         );
+        let cluster = settings.cluster.then(|| RedisCluster::start(3));
+        let cluster_url = cluster.as_ref().map(RedisCluster::url);
         let sb = Sandbox::start_source(settings.source, |c| {
             configure(c);
-            // On a cluster (`make test-cluster`) the sandbox's cluster serves;
-            // the Redis faults of the full benchmark need the own server.
-            if !crate::on_cluster() {
+            // On a cluster (`make test-cluster`, or the World's own) the
+            // cluster serves; the Redis faults of the full benchmark need the
+            // own server.
+            if let Some(url) = cluster_url {
+                crate::cluster_settings(c, url);
+            } else if !crate::on_cluster() {
                 c.redis.url = format!("redis://127.0.0.1:{redis_port}");
             }
             c.redis.command_timeout_ms = 1_000;
+            // WAIT (on a cluster) must end before the command times out.
+            c.capture.wait_timeout_ms = 500;
+            c.broadcast.wait_timeout_ms = 500;
             c.broadcast.claim_idle_ms = 1_000;
             c.broadcast.heartbeat_ms = 200;
             c.l1.heartbeat_timeout_ms = 1_000;
@@ -292,6 +312,7 @@ impl World {
             settings,
             redis_port,
             redis: Some(redis),
+            cluster,
             capture: None,
             broadcast: None,
             nodes: Vec::new(),
@@ -319,12 +340,30 @@ impl World {
         world
     }
 
-    async fn wait_ready(&self) {
-        for node in &self.nodes {
-            assert_eventually!(30, async { node.ready().await }, "a cache-api node did not become ready");
+    async fn wait_ready(&mut self) {
+        for i in 0..self.nodes.len() {
+            assert_eventually!(
+                30,
+                async {
+                    self.assert_running();
+                    self.nodes[i].ready().await
+                },
+                "a cache-api node did not become ready"
+            );
         }
         for near in &self.near {
             assert!(near.wait_live(Duration::from_secs(30)).await, "a near cache did not become live");
+        }
+    }
+
+    /// Panics if a service process has exited: one that refused its
+    /// configuration would never become ready (its stderr says why).
+    fn assert_running(&mut self) {
+        let nodes = self.nodes.iter_mut().filter_map(|n| n.service.as_mut());
+        for service in nodes.chain(&mut self.capture).chain(&mut self.broadcast) {
+            if let Some(status) = service.exited() {
+                panic!("a service process exited while starting ({status}); see its stderr above");
+            }
         }
     }
 
@@ -536,6 +575,27 @@ impl World {
                 tokio::time::sleep(down).await;
                 self.redis = Some(start_redis(self.redis_port));
             }
+            Fault::Failover => {
+                let cluster =
+                    self.cluster.as_ref().expect("the redis-failover phase needs a cluster of the World's own");
+                let tenant = Scope::Tenant(TenantId::new(TENANT).expect("tenant"));
+                let entry = self.sb.keys.entry(&tenant, BY_ID, "1").expect("key");
+                let partitions = self.sb.config.redis.partitions;
+                let stream =
+                    self.sb.keys.stream_partition(herald_core::keys::partition_of(TENANT, partitions), partitions);
+                let mut masters: Vec<u16> =
+                    [&entry, &stream].map(|key| cluster.master_of(herald_core::keys::slot(key))).to_vec();
+                masters.dedup();
+                // The cluster tools block: keep the readers and writers running.
+                tokio::task::block_in_place(|| {
+                    for master in masters {
+                        let replica = cluster.replica_of(master);
+                        cluster.failover(replica);
+                        cluster.wait_master(replica);
+                    }
+                });
+                tokio::time::sleep(down).await;
+            }
             Fault::Postgres => {
                 let (client, connection) =
                     tokio_postgres::connect(&self.sb.admin, tokio_postgres::NoTls).await.expect("admin");
@@ -557,7 +617,7 @@ impl World {
     /// empty and the slot (WAL source) has confirmed the WAL written so far,
     /// broadcast has acknowledged the whole stream, and both nodes are live
     /// again; then gives pub/sub a moment.
-    async fn quiesce(&self) {
+    async fn quiesce(&mut self) {
         let mut target = None;
         assert_eventually!(
             60,
@@ -578,24 +638,9 @@ impl World {
             },
             "capture never caught up"
         );
-        assert_eventually!(60, async { self.stream_acknowledged().await }, "broadcast never caught up");
+        assert_eventually!(60, async { self.sb.log_acknowledged().await }, "broadcast never caught up");
         self.wait_ready().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    async fn stream_acknowledged(&self) -> bool {
-        let redis = self.sb.redis.next();
-        let stream = self.sb.keys.stream();
-        let Ok(info) = redis.xinfo_stream::<HashMap<String, Value>, _>(&stream, false, None).await else {
-            return false;
-        };
-        let last = info.get("last-generated-id").and_then(|v| v.as_string()).unwrap_or_default();
-        let Ok(groups) = redis.xinfo_groups::<Vec<HashMap<String, Value>>, _>(&stream).await else { return false };
-        !groups.is_empty()
-            && groups.iter().all(|g| {
-                g.get("pending").and_then(|v| v.as_i64()) == Some(0)
-                    && g.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default() == last
-            })
     }
 
     /// After quiesce: every value L1 of each node or L2 serves, compared

@@ -309,6 +309,29 @@ impl Sandbox {
         herald_core::stream::EventLog::new(&self.keys, self.config.redis.partitions)
     }
 
+    /// Every partition's consumer groups have delivered everything and have
+    /// nothing pending (broadcast has caught up).
+    pub async fn log_acknowledged(&self) -> bool {
+        use std::collections::HashMap;
+        for stream in self.log().streams() {
+            let redis = self.redis.next();
+            let Ok(info) = redis.xinfo_stream::<HashMap<String, Value>, _>(stream, false, None).await else {
+                return false;
+            };
+            let last = info.get("last-generated-id").and_then(|v| v.as_string()).unwrap_or_default();
+            let Ok(groups) = redis.xinfo_groups::<Vec<HashMap<String, Value>>, _>(stream).await else { return false };
+            let done = !groups.is_empty()
+                && groups.iter().all(|g| {
+                    g.get("pending").and_then(|v| v.as_i64()) == Some(0)
+                        && g.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default() == last
+                });
+            if !done {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Events in the log (every partition).
     pub async fn stream_event_count(&self) -> u64 {
         self.stream_events().await.len() as u64

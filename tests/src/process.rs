@@ -73,6 +73,11 @@ impl ChildService {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// How the process ended, if it has (a bad configuration ends it at once).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();

@@ -3,15 +3,18 @@
 //! keeps per-tenant order across masters, TRUNCATE sweeps every master, and
 //! a master that dies (SIGKILL, its replica promoted) or hands over
 //! (`CLUSTER FAILOVER`) in the middle of a write burst loses no
-//! invalidation.
+//! invalidation, and gateway channels deliver and recover every
+//! publication once across a failover.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
+use herald_core::channel::{Channel, ChannelKeys};
 use herald_core::keys::{self, KeySpace, Scope, TagKey, TenantId};
 use herald_core::l1::Applied;
 use herald_core::l2::L2;
+use herald_tests::gateway::{GatewayHandle, SERVICE_TOKEN, WsClient, http_publish, team_token};
 use herald_tests::redis_cluster::RedisCluster;
 use herald_tests::{Sandbox, assert_eventually, cluster_settings};
 
@@ -179,7 +182,14 @@ enum MasterChange {
 /// entry of any updated row may be left in L2 or in L1.
 async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
     let cluster = RedisCluster::start(3);
-    let sb = cluster_sandbox(&cluster).await;
+    let url = cluster.url();
+    // Heartbeats must not be what brings L1 back: a holder has to see the
+    // slot that changed master by itself (redis.topology_check_ms).
+    let sb = Sandbox::start_with(|c| {
+        cluster_settings(c, url);
+        c.l1.heartbeat_timeout_ms = 600_000;
+    })
+    .await;
     let capture = sb.spawn_capture().await;
     let broadcast = sb.spawn_broadcast().await;
     let l1 = sb.l1().await;
@@ -195,7 +205,7 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
         }
     }
     assert_eventually!(30, async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 }, "inserts");
-    assert_eventually!(30, async { acknowledged(&sb).await }, "inserts not applied");
+    assert_eventually!(30, async { sb.log_acknowledged().await }, "inserts not applied");
     for (tenant, id) in &rows {
         let scope = Scope::Tenant(TenantId::new(tenant).unwrap());
         let tag = format!("res_users.id={id}");
@@ -204,6 +214,7 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
         assert!(l1.put(tenant, &entry, "v1", &[tag.as_str()]));
     }
 
+    let generation = l1.cache.generation();
     let victim = cluster.master_of(keys::slot(&sb.keys.stream_partition(0, 3)));
     let replica = cluster.replica_of(victim);
     let half = rows.len() / 2;
@@ -225,7 +236,11 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
 
     // Quiesce: the outbox drained, every partition acknowledged.
     assert_eventually!(60, async { sb.scalar_i64("SELECT count(*) FROM herald.outbox").await == 0 }, "outbox");
-    assert_eventually!(60, async { acknowledged(&sb).await }, "broadcast never caught up after the {change:?} master");
+    assert_eventually!(
+        60,
+        async { sb.log_acknowledged().await },
+        "broadcast never caught up after the {change:?} master"
+    );
     let entries: Vec<String> = rows
         .iter()
         .map(|(tenant, id)| {
@@ -244,44 +259,25 @@ async fn no_invalidation_is_lost_when_a_master_changes(change: MasterChange) {
         stale.len(),
         &stale[..stale.len().min(5)]
     );
-    // L1: fred drops the server's SUNSUBSCRIBE of a slot that changed
-    // master, so a holder notices a planned failover by its missed
-    // heartbeat (l1.heartbeat_timeout_ms), flushes and subscribes again.
-    tokio::time::sleep(Duration::from_millis(sb.config.l1.heartbeat_timeout_ms + 200)).await;
-    assert_eventually!(30, async { l1.cache.is_live() }, "l1 never came back after the {change:?} master");
-    let stale: Vec<&String> = entries.iter().filter(|e| l1.has(e)).collect();
-    assert!(
-        stale.is_empty(),
+    // L1: the holder flushed and subscribed again when partition 0's slot
+    // changed master, long before a heartbeat (600 s) could have told it.
+    assert_eventually!(
+        20,
+        async { l1.cache.generation() != generation && l1.cache.is_live() },
+        "{change:?}: l1 was not flushed and live again (generation {} → {})",
+        generation,
+        l1.cache.generation()
+    );
+    assert_eventually!(
+        20,
+        async { !entries.iter().any(|e| l1.has(e)) },
         "{change:?}: {} stale L1 entries after quiesce: {:?}",
-        stale.len(),
-        &stale[..stale.len().min(5)]
+        entries.iter().filter(|e| l1.has(e)).count(),
+        entries.iter().filter(|e| l1.has(e)).take(5).collect::<Vec<_>>()
     );
     capture.stop().await.unwrap();
     broadcast.stop().await.unwrap();
     sb.cleanup().await;
-}
-
-/// Every partition's group has delivered everything and has nothing pending.
-async fn acknowledged(sb: &Sandbox) -> bool {
-    use fred::prelude::*;
-    use std::collections::HashMap;
-    for stream in sb.log().streams() {
-        let redis = sb.redis.next();
-        let Ok(info) = redis.xinfo_stream::<HashMap<String, Value>, _>(stream, false, None).await else {
-            return false;
-        };
-        let last = info.get("last-generated-id").and_then(|v| v.as_string()).unwrap_or_default();
-        let Ok(groups) = redis.xinfo_groups::<Vec<HashMap<String, Value>>, _>(stream).await else { return false };
-        let done = !groups.is_empty()
-            && groups.iter().all(|g| {
-                g.get("pending").and_then(|v| v.as_i64()) == Some(0)
-                    && g.get("last-delivered-id").and_then(|v| v.as_string()).unwrap_or_default() == last
-            });
-        if !done {
-            return false;
-        }
-    }
-    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,4 +296,80 @@ fn partitions_of_a_three_partition_log_are_on_three_masters() {
     let ks = KeySpace::new("any").unwrap();
     let masters: HashSet<u16> = (0..3).map(|i| cluster.master_of(keys::slot(&ks.stream_partition(i, 3)))).collect();
     assert_eq!(masters.len(), 3, "an evenly sliced cluster carries one partition per master");
+}
+
+/// Publishes `n` on acme's `channel` through `gw`, retrying (same
+/// idempotency key, so at most one publication) while the cluster settles.
+async fn publish_once(gw: &GatewayHandle, channel: &str, n: u64) {
+    let body =
+        serde_json::json!({"tenant": "acme", "channel": channel, "data": {"n": n}, "idempotency_key": format!("n{n}")});
+    for _ in 0..50 {
+        let (status, reply) = http_publish(gw, Some(SERVICE_TOKEN), &body).await;
+        if status == 200 {
+            return;
+        }
+        tracing::info!(status, %reply, "publish refused while the cluster settles; retrying");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("publication {n} never accepted");
+}
+
+/// Reads `expected` publications from `client`: exactly these offsets (each
+/// carrying `n` = its offset), in order.
+async fn expect_pubs(client: &mut WsClient, expected: std::ops::RangeInclusive<u64>, who: &str) {
+    for n in expected {
+        let p = client.next_pub().await;
+        assert_eq!((p["offset"].as_u64(), p["data"]["n"].as_u64()), (Some(n), Some(n)), "{who}: {p}");
+    }
+}
+
+/// A channel's master hands over (`CLUSTER FAILOVER`) between publications:
+/// a subscriber that stays connected gets every publication once, in order
+/// (the gateway saw the slot change master and subscribed again), and one
+/// that reconnects with its last offset recovers exactly what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_recovery_across_a_failover_delivers_every_publication_once() {
+    let cluster = RedisCluster::start(3);
+    let url = cluster.url();
+    let sb = Sandbox::start_with(|c| {
+        cluster_settings(c, url);
+        herald_tests::gateway::configure(c);
+    })
+    .await;
+    let gw = sb.spawn_gateway().await;
+    let token = team_token("acme", "alice");
+    let (mut live, mut away) = (WsClient::connect(&gw, &token).await, WsClient::connect(&gw, &token).await);
+    for client in [&mut live, &mut away] {
+        assert_eq!(client.subscribe("team:1").await["type"], "subscribed");
+    }
+    for n in 1..=3 {
+        publish_once(&gw, "team:1", n).await;
+    }
+    expect_pubs(&mut live, 1..=3, "live").await;
+    let mut last = serde_json::Value::Null;
+    for _ in 1..=3 {
+        last = away.next_pub().await;
+    }
+    let epoch = last["epoch"].as_str().unwrap().to_string();
+    away.close().await;
+
+    let history = ChannelKeys::new(&sb.keys, &TenantId::new("acme").unwrap(), &Channel::parse("team:1").unwrap());
+    let victim = cluster.master_of(keys::slot(&history.history()));
+    let replica = cluster.replica_of(victim);
+    cluster.failover(replica);
+    cluster.wait_master(replica);
+    for n in 4..=6 {
+        publish_once(&gw, "team:1", n).await;
+    }
+    expect_pubs(&mut live, 4..=6, "live across the failover").await;
+
+    let mut back = WsClient::connect(&gw, &token).await;
+    let reply = back.subscribe_recover("team:1", 3, &epoch).await;
+    assert_eq!((reply["recovered"].as_bool(), reply["missed"].as_u64()), (Some(true), Some(3)), "{reply}");
+    expect_pubs(&mut back, 4..=6, "recovered").await;
+    publish_once(&gw, "team:1", 7).await;
+    expect_pubs(&mut back, 7..=7, "recovered, then live").await;
+    expect_pubs(&mut live, 7..=7, "live").await;
+    gw.stop().await.unwrap();
+    sb.cleanup().await;
 }

@@ -6,7 +6,8 @@
 //! slug renames, deletes and re-inserts) and readers reading them through
 //! both nodes by id and by slug over gRPC and HTTP, a fault injected a third
 //! of the way in, then quiesce and a sweep of every layer. See
-//! `herald_tests::coherence` for the definitions.
+//! `herald_tests::coherence` for the definitions. `--redis-cluster` runs it
+//! all on a Redis Cluster of its own, with a `CLUSTER FAILOVER` phase.
 
 use std::time::Duration;
 
@@ -26,13 +27,15 @@ pub struct Args {
     fault_seconds: u64,
     /// Phases, in order (steady, capture-killed, broadcast-killed,
     /// cache-api-killed, redis-clients-killed, redis-restart,
-    /// postgres-terminated).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "steady,capture-killed,broadcast-killed,cache-api-killed,redis-clients-killed,redis-restart,postgres-terminated"
-    )]
+    /// postgres-terminated; redis-failover with --redis-cluster). Default:
+    /// all of them, on a cluster redis-failover in place of the two
+    /// single-server Redis faults.
+    #[arg(long, value_delimiter = ',')]
     phases: Vec<Fault>,
+    /// Run on a Redis Cluster of its own (3 masters with a replica each, 3
+    /// log partitions, capture and broadcast waiting for 1 replica).
+    #[arg(long)]
+    redis_cluster: bool,
     /// A read older than this behind a commit is stale, in milliseconds.
     #[arg(long, default_value_t = 50)]
     window_ms: u64,
@@ -55,9 +58,28 @@ pub struct Args {
     near_read_rate: u64,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    if args.rows == 0 || args.writers == 0 || args.readers == 0 || args.phases.is_empty() {
-        bail!("--rows, --writers, --readers and --phases must not be empty or zero");
+const SINGLE_PHASES: &str =
+    "steady,capture-killed,broadcast-killed,cache-api-killed,redis-clients-killed,redis-restart,postgres-terminated";
+const CLUSTER_PHASES: &str =
+    "steady,capture-killed,broadcast-killed,cache-api-killed,redis-failover,postgres-terminated";
+
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
+    if args.rows == 0 || args.writers == 0 || args.readers == 0 {
+        bail!("--rows, --writers and --readers must be greater than 0");
+    }
+    if args.phases.is_empty() {
+        let default = if args.redis_cluster { CLUSTER_PHASES } else { SINGLE_PHASES };
+        args.phases =
+            default.split(',').map(|p| p.parse().map_err(anyhow::Error::msg)).collect::<anyhow::Result<_>>()?;
+    }
+    let single_only = [Fault::RedisClients, Fault::RedisRestart];
+    if args.redis_cluster && args.phases.iter().any(|p| single_only.contains(p)) {
+        bail!(
+            "redis-clients-killed and redis-restart act on a single Redis server; with --redis-cluster use redis-failover"
+        );
+    }
+    if !args.redis_cluster && args.phases.contains(&Fault::Failover) {
+        bail!("the redis-failover phase needs --redis-cluster");
     }
     let settings = Settings {
         rows: args.rows,
@@ -67,6 +89,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         read_rate: args.read_rate,
         near_readers: args.near_readers,
         near_read_rate: args.near_read_rate,
+        cluster: args.redis_cluster,
         ..Settings::default()
     };
     let mut world = World::start(settings).await;
@@ -109,7 +132,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         json.set(format!("{p}_near_stale_after_quiesce"), r.near_stale_after_quiesce);
         json.set(format!("{p}_near_stale_during_fault"), r.near_stale_during);
     }
-    json.set("cores", cores() as u64);
+    json.set("redis_cluster", u64::from(args.redis_cluster)).set("cores", cores() as u64);
     println!("{}", json.render());
     Ok(())
 }

@@ -187,6 +187,37 @@ pub async fn unsubscribe(client: &SubscriberClient, channels: Vec<String>) -> Re
     Ok(())
 }
 
+/// The slot map a subscriber's sharded subscriptions were made against.
+///
+/// Redis drops a sharded subscription, without closing the connection, when
+/// its slot changes master (`CLUSTER FAILOVER`, a slot migration); its
+/// `SUNSUBSCRIBE` notice is dropped by fred 10. So a cluster subscriber takes
+/// the map before subscribing, compares it with the cluster's every
+/// `redis.topology_check_ms`, and starts over (flush or catch up, subscribe
+/// again) when it changed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SlotMap(Vec<(u16, u16, String)>);
+
+impl SlotMap {
+    /// The client's cached map (fresh after `init()`): take it before
+    /// subscribing, so that a change during the subscribe shows as one.
+    pub fn cached<C: ClusterInterface>(client: &C) -> Self {
+        let mut ranges: Vec<(u16, u16, String)> = client
+            .cached_cluster_state()
+            .map(|state| state.slots().iter().map(|r| (r.start, r.end, r.primary.to_string())).collect())
+            .unwrap_or_default();
+        ranges.sort();
+        Self(ranges)
+    }
+
+    /// Reads the cluster's map again (`CLUSTER SLOTS`, on fred's
+    /// backchannel); true when some slot has changed master since `self`.
+    pub async fn changed<C: ClusterInterface + Sync>(&self, client: &C) -> Result<bool> {
+        client.sync_cluster().await?;
+        Ok(Self::cached(client) != *self)
+    }
+}
+
 fn by_slot(names: Vec<String>) -> Vec<Vec<String>> {
     let mut groups: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
     for name in names {

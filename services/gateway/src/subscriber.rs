@@ -1,10 +1,11 @@
 //! The node's Redis subscription connection: keeps its channel set equal to
 //! the hub's wanted set (subscribing and unsubscribing in batches), feeds
-//! publications to the hub, and after a reconnect or a lag catches every
-//! channel up from history.
+//! publications to the hub, and after a reconnect, a lag or a slot that
+//! changed master (cluster) catches every channel up from history.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
@@ -12,6 +13,7 @@ use herald_core::backoff::Backoff;
 use herald_core::channel::Publication;
 use herald_core::config::RedisConfig;
 use herald_core::ops::ReadyFlag;
+use herald_core::redis::SlotMap;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +86,12 @@ async fn session(
     let mut connection = client.init().await?;
     let result = async {
         let mut subscribed = HashSet::new();
+        // A slot that changes master drops its sharded subscriptions with
+        // the connection up: compare the slot map now and then, and start
+        // over (subscribe again, catch up from history) when it changed.
+        let slot_map = SlotMap::cached(&client);
+        let mut topology_check = tokio::time::interval(Duration::from_millis(redis_config.topology_check_ms));
+        topology_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile(&client, pool, hub, &mut subscribed, metrics).await?;
         hub.set_redis_up(true);
         // Publications made while this node was not subscribed, before
@@ -99,6 +107,12 @@ async fn session(
                 ended = &mut connection => {
                     tracing::warn!(?ended, "gateway redis subscription connection ended");
                     return Ok(());
+                }
+                _ = topology_check.tick(), if client.is_clustered() => {
+                    if slot_map.changed(&client).await.map_err(to_redis)? {
+                        tracing::warn!("a slot changed master (its sharded subscriptions are gone); subscribing again");
+                        return Ok(());
+                    }
                 }
                 _ = hub.dirty.notified() => reconcile(&client, pool, hub, &mut subscribed, metrics).await?,
                 message = messages.recv() => match message {

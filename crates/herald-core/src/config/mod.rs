@@ -93,6 +93,10 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Timeout of one command.
     pub command_timeout_ms: u64,
+    /// On a cluster, how often subscribers (L1, gateway) compare the slot
+    /// map with the one they subscribed against: a slot that changed master
+    /// took its sharded subscription with it, so they start over.
+    pub topology_check_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -103,6 +107,7 @@ impl Default for RedisConfig {
             partitions: 1,
             pool_size: 4,
             command_timeout_ms: 5_000,
+            topology_check_ms: 1_000,
         }
     }
 }
@@ -313,6 +318,7 @@ impl Config {
         let positive = [
             ("postgres.pool_size", self.postgres.pool_size as i64),
             ("redis.pool_size", self.redis.pool_size as i64),
+            ("redis.topology_check_ms", self.redis.topology_check_ms as i64),
             ("capture.batch_size", self.capture.batch_size),
             ("capture.chunk_rows", self.capture.chunk_rows),
             ("capture.poll_interval_ms", self.capture.poll_interval_ms as i64),

@@ -7,9 +7,11 @@
 //! its partition's slot); the holder subscribes to all of them on one
 //! subscriber client (`SSUBSCRIBE` per shard on a cluster) and is live only
 //! while heartbeats arrive on every one. On a cluster a lost connection to
-//! any shard (a failover) ends the subscription, and so does a missed
-//! heartbeat (a slot that migrated takes its sharded subscription with it):
-//! either flushes the cache and subscribes again from scratch.
+//! any shard (a killed master) ends the subscription; a slot that changed
+//! master with the connection up (`CLUSTER FAILOVER`, a migration) took its
+//! sharded subscription with it, which the holder sees by comparing the slot
+//! map every `redis.topology_check_ms` ([`SlotMap`]); a missed heartbeat is
+//! the backstop. Each flushes the cache and subscribes again from scratch.
 
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use super::wire::{self, Received};
 use crate::backoff::Backoff;
 use crate::config::{L1Config, RedisConfig};
 use crate::ops::ReadyFlag;
-use crate::redis::build_subscriber;
+use crate::redis::{SlotMap, build_subscriber};
 use herald_proto::v1::Watermark;
 
 /// Where and how to subscribe.
@@ -90,6 +92,9 @@ async fn subscribe_once(
     let mut connection = client.init().await?;
     let result = async {
         client.client_setname(options.client_name.as_str()).await?;
+        let slot_map = SlotMap::cached(&client);
+        let mut topology_check = tokio::time::interval(Duration::from_millis(options.redis.topology_check_ms));
+        topology_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         crate::redis::subscribe(&client, options.channels.clone()).await?;
         backoff.reset();
         tracing::info!(channels = ?options.channels, "l1 subscribed, waiting for a heartbeat");
@@ -102,6 +107,12 @@ async fn subscribe_once(
                     tracing::warn!(?ended, "l1 subscription connection ended");
                     return Ok(());
                 }
+                _ = topology_check.tick(), if client.is_clustered() => {
+                    if slot_map.changed(&client).await? {
+                        tracing::warn!("l1: a slot changed master (its sharded subscription is gone), flushing and subscribing again");
+                        return Ok(());
+                    }
+                }
                 _ = sleep_until(heartbeats.deadline()) => {
                     if cache.is_live() {
                         tracing::warn!(timeout_ms = options.heartbeat_timeout.as_millis() as u64, "l1 heartbeat missed, flushing");
@@ -109,8 +120,8 @@ async fn subscribe_once(
                     cache.set_live(false);
                     options.ready.set(false);
                     if client.is_clustered() {
-                        // A migrated slot drops its sharded subscription
-                        // without closing the connection: subscribe again.
+                        // Backstop of the topology check: a subscription
+                        // may be gone without the connection: subscribe again.
                         return Ok(());
                     }
                     heartbeats.restart();
