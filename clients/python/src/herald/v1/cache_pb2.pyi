@@ -266,3 +266,23 @@ class IncrResponse(_message.Message):
     found: bool
     value: int
     def __init__(self, found: _Optional[bool] = ..., value: _Optional[int] = ...) -> None: ...
+
+class WriteRequest(_message.Message):
+    __slots__ = ("tenant", "command", "params")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    command: str
+    params: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenant: _Optional[str] = ..., command: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WriteResponse(_message.Message):
+    __slots__ = ("rows_affected", "commit_lsn", "wait_reached")
+    ROWS_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_LSN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_REACHED_FIELD_NUMBER: _ClassVar[int]
+    rows_affected: int
+    commit_lsn: int
+    wait_reached: bool
+    def __init__(self, rows_affected: _Optional[int] = ..., commit_lsn: _Optional[int] = ..., wait_reached: _Optional[bool] = ...) -> None: ...

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16herald/v1/events.proto\x12\therald.v1\"\xbc\x02\n\x11InvalidationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\'\n\toperation\x18\x04 \x01(\x0e\x32\x14.herald.v1.Operation\x12\x0b\n\x03ids\x18\x05 \x03(\t\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\r\n\x05teams\x18\x07 \x03(\t\x12\x0c\n\x04txid\x18\x08 \x01(\x04\x12\x12\n\ncommit_lsn\x18\t \x01(\x04\x12\x16\n\x0e\x63ommit_time_us\x18\n \x01(\x03\x12\x18\n\x10\x63\x61ptured_time_us\x18\x0b \x01(\x03\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x0f\n\x07widened\x18\r \x01(\x08\x12\x13\n\x0b\x61ll_tenants\x18\x0e \x01(\x08\x12\x14\n\x0ckey_prefixes\x18\x0f \x03(\t\"A\n\x11InvalidationBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.herald.v1.InvalidationEvent\"3\n\tHeartbeat\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x14\n\x0csent_time_us\x18\x02 \x01(\x03\"u\n\tL1Message\x12\x35\n\rinvalidations\x18\x01 \x01(\x0b\x32\x1c.herald.v1.InvalidationBatchH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.herald.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody*\x80\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_INSERT\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_DELETE\x10\x03\x12\x16\n\x12OPERATION_TRUNCATE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16herald/v1/events.proto\x12\therald.v1\"\xbc\x02\n\x11InvalidationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\'\n\toperation\x18\x04 \x01(\x0e\x32\x14.herald.v1.Operation\x12\x0b\n\x03ids\x18\x05 \x03(\t\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\r\n\x05teams\x18\x07 \x03(\t\x12\x0c\n\x04txid\x18\x08 \x01(\x04\x12\x12\n\ncommit_lsn\x18\t \x01(\x04\x12\x16\n\x0e\x63ommit_time_us\x18\n \x01(\x03\x12\x18\n\x10\x63\x61ptured_time_us\x18\x0b \x01(\x03\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x0f\n\x07widened\x18\r \x01(\x08\x12\x13\n\x0b\x61ll_tenants\x18\x0e \x01(\x08\x12\x14\n\x0ckey_prefixes\x18\x0f \x03(\t\"A\n\x11InvalidationBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.herald.v1.InvalidationEvent\"3\n\tHeartbeat\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x14\n\x0csent_time_us\x18\x02 \x01(\x03\",\n\tWatermark\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12\x12\n\npg_time_us\x18\x02 \x01(\x03\"\xa0\x01\n\tL1Message\x12\x35\n\rinvalidations\x18\x01 \x01(\x0b\x32\x1c.herald.v1.InvalidationBatchH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.herald.v1.HeartbeatH\x00\x12)\n\twatermark\x18\x03 \x01(\x0b\x32\x14.herald.v1.WatermarkH\x00\x42\x06\n\x04\x62ody*\x80\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_INSERT\x10\x01\x12\x14\n\x10OPERATION_UPDATE\x10\x02\x12\x14\n\x10OPERATION_DELETE\x10\x03\x12\x16\n\x12OPERATION_TRUNCATE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATION']._serialized_start=596
-  _globals['_OPERATION']._serialized_end=724
+  _globals['_OPERATION']._serialized_start=686
+  _globals['_OPERATION']._serialized_end=814
   _globals['_INVALIDATIONEVENT']._serialized_start=38
   _globals['_INVALIDATIONEVENT']._serialized_end=354
   _globals['_INVALIDATIONBATCH']._serialized_start=356
   _globals['_INVALIDATIONBATCH']._serialized_end=421
   _globals['_HEARTBEAT']._serialized_start=423
   _globals['_HEARTBEAT']._serialized_end=474
-  _globals['_L1MESSAGE']._serialized_start=476
-  _globals['_L1MESSAGE']._serialized_end=593
+  _globals['_WATERMARK']._serialized_start=476
+  _globals['_WATERMARK']._serialized_end=520
+  _globals['_L1MESSAGE']._serialized_start=523
+  _globals['_L1MESSAGE']._serialized_end=683
 # @@protoc_insertion_point(module_scope)

@@ -68,10 +68,20 @@ class Heartbeat(_message.Message):
     sent_time_us: int
     def __init__(self, instance: _Optional[str] = ..., sent_time_us: _Optional[int] = ...) -> None: ...
 
+class Watermark(_message.Message):
+    __slots__ = ("lsn", "pg_time_us")
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    PG_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    lsn: int
+    pg_time_us: int
+    def __init__(self, lsn: _Optional[int] = ..., pg_time_us: _Optional[int] = ...) -> None: ...
+
 class L1Message(_message.Message):
-    __slots__ = ("invalidations", "heartbeat")
+    __slots__ = ("invalidations", "heartbeat", "watermark")
     INVALIDATIONS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
     invalidations: InvalidationBatch
     heartbeat: Heartbeat
-    def __init__(self, invalidations: _Optional[_Union[InvalidationBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    watermark: Watermark
+    def __init__(self, invalidations: _Optional[_Union[InvalidationBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., watermark: _Optional[_Union[Watermark, _Mapping]] = ...) -> None: ...
