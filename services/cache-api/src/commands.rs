@@ -8,7 +8,7 @@ use postgres_types::ToSql;
 use tokio_postgres::error::SqlState;
 
 use crate::error::{Error, Result};
-use crate::resource::{ParamKind, Text, connection_failed, db_message, render};
+use crate::resource::{ParamKind, Text, canonical_params, connection_failed, db_message, render};
 
 /// A command ready to run.
 #[derive(Debug)]
@@ -66,22 +66,7 @@ impl Command {
                 params.len()
             )));
         }
-        params
-            .iter()
-            .zip(&self.kinds)
-            .enumerate()
-            .map(|(i, (p, kind))| {
-                kind.canonical(p).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "command {:?}: bad parameter {} ({:?}): {p:?} is not {}",
-                        self.name,
-                        i + 1,
-                        self.params[i],
-                        kind.expected()
-                    ))
-                })
-            })
-            .collect()
+        canonical_params(&format!("command {:?}", self.name), &self.params, &self.kinds, params)
     }
 
     /// The tags the command changes, for canonical `params`.

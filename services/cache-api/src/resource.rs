@@ -72,6 +72,31 @@ impl ToSql for Text<'_> {
     to_sql_checked!();
 }
 
+/// `params` made canonical by `kinds` (see [`Resource::canonical_params`]),
+/// or an error naming `what` (a resource or command) and the parameter.
+pub(crate) fn canonical_params(
+    what: &str,
+    names: &[String],
+    kinds: &[ParamKind],
+    params: &[String],
+) -> Result<Vec<String>> {
+    params
+        .iter()
+        .zip(kinds)
+        .enumerate()
+        .map(|(i, (p, kind))| {
+            kind.canonical(p).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{what}: bad parameter {} ({:?}): {p:?} is not {}",
+                    i + 1,
+                    names[i],
+                    kind.expected()
+                ))
+            })
+        })
+        .collect()
+}
+
 /// How Postgres reads a parameter, for its canonical text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ParamKind {
@@ -245,22 +270,7 @@ impl Resource {
     /// entry's key and `$k` tags match what capture emits.
     pub fn canonical_params(&self, params: &[String]) -> Result<Vec<String>> {
         self.check_params(params)?;
-        params
-            .iter()
-            .zip(&self.kinds)
-            .enumerate()
-            .map(|(i, (p, kind))| {
-                kind.canonical(p).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "resource {:?}: bad parameter {} ({:?}): {p:?} is not {}",
-                        self.name,
-                        i + 1,
-                        self.params[i],
-                        kind.expected()
-                    ))
-                })
-            })
-            .collect()
+        canonical_params(&format!("resource {:?}", self.name), &self.params, &self.kinds, params)
     }
 
     /// Checks the caller's parameters.

@@ -70,6 +70,9 @@ beforeAll(async () => {
     REDIS_URL,
     HERALD_ENV: env,
     HERALD_CAPTURE__OPS_ADDR: `127.0.0.1:${ports.capture_ops}`,
+    // deploy/herald.toml asks for the WAL source; the test's Postgres may
+    // not run wal_level = logical, so capture takes what it offers.
+    HERALD_CAPTURE__SOURCE: "auto",
     HERALD_BROADCAST__OPS_ADDR: `127.0.0.1:${ports.broadcast_ops}`,
     HERALD_BROADCAST__CONSUMER: `b-${env}`,
     HERALD_CACHE__OPS_ADDR: `127.0.0.1:${ports.cache_ops}`,
