@@ -24,7 +24,6 @@ pub struct Applier {
     l2: L2,
     group: String,
     metrics: Metrics,
-    watermarks: Forwarder,
     /// History options of the `team` namespace, when the gateway has one.
     teams: Option<HistoryOptions>,
     /// The partition's stream (acknowledged here) and L1 channel.
@@ -49,21 +48,7 @@ impl Applier {
     pub fn new(redis: Pool, keys: KeySpace, group: String, metrics: Metrics) -> Self {
         let l2 = L2::new(redis.clone(), keys.clone());
         let (stream, l1_channel) = (keys.stream(), keys.l1_channel());
-        let watermarks =
-            Forwarder::new(redis.clone(), stream.clone(), group.clone(), l1_channel.clone(), metrics.clone());
-        Self {
-            redis,
-            keys,
-            l2,
-            group,
-            metrics,
-            watermarks,
-            teams: None,
-            stream,
-            l1_channel,
-            wait: None,
-            stats: Stats::default(),
-        }
+        Self { redis, keys, l2, group, metrics, teams: None, stream, l1_channel, wait: None, stats: Stats::default() }
     }
 
     /// Applies partition `i` of `n` of the log: acknowledges on its stream,
@@ -71,13 +56,6 @@ impl Applier {
     pub fn for_partition(mut self, i: u16, n: u16) -> Self {
         self.stream = self.keys.stream_partition(i, n);
         self.l1_channel = self.keys.l1_partition_channel(i, n);
-        self.watermarks = Forwarder::new(
-            self.redis.clone(),
-            self.stream.clone(),
-            self.group.clone(),
-            self.l1_channel.clone(),
-            self.metrics.clone(),
-        );
         self
     }
 
@@ -183,7 +161,14 @@ impl Applier {
         }
         self.metrics.events_applied.inc_by(events.len() as u64);
         if let Some((entry_id, watermark)) = watermark {
-            self.watermarks.forward(entry_id, watermark).await;
+            let forwarder = Forwarder::new(
+                self.redis.clone(),
+                self.stream.clone(),
+                self.group.clone(),
+                self.l1_channel.clone(),
+                self.metrics.clone(),
+            );
+            forwarder.forward(entry_id, watermark).await;
         }
         Ok(events.len())
     }

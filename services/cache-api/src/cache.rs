@@ -251,7 +251,13 @@ impl Cache {
     /// first watermark.
     pub fn staleness_ms(&self) -> Option<u64> {
         let at = self.l1.watermark_time_us();
-        let staleness = (at > 0).then(|| (now_us() - at).max(0) as u64 / 1000 + self.config.clock_skew_ms);
+        (at > 0).then(|| (now_us() - at).max(0) as u64 / 1000 + self.config.clock_skew_ms)
+    }
+
+    /// Shows [`Cache::staleness_ms`] in `herald_cache_staleness_ms` (-1:
+    /// no watermark yet); the health loop calls it, not every read.
+    pub fn report_staleness(&self) -> Option<u64> {
+        let staleness = self.staleness_ms();
         self.metrics.staleness_ms.set(staleness.map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)));
         staleness
     }

@@ -258,7 +258,7 @@ async fn health_loop(
         }
         probe(&cache, &redis, &db, &postgres).await;
         let staleness =
-            cache.staleness_ms().map_or_else(|| "unknown (no watermark yet)".to_string(), |ms| ms.to_string());
+            cache.report_staleness().map_or_else(|| "unknown (no watermark yet)".to_string(), |ms| ms.to_string());
         readiness.set_note("staleness_ms", staleness);
     }
 }

@@ -306,13 +306,7 @@ fn key_path(config: &CacheConfig) -> Value {
                 { "name": "fill_token", "in": "query", "schema": { "type": "string" } },
                 { "name": "x-herald-fill-token", "in": "header", "schema": { "type": "string" } }
             ],
-            "requestBody": {
-                "required": true,
-                "description": format!("the value: at most {} bytes (cache.max_value_bytes)", config.max_value_bytes),
-                "content": { "application/octet-stream": { "schema": {
-                    "type": "string", "format": "binary", "maxLength": config.max_value_bytes
-                } } }
-            },
+            "requestBody": value_body(config),
             "responses": errors(json!({
                 "200": json_response("stored", "Stored"),
                 "409": json_response("refused: an invalidation passed the fill token ({\"stored\": false})", "Stored")
@@ -344,6 +338,17 @@ fn ttl_and_tags(config: &CacheConfig) -> [Value; 2] {
     ]
 }
 
+/// The raw value a PUT or Add stores.
+fn value_body(config: &CacheConfig) -> Value {
+    json!({
+        "required": true,
+        "description": format!("the value: at most {} bytes (cache.max_value_bytes)", config.max_value_bytes),
+        "content": { "application/octet-stream": { "schema": {
+            "type": "string", "format": "binary", "maxLength": config.max_value_bytes
+        } } }
+    })
+}
+
 fn add_path(config: &CacheConfig) -> Value {
     json!({
         "parameters": path_params(&["tenant", "key"]),
@@ -351,13 +356,7 @@ fn add_path(config: &CacheConfig) -> Value {
             "operationId": "addKey",
             "summary": "Store an explicit key only when nothing is cached under it (atomic across nodes).",
             "parameters": ttl_and_tags(config),
-            "requestBody": {
-                "required": true,
-                "description": format!("the value: at most {} bytes (cache.max_value_bytes)", config.max_value_bytes),
-                "content": { "application/octet-stream": { "schema": {
-                    "type": "string", "format": "binary", "maxLength": config.max_value_bytes
-                } } }
-            },
+            "requestBody": value_body(config),
             "responses": errors(json!({
                 "200": json_response("stored", "Stored"),
                 "409": json_response("not stored: an entry is cached under the key ({\"stored\": false})", "Stored")
