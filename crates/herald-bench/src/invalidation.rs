@@ -21,6 +21,14 @@
 //!    DELETE comparison weighs Herald's delete trigger against
 //!    `REPLICA IDENTITY FULL`. CPU of the writers' backends, the walsender
 //!    and capture comes from `/proc/<pid>/stat`.
+//! 3. A burst: writers commit one row per tenant of 16 as fast as they can;
+//!    events/s until both caches have every row.
+//! 4. With `--redis-cluster`: the latency run and the burst again on a Redis
+//!    Cluster of their own with `--partitions` log partitions, beside the
+//!    single Redis of the same invocation.
+
+mod cluster;
+mod latency;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,19 +40,14 @@ use anyhow::{Context as _, bail};
 use fred::interfaces::StreamsInterface as _;
 use futures::StreamExt as _;
 use herald_core::config::{BroadcastConfig, CaptureConfig, Config, L1Config, PostgresConfig, TableConfig};
-use herald_core::l1::{Applied, L1Cache};
-use herald_core::time::now_us;
-use herald_proto::v1::InvalidationEvent;
 use herald_tests::process::ChildService;
 use herald_tests::{Sandbox, Source, free_port, logical};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::broadcast::error::RecvError;
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior, interval, sleep};
+use tokio::time::{Instant, sleep};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
-use tokio_util::sync::CancellationToken;
 
-use crate::report::{JsonLine, Latencies, Table, cores};
+use self::latency::{Burst, LatencyOutcome, burst_run, latency_run};
+use crate::report::{JsonLine, Table, cores};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,6 +73,17 @@ pub struct Args {
     /// everything-running row: wal or outbox.
     #[arg(long, default_value = "wal")]
     source: String,
+    /// Transactions of each burst (16 rows, one per tenant, each).
+    #[arg(long, default_value_t = 4_000)]
+    burst_commits: u64,
+    /// Also run the latency run and the burst on a Redis Cluster of their own
+    /// (3 masters with a replica each; capture and broadcast wait for one
+    /// replica), after the single-Redis ones, with the same load.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// Log partitions of the cluster run.
+    #[arg(long, default_value_t = 3)]
+    partitions: u16,
 }
 
 const LATENCY_TABLE: &str = "bench_latency";
@@ -151,6 +165,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--clients must list connection counts greater than 0");
     }
+    if args.burst_commits < cluster::BURST_WRITERS as u64 {
+        bail!("--burst-commits must be at least {}", cluster::BURST_WRITERS);
+    }
+    if args.redis_cluster && !(1..=herald_core::keys::MAX_PARTITIONS).contains(&args.partitions) {
+        bail!("--partitions must be 1 to {}", herald_core::keys::MAX_PARTITIONS);
+    }
     let source = match args.source.as_str() {
         "wal" => Source::Wal,
         "outbox" => Source::Outbox,
@@ -159,17 +179,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("starting a throwaway cluster (wal_level = logical, fsync on)");
     let admin = tokio::task::spawn_blocking(|| logical::durable_cluster().admin_url()).await?;
     let mut wal = Sandbox::start_at(admin.clone(), Source::Wal, production_timings).await;
-    let mut outbox = Sandbox::start_at(admin, Source::Outbox, production_timings).await;
+    let mut outbox = Sandbox::start_at(admin.clone(), Source::Outbox, production_timings).await;
     let result = measure(&mut wal, &mut outbox, source, &args).await;
     wal.cleanup().await;
     outbox.cleanup().await;
-    let (latency, throughput) = result?;
+    let (latency, burst, throughput) = result?;
+    let cluster = if args.redis_cluster { Some(cluster::run(admin, source, &args).await?) } else { None };
 
     let mut errors = Vec::new();
-    println!("{}", latency.table(&args, &mut errors).render());
+    let mut single = latency.table(&args, "one Redis, 1 partition", &mut errors);
+    single.row("burst", burst.row());
+    println!("{}", single.render());
+    if let Some(cluster) = &cluster {
+        let on = format!("Redis Cluster, 3 masters + 3 replicas, {} partitions, WAIT 1", args.partitions);
+        let mut table = cluster.latency.table(&args, &on, &mut errors);
+        table.row("burst", cluster.burst.row());
+        println!("{}", table.render());
+    }
     println!("{}", throughput.table(source, &mut errors).render());
     let mut json = JsonLine::default();
-    latency.json(&mut json);
+    latency.json(&mut json, "");
+    json.set_f64("events_per_s", burst.events_per_s(), 0);
+    if let Some(cluster) = &cluster {
+        cluster.latency.json(&mut json, "cluster_");
+        json.set_f64("cluster_events_per_s", cluster.burst.events_per_s(), 0);
+        json.set("partitions", u64::from(args.partitions));
+    }
     throughput.json(source, &mut json);
     json.set("source", args.source.clone()).set("cores", cores() as u64).set("errors", errors.len() as u64);
     println!("{}", json.render());
@@ -208,7 +243,7 @@ async fn measure(
     outbox: &mut Sandbox,
     source: Source,
     args: &Args,
-) -> anyhow::Result<(LatencyOutcome, Throughput)> {
+) -> anyhow::Result<(LatencyOutcome, Burst, Throughput)> {
     let max_clients = args.clients.iter().copied().max().unwrap_or(1) as i64;
     let seeded = max_clients * ROWS_PER_CLIENT;
     let mut sql: String = [LATENCY_TABLE, PLAIN_TABLE, WAL_TABLE, FULL_TABLE, NOTIFY_TABLE].map(table_sql).concat();
@@ -245,6 +280,9 @@ async fn measure(
     let url = chosen.config.postgres.url.clone();
     let mut latency = latency_run(&url, args, [&a.cache, &b.cache], chosen_capture.ops).await?;
     latency.flushes = [a.cache.metrics().flushes.get(), b.cache.metrics().flushes.get()];
+    eprintln!("burst ({})", args.source);
+    let per_writer = args.burst_commits / cluster::BURST_WRITERS as u64;
+    let burst = burst_run(&url, [&a.cache, &b.cache], cluster::BURST_WRITERS, per_writer).await?;
 
     let listener = NotifyListener::start(&wal.config.postgres.url).await?;
     let slot = wal.config.capture.slot.clone();
@@ -339,7 +377,7 @@ async fn measure(
     for capture in captures {
         capture.child.kill().await;
     }
-    Ok((latency, throughput))
+    Ok((latency, burst, throughput))
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
@@ -348,292 +386,6 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
         let _ = connection.await;
     });
     Ok(client)
-}
-
-// ---------------------------------------------------------------- latency
-
-/// What one cache saw of the latency table.
-#[derive(Default)]
-struct Watched {
-    /// id → when its event was applied (first time).
-    arrivals: HashMap<i64, i64>,
-    duplicates: u64,
-    lagged: u64,
-    widened: u64,
-    unparsable_ids: u64,
-    /// Writer's statement → appended to the stream (event timestamps).
-    to_capture: Latencies,
-    /// Appended to the stream → applied at this cache.
-    to_apply: Latencies,
-}
-
-impl Watched {
-    fn observe(&mut self, event: &InvalidationEvent, applied_us: i64, progress: &AtomicU64) {
-        if event.table != LATENCY_TABLE {
-            return;
-        }
-        if event.widened {
-            self.widened += 1;
-        }
-        self.to_capture.record_us(non_negative(event.captured_time_us - event.commit_time_us));
-        self.to_apply.record_us(non_negative(applied_us - event.captured_time_us));
-        for id in &event.ids {
-            let Ok(id) = id.parse::<i64>() else {
-                self.unparsable_ids += 1;
-                continue;
-            };
-            match self.arrivals.entry(id) {
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(applied_us);
-                    progress.fetch_add(1, Ordering::Relaxed);
-                }
-                std::collections::hash_map::Entry::Occupied(_) => self.duplicates += 1,
-            }
-        }
-    }
-}
-
-fn non_negative(us: i64) -> u64 {
-    u64::try_from(us).unwrap_or(0)
-}
-
-fn spawn_watcher(cache: &L1Cache, progress: Arc<AtomicU64>, stop: CancellationToken) -> JoinHandle<Watched> {
-    let mut events = cache.watch();
-    tokio::spawn(async move {
-        let mut watched = Watched::default();
-        loop {
-            let next = tokio::select! {
-                biased;
-                next = events.recv() => next,
-                _ = stop.cancelled() => break,
-            };
-            match next {
-                Ok(Applied::Event(event)) => watched.observe(&event, now_us(), &progress),
-                // Counted from the cache's metrics.
-                Ok(Applied::Flushed { .. }) => {}
-                Err(RecvError::Lagged(n)) => watched.lagged += n,
-                Err(RecvError::Closed) => break,
-            }
-        }
-        watched
-    })
-}
-
-/// One cache's view of the commits.
-#[derive(Default)]
-struct CacheOutcome {
-    received: u64,
-    missing: u64,
-    /// Applied before the writer saw its commit return (latency counted 0).
-    early: u64,
-    latencies: Latencies,
-    watched: Watched,
-}
-
-struct LatencyOutcome {
-    commits: u64,
-    achieved_rate: f64,
-    write_errors: u64,
-    first_error: Option<String>,
-    /// Most commits scheduled but not yet returned at any tick.
-    max_backlog: u64,
-    /// After the last commit, until every cache had every id (or deadline).
-    settle: Duration,
-    caches: [CacheOutcome; 2],
-    all: Latencies,
-    capture: HashMap<String, f64>,
-    flushes: [u64; 2],
-}
-
-struct WriterResult {
-    commits: Vec<(i64, i64)>,
-    errors: u64,
-    first_error: Option<String>,
-}
-
-async fn latency_run(
-    url: &str,
-    args: &Args,
-    caches: [&L1Cache; 2],
-    capture_ops: SocketAddr,
-) -> anyhow::Result<LatencyOutcome> {
-    let stop = CancellationToken::new();
-    let progress = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let watchers = [
-        spawn_watcher(caches[0], progress[0].clone(), stop.clone()),
-        spawn_watcher(caches[1], progress[1].clone(), stop.clone()),
-    ];
-    let before = scrape(capture_ops).await.unwrap_or_default();
-
-    let total = args.rate * args.seconds;
-    // Sized for the whole run, so that the schedule never waits for writers.
-    let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel::<u64>(usize::try_from(total)?.max(1));
-    let jobs_rx = Arc::new(tokio::sync::Mutex::new(jobs_rx));
-    let completed = Arc::new(AtomicU64::new(0));
-    let insert = format!("INSERT INTO {LATENCY_TABLE} (tenant_id, slug, val) VALUES ($1, $2, $3) RETURNING id");
-    let mut writers = Vec::new();
-    for _ in 0..args.writers {
-        let client = connect(url).await?;
-        let statement = client.prepare(&insert).await?;
-        let (jobs_rx, completed) = (jobs_rx.clone(), completed.clone());
-        writers.push(tokio::spawn(async move {
-            let mut result = WriterResult { commits: Vec::new(), errors: 0, first_error: None };
-            loop {
-                let job = { jobs_rx.lock().await.recv().await };
-                let Some(seq) = job else { break };
-                let slug = format!("s{seq}");
-                let val = i32::try_from(seq % 1_000_000).unwrap_or(0);
-                match client.query_one(&statement, &[&"bench", &slug, &val]).await {
-                    Ok(row) => result.commits.push((row.get::<_, i64>(0), now_us())),
-                    Err(error) => {
-                        result.errors += 1;
-                        result.first_error.get_or_insert_with(|| error.to_string());
-                    }
-                }
-                completed.fetch_add(1, Ordering::Relaxed);
-            }
-            result
-        }));
-    }
-
-    let start = Instant::now();
-    let mut ticks = interval(Duration::from_millis(1));
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let (mut sent, mut max_backlog) = (0u64, 0u64);
-    while sent < total {
-        ticks.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * args.rate as f64) as u64 + 1).min(total);
-        while sent < due {
-            jobs_tx.send(sent).await.context("writers stopped")?;
-            sent += 1;
-        }
-        max_backlog = max_backlog.max(sent - completed.load(Ordering::Relaxed));
-    }
-    drop(jobs_tx);
-    let mut commits = Vec::with_capacity(usize::try_from(total)?);
-    let (mut write_errors, mut first_error) = (0, None);
-    for writer in writers {
-        let result = writer.await?;
-        commits.extend(result.commits);
-        write_errors += result.errors;
-        first_error = first_error.or(result.first_error);
-    }
-    let elapsed = start.elapsed();
-    let achieved_rate = commits.len() as f64 / elapsed.as_secs_f64();
-
-    let settle_start = Instant::now();
-    let expected = commits.len() as u64;
-    while progress.iter().any(|p| p.load(Ordering::Relaxed) < expected) && settle_start.elapsed() < SETTLE_DEADLINE {
-        sleep(Duration::from_millis(5)).await;
-    }
-    let settle = settle_start.elapsed();
-    stop.cancel();
-    let [wa, wb] = watchers;
-    let watched = [wa.await?, wb.await?];
-    let capture = metric_delta(&before, &scrape(capture_ops).await.unwrap_or_default());
-
-    let mut all = Latencies::new();
-    let caches = watched.map(|watched| {
-        let mut outcome = CacheOutcome::default();
-        for &(id, committed_us) in &commits {
-            match watched.arrivals.get(&id) {
-                Some(&applied_us) => {
-                    outcome.received += 1;
-                    let latency = applied_us - committed_us;
-                    if latency < 0 {
-                        outcome.early += 1;
-                    }
-                    outcome.latencies.record_us(non_negative(latency));
-                }
-                None => outcome.missing += 1,
-            }
-        }
-        all.add(&outcome.latencies);
-        outcome.watched = watched;
-        outcome
-    });
-    Ok(LatencyOutcome {
-        commits: expected,
-        achieved_rate,
-        write_errors,
-        first_error,
-        max_backlog,
-        settle,
-        caches,
-        all,
-        capture,
-        flushes: [0, 0],
-    })
-}
-
-impl LatencyOutcome {
-    fn table(&self, args: &Args, errors: &mut Vec<String>) -> Table {
-        let mut t = Table::new(format!(
-            "invalidation latency: commit returned → applied at L1 ({} commits/s offered for {} s, {} writers)",
-            args.rate, args.seconds, args.writers
-        ));
-        t.row("commits", self.commits)
-            .row("achieved rate", format!("{:.1} commits/s", self.achieved_rate))
-            .row("max schedule backlog", format!("{} commits", self.max_backlog));
-        if self.write_errors > 0 {
-            t.row(
-                "write errors",
-                format!("{} (first: {})", self.write_errors, self.first_error.as_deref().unwrap_or("")),
-            );
-            errors.push(format!("{} commits failed", self.write_errors));
-        }
-        for (name, (cache, flushes)) in ["L1 a", "L1 b"].iter().zip(self.caches.iter().zip(self.flushes)) {
-            let w = &cache.watched;
-            t.row(
-                format!("{name} invalidations"),
-                format!(
-                    "{} of {} (missing {}, early {}, duplicates {}, lagged {}, widened {}, flushes {})",
-                    cache.received,
-                    self.commits,
-                    cache.missing,
-                    cache.early,
-                    w.duplicates,
-                    w.lagged,
-                    w.widened,
-                    flushes
-                ),
-            );
-            t.row(format!("{name} latency"), cache.latencies.summary());
-            if cache.missing > 0 {
-                errors.push(format!("{name}: {} invalidations missing", cache.missing));
-            }
-            if w.lagged > 0 {
-                errors.push(format!("{name}: watch receiver lagged by {} events", w.lagged));
-            }
-            if w.unparsable_ids > 0 {
-                errors.push(format!("{name}: {} ids were not integers", w.unparsable_ids));
-            }
-        }
-        t.row("both caches", self.all.summary());
-        let a = &self.caches[0].watched;
-        t.row("split: statement → captured", a.to_capture.summary())
-            .row("split: captured → applied (a)", a.to_apply.summary())
-            .row("settle after last commit", format!("{:.0} ms", self.settle.as_secs_f64() * 1000.0));
-        t.row("capture during run", capture_summary(&self.capture));
-        t
-    }
-
-    fn json(&self, json: &mut JsonLine) {
-        json.set_f64("p50_ms", self.all.quantile_ms(0.50), 3)
-            .set_f64("p95_ms", self.all.quantile_ms(0.95), 3)
-            .set_f64("p99_ms", self.all.quantile_ms(0.99), 3)
-            .set_f64("max_ms", self.all.max_ms(), 3)
-            .set_f64("rate", self.achieved_rate, 1)
-            .set("commits", self.commits)
-            .set("missing", self.caches.iter().map(|c| c.missing).sum::<u64>())
-            .set("invalidations_a", self.caches[0].received)
-            .set("invalidations_b", self.caches[1].received)
-            .set("early", self.caches.iter().map(|c| c.early).sum::<u64>())
-            .set("lagged", self.caches.iter().map(|c| c.watched.lagged).sum::<u64>())
-            .set("write_errors", self.write_errors)
-            .set_f64("capture_p99_ms", self.caches[0].watched.to_capture.quantile_ms(0.99), 3)
-            .set_f64("apply_p99_ms", self.caches[0].watched.to_apply.quantile_ms(0.99), 3);
-    }
 }
 
 // ---------------------------------------------------------------- throughput
