@@ -6,7 +6,10 @@
 //!    direct Redis `GET` (fred, 8 pipelined connections) at 1 and 64
 //!    concurrent callers.
 //! 3. Commit → near-cache entry dropped: single-row UPDATEs at `--rate`
-//!    commits/s through capture and broadcast; the latency of each is the
+//!    commits/s through capture (`--source`: the WAL source on a throwaway
+//!    `wal_level = logical` cluster that flushes its WAL like a production
+//!    server, or the outbox source on the configured Postgres) and
+//!    broadcast, with production timings; the latency of each is the
 //!    time the near cache applied its event (and so dropped the entry) minus
 //!    the event's `commit_time_us` (end of the writer's statement, just
 //!    before its commit: the figure is a slight overestimate).
@@ -21,12 +24,12 @@ use hdrhistogram::Histogram;
 use herald_client::feed::{self, FeedOptions, Messages, Source};
 use herald_client::state::Coherence;
 use herald_client::{NearCache, NearConfig, Target};
-use herald_core::config::L1Config;
+use herald_core::config::{BroadcastConfig, CaptureConfig, Config, L1Config};
 use herald_core::time::now_us;
 use herald_proto::v1::watch_message::Body;
 use herald_proto::v1::{Layer, Operation, WatchRequest};
-use herald_tests::cache_api::{ACME_TOKEN, authed, sandbox_with};
-use herald_tests::{Sandbox, assert_eventually};
+use herald_tests::cache_api::{ACME_TOKEN, authed, configure};
+use herald_tests::{Sandbox, Source as TestSource, assert_eventually, logical};
 use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +50,9 @@ pub struct Args {
     /// Length of the commit → near run, in seconds.
     #[arg(long, default_value_t = 5)]
     commit_seconds: u64,
+    /// The capture source of the commit → near run: wal or outbox.
+    #[arg(long, default_value = "wal")]
+    source: String,
 }
 
 const WRITERS: u64 = 4;
@@ -55,13 +61,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.seconds == 0 || args.rows == 0 || args.rate == 0 || args.commit_seconds == 0 {
         bail!("--seconds, --rows, --rate and --commit-seconds must be greater than 0");
     }
-    let sb = sandbox_with(|c| {
+    let adjust = |c: &mut Config| {
+        configure(c);
         c.postgres.pool_size = 8;
-        c.broadcast.ops_addr = "127.0.0.1:0".into();
-        c.capture.ops_addr = "127.0.0.1:0".into();
+        // Production timings: what a deployment's invalidations go through.
+        c.capture = CaptureConfig {
+            ops_addr: "127.0.0.1:0".into(),
+            source: c.capture.source,
+            slot: c.capture.slot.clone(),
+            ..CaptureConfig::default()
+        };
+        c.broadcast = BroadcastConfig { ops_addr: "127.0.0.1:0".into(), ..BroadcastConfig::default() };
         c.l1 = L1Config::default();
-    })
-    .await;
+    };
+    let sb = match args.source.as_str() {
+        "wal" => {
+            let admin = tokio::task::spawn_blocking(|| logical::durable_cluster().admin_url()).await?;
+            Sandbox::start_at(admin, TestSource::Wal, adjust).await
+        }
+        "outbox" => Sandbox::start_at(herald_tests::admin_url(), TestSource::Outbox, adjust).await,
+        other => bail!("--source: {other:?} is neither wal nor outbox"),
+    };
+    sb.sql("CREATE SEQUENCE herald_reads").await;
     let result = measure(&sb, &args).await;
     sb.cleanup().await;
     let (tables, json) = result?;
@@ -149,6 +170,12 @@ async fn commit_to_near(sb: &Sandbox, grpc: std::net::SocketAddr, args: &Args) -
     let shutdown = CancellationToken::new();
     tokio::spawn(feed::run(state.clone(), Timed { addr: grpc, lags: lags.clone() }, options, shutdown.clone()));
     assert_eventually!(10, async { state.is_live() }, "near cache never live");
+    // The whole pipeline streams before the clock starts: one probe commit
+    // reaches the near cache (a WAL capture may still be opening its slot).
+    let count = || lags.lock().unwrap_or_else(|p| p.into_inner()).count();
+    sb.sql("UPDATE res_users SET name = 'probe' WHERE tenant_id = 'acme' AND website_slug = 'u1'").await;
+    assert_eventually!(30, async { count() > 0 }, "the probe commit never reached the near cache");
+    *lags.lock().unwrap_or_else(|p| p.into_inner()) = Latencies::new();
     let per_writer = Duration::from_secs_f64(WRITERS as f64 / args.rate as f64);
     let total = args.rate * args.commit_seconds / WRITERS;
     let mut writers = Vec::new();
@@ -173,7 +200,6 @@ async fn commit_to_near(sb: &Sandbox, grpc: std::net::SocketAddr, args: &Args) -
         writer.await??;
     }
     let committed = total * WRITERS;
-    let count = || lags.lock().unwrap_or_else(|p| p.into_inner()).count();
     let deadline = Instant::now() + Duration::from_secs(10);
     while count() < committed && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -254,7 +280,7 @@ async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonL
     json.set_f64("commit_to_near_p50_ms", lags.quantile_ms(0.5), 2);
     json.set_f64("commit_to_near_p99_ms", lags.quantile_ms(0.99), 2);
     json.set("commit_to_near_events", lags.count()).set("commits", committed);
-    json.set("cores", cores() as u64);
+    json.set("cores", cores() as u64).set("source", args.source.clone());
     node.stop().await;
     Ok((vec![table, commits], json))
 }
