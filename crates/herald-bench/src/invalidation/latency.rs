@@ -95,6 +95,25 @@ fn spawn_watcher(cache: &L1Cache, progress: Arc<AtomicU64>, stop: CancellationTo
     })
 }
 
+/// A watcher on each cache, and how many ids each has seen so far.
+struct Watchers {
+    stop: CancellationToken,
+    progress: [Arc<AtomicU64>; 2],
+    watchers: [JoinHandle<Watched>; 2],
+}
+
+impl Watchers {
+    fn spawn(caches: [&L1Cache; 2]) -> Self {
+        let stop = CancellationToken::new();
+        let progress = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let watchers = [
+            spawn_watcher(caches[0], progress[0].clone(), stop.clone()),
+            spawn_watcher(caches[1], progress[1].clone(), stop.clone()),
+        ];
+        Self { stop, progress, watchers }
+    }
+}
+
 /// One cache's view of the commits.
 #[derive(Default)]
 struct CacheOutcome {
@@ -133,12 +152,7 @@ pub(super) async fn latency_run(
     caches: [&L1Cache; 2],
     capture_ops: SocketAddr,
 ) -> anyhow::Result<LatencyOutcome> {
-    let stop = CancellationToken::new();
-    let progress = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let watchers = [
-        spawn_watcher(caches[0], progress[0].clone(), stop.clone()),
-        spawn_watcher(caches[1], progress[1].clone(), stop.clone()),
-    ];
+    let Watchers { stop, progress, watchers } = Watchers::spawn(caches);
     let before = scrape(capture_ops).await.unwrap_or_default();
 
     let total = args.rate * args.seconds;
@@ -354,12 +368,7 @@ pub(super) async fn burst_run(
     writers: usize,
     per_writer: u64,
 ) -> anyhow::Result<Burst> {
-    let stop = CancellationToken::new();
-    let progress = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let watchers = [
-        spawn_watcher(caches[0], progress[0].clone(), stop.clone()),
-        spawn_watcher(caches[1], progress[1].clone(), stop.clone()),
-    ];
+    let Watchers { stop, progress, watchers } = Watchers::spawn(caches);
     let insert = format!(
         "INSERT INTO {LATENCY_TABLE} (tenant_id, slug, val) \
          SELECT 'bench' || t, 'b' || $1::bigint || '.' || t, 0 FROM generate_series(0, {}) t",
