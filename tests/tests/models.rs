@@ -19,6 +19,7 @@ fn commands(c: &mut Config, write_wait_ms: u64) {
             params: vec!["id".into(), "name".into()],
             tags: vec!["res_users.id=$1".into()],
             model: WriteModel::WriteThrough,
+            overlay: None,
         },
         CommandConfig {
             name: "move_user".into(),
@@ -26,6 +27,7 @@ fn commands(c: &mut Config, write_wait_ms: u64) {
             params: vec!["id".into(), "slug".into()],
             tags: vec!["res_users.id=$1".into(), "res_users.website_slug=$2".into()],
             model: WriteModel::WriteThrough,
+            overlay: None,
         },
     ];
     c.cache.write_wait_ms = write_wait_ms;

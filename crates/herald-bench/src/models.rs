@@ -51,6 +51,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             params: vec!["id".into(), "name".into()],
             tags: vec!["res_users.id=$1".into()],
             model: WriteModel::WriteThrough,
+            overlay: None,
         }];
     })
     .await;
