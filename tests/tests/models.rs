@@ -351,8 +351,7 @@ async fn a_writer_killed_mid_stream_applies_every_command_once_in_order() {
     let mut client = node.client().await;
     for seq in 1..=COMMANDS {
         let id = (seq % KEYS + 1).to_string();
-        let request =
-            WriteRequest { tenant: "acme".into(), command: "bump".into(), params: vec![id, seq.to_string()] };
+        let request = WriteRequest { tenant: "acme".into(), command: "bump".into(), params: vec![id, seq.to_string()] };
         assert!(client.write(authed(request, ACME_TOKEN)).await.unwrap().into_inner().pending);
     }
     assert_eq!(stream_len(&sb, "acme").await, COMMANDS as u64);
@@ -433,7 +432,8 @@ async fn a_poison_command_goes_aside_with_its_reason_and_the_rest_apply() {
     assert_eq!((row.get::<_, i32>(0), row.get::<_, Vec<i64>>(1)), (2, vec![1, 2]));
     assert_eq!(applied(&sb).await, 2, "the poison command's id is not recorded");
 
-    let dead: Value = sb.redis.next().xrange(sb.keys.dead_commands(&TenantId::new("acme").unwrap()), "-", "+", None).await.unwrap();
+    let dead: Value =
+        sb.redis.next().xrange(sb.keys.dead_commands(&TenantId::new("acme").unwrap()), "-", "+", None).await.unwrap();
     let text = format!("{dead:?}");
     assert!(text.contains("bump") && text.contains("-1") && text.contains("check constraint"), "{text}");
     assert_eq!(node.metric("herald_cache_write_behind_poisoned_total", "command=\"bump\"").await, 1.0);
@@ -453,14 +453,14 @@ async fn write_behind_commands_and_overlays_stay_in_their_tenant() {
 
     let err = write_command(&node, ACME_TOKEN, "globex", "rename_later", &["2", "stolen"]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    let response =
-        node.http("POST", "/v1/t/globex/w/rename_later", Some(ACME_TOKEN), br#"{"params": [2, "x"]}"#).await;
+    let response = node.http("POST", "/v1/t/globex/w/rename_later", Some(ACME_TOKEN), br#"{"params": [2, "x"]}"#).await;
     assert_eq!(response.status, 403, "{}", response.text());
     assert_eq!(stream_len(&sb, "globex").await, 0);
 
     // acme's command on globex's row id: its overlay is acme's alone.
-    let response =
-        node.http("POST", "/v1/t/acme/w/rename_later", Some(ACME_TOKEN), br#"{"params": {"id": 2, "name": "x"}}"#).await;
+    let response = node
+        .http("POST", "/v1/t/acme/w/rename_later", Some(ACME_TOKEN), br#"{"params": {"id": 2, "name": "x"}}"#)
+        .await;
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(response.json()["pending"], true);
     assert_eq!(response.json()["command_id"].as_str().unwrap().len(), 32);

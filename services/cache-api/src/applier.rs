@@ -292,13 +292,18 @@ impl Applier {
         loop {
             match self.apply(tenant, entry).await {
                 Ok((position, fresh)) => {
-                    let keys = vec![self.keys.commands(tenant), entry.overlay.clone(), self.keys.applied_patches(tenant)];
-                    if self.eval::<i64>(MARK_APPLIED, keys, vec![entry.id.clone(), position.to_string()]).await.is_err() {
+                    let keys =
+                        vec![self.keys.commands(tenant), entry.overlay.clone(), self.keys.applied_patches(tenant)];
+                    if self.eval::<i64>(MARK_APPLIED, keys, vec![entry.id.clone(), position.to_string()]).await.is_err()
+                    {
                         // The entry stays: the next attempt finds it applied.
                         return false;
                     }
                     let outcome = if fresh { "applied" } else { "duplicate" };
-                    metrics.behind_applied.get_or_create(&OutcomeLabel { command: entry.command.clone(), outcome }).inc();
+                    metrics
+                        .behind_applied
+                        .get_or_create(&OutcomeLabel { command: entry.command.clone(), outcome })
+                        .inc();
                     if let Some(at) = EntryId::parse(&entry.id) {
                         metrics.behind_lag_seconds.observe(now_ms().saturating_sub(at.ms) as f64 / 1000.0);
                     }
@@ -343,7 +348,8 @@ impl Applier {
             Ok(c) if c.model == WriteModel::WriteBehind => c,
             _ => return Err(Failure::Poison(format!("no write-behind command {:?} is configured", entry.command))),
         };
-        let overlay_root = format!("{}overlay:", self.keys.scope_root(&herald_core::keys::Scope::Tenant(tenant.clone())));
+        let overlay_root =
+            format!("{}overlay:", self.keys.scope_root(&herald_core::keys::Scope::Tenant(tenant.clone())));
         if !entry.overlay.starts_with(&overlay_root) {
             return Err(Failure::Poison(format!("overlay key {:?} is not the tenant's", entry.overlay)));
         }
@@ -414,7 +420,16 @@ mod tests {
         let s = |v: &str| Value::String(v.into());
         let reply = Value::Array(vec![Value::Array(vec![
             s("1-0"),
-            Value::Array(vec![s("id"), s("c1"), s("command"), s("bump"), s("params"), s("[\"1\"]"), s("overlay"), s("o")]),
+            Value::Array(vec![
+                s("id"),
+                s("c1"),
+                s("command"),
+                s("bump"),
+                s("params"),
+                s("[\"1\"]"),
+                s("overlay"),
+                s("o"),
+            ]),
         ])]);
         let got = entries(reply);
         assert_eq!(got.len(), 1);

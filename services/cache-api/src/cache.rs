@@ -328,11 +328,8 @@ impl Cache {
         // The overlay, then this node's watermark, then the value: a patch
         // retired (or judged visible in the cache) before the value is read
         // is in what the value read sees.
-        let patches = if self.overlaid.contains(&res.name) {
-            self.read_overlay(tenant, &res, params).await
-        } else {
-            Vec::new()
-        };
+        let patches =
+            if self.overlaid.contains(&res.name) { self.read_overlay(tenant, &res, params).await } else { Vec::new() };
         let watermark = self.l1.applied().watermark_lsn;
         let result = self.lookup_resource(read, &key, min_lsn).await;
         if let Err(e) = &result {

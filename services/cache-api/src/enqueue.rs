@@ -75,14 +75,10 @@ pub async fn enqueue(
         .map_err(|_| Error::Unavailable("redis: the enqueue timed out; the command may be enqueued".into()))?
         .map_err(|e| unavailable("the enqueue failed", &e))?;
     if replicas.wait_replicas > 0 {
-        let acked = herald_core::redis::wait_for_replicas(
-            client,
-            &[slot],
-            replicas.wait_replicas,
-            replicas.wait_timeout_ms,
-        )
-        .await
-        .map_err(|e| unavailable("WAIT failed", &e))?;
+        let acked =
+            herald_core::redis::wait_for_replicas(client, &[slot], replicas.wait_replicas, replicas.wait_timeout_ms)
+                .await
+                .map_err(|e| unavailable("WAIT failed", &e))?;
         if acked < i64::from(replicas.wait_replicas) {
             return Err(Error::Unavailable(format!(
                 "command {name:?} (id {command_id}) is enqueued but only {acked} of capture.wait_replicas = {} \
