@@ -317,6 +317,12 @@ impl KeySpace {
         format!("{}:{COMMANDS_SEGMENT}:tenants", self.prefix)
     }
 
+    /// A `SCAN` pattern matching every tenant's write-behind command stream
+    /// (the writers' backstop, should a tenant miss its listing).
+    pub fn every_tenant_commands(&self) -> String {
+        format!("{}:t:{{*}}:{COMMANDS_SEGMENT}", self.prefix)
+    }
+
     /// A `SCAN` pattern matching the fill epoch of every tenant. Tenant ids
     /// never contain `}`, so it matches only epochs.
     pub fn every_tenant_fill_epoch(&self) -> String {
@@ -396,6 +402,7 @@ mod tests {
         assert_eq!(ks.overlay(&tenant, "user_by_id", "5").unwrap(), "herald:prod:t:{acme}:overlay:user_by_id:5");
         assert!(ks.overlay(&tenant, "user_by_id", "a b").is_err());
         assert_eq!(ks.command_tenants(), "herald:prod:commands:tenants");
+        assert_eq!(ks.every_tenant_commands(), "herald:prod:t:{*}:commands");
         assert_eq!(ks.every_tenant_tag_set("a*b"), "herald:prod:t:{*}:tag:a\\*b");
         let set = ks.tag_set(&TagKey::new(acme, "x"));
         assert_eq!(ks.tag_version_of_set(&set), "herald:prod:t:{acme}:tv:x");

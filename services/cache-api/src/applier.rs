@@ -5,7 +5,8 @@
 //! - **Finding work.** Tenants with commands to apply or patches to retire
 //!   are in `KeySpace::command_tenants`; the writer looks every [`POLL`].
 //! - **One writer per tenant.** A lease (`SET NX PX`, renewed before each
-//!   command and each retry) lets one node drain a tenant's stream; a node
+//!   batch, before a command once a third of it has passed, and before each
+//!   retry) lets one node drain a tenant's stream; a node
 //!   that dies loses it after [`LEASE`]. Were two writers ever to overlap
 //!   (a paused node whose lease ran out), both still go in stream order and
 //!   the applied-ids primary key lets only one apply each command.
@@ -49,6 +50,9 @@ use crate::write_metrics::{CommandLabel, OutcomeLabel};
 pub const POLL: Duration = Duration::from_millis(50);
 /// A tenant's writer lease.
 pub const LEASE: Duration = Duration::from_millis(3_000);
+/// How often the writer also scans for command streams of tenants that are
+/// not listed (an enqueue whose listing failed after its script).
+const SCAN_EVERY: Duration = Duration::from_secs(60);
 /// How often the pending gauge is counted.
 const COUNT_EVERY: Duration = Duration::from_secs(1);
 /// Entries read from a stream at once.
@@ -189,12 +193,17 @@ impl Applier {
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut counted: Option<tokio::time::Instant> = None;
+        let mut scanned: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
             running.retain(|_, task| !task.is_finished());
+            if scanned.is_none_or(|at| at.elapsed() >= SCAN_EVERY) {
+                self.list_unlisted().await;
+                scanned = Some(tokio::time::Instant::now());
+            }
             let members = self.redis.next().smembers::<Vec<String>, _>(self.keys.command_tenants());
             let tenants = match tokio::time::timeout(REDIS_TIMEOUT, members).await {
                 Ok(Ok(tenants)) => tenants,
@@ -219,6 +228,23 @@ impl Applier {
         }
         for (_, task) in running {
             let _ = task.await;
+        }
+    }
+
+    /// Lists every tenant that has a command stream (`SCAN`, every master).
+    async fn list_unlisted(&self) {
+        let client = self.redis.next();
+        let pattern = self.keys.every_tenant_commands();
+        let scan = herald_core::redis::scan_every_master(client, &pattern);
+        let Ok(Ok(streams)) = tokio::time::timeout(REDIS_TIMEOUT * 5, scan).await else { return };
+        let tenants: Vec<String> = streams
+            .iter()
+            .filter_map(|key| Some(key.split_once('{')?.1.split_once('}')?.0.to_string()))
+            .filter(|t| TenantId::new(t).is_ok())
+            .collect();
+        if !tenants.is_empty() {
+            let _ = tokio::time::timeout(REDIS_TIMEOUT, client.sadd::<i64, _, _>(self.keys.command_tenants(), tenants))
+                .await;
         }
     }
 
@@ -263,7 +289,14 @@ impl Applier {
                 Ok(Ok(reply)) => entries(reply),
                 _ => break,
             };
+            let mut renewed = tokio::time::Instant::now();
             for entry in &batch {
+                if renewed.elapsed() >= LEASE / 3 {
+                    if !self.lease(&tenant).await {
+                        return;
+                    }
+                    renewed = tokio::time::Instant::now();
+                }
                 if !self.apply_with_retry(&tenant, entry, &shutdown).await {
                     self.release(&tenant).await;
                     return;
@@ -287,7 +320,8 @@ impl Applier {
     /// Applies `entry`, retrying transient failures with backoff; false when
     /// the writer must stop (shutdown, lease lost, Redis failing).
     async fn apply_with_retry(&self, tenant: &TenantId, entry: &Entry, shutdown: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Capped below the lease, which is renewed after each wait.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let metrics = self.writer.metrics();
         loop {
             match self.apply(tenant, entry).await {
