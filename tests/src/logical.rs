@@ -139,7 +139,18 @@ impl LogicalCluster {
     /// Stops the server at once (`-m immediate`: like a crash) and starts it
     /// again on the same port.
     pub fn restart(&self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Stops the server at once (`-m immediate`: like a crash). Every test
+    /// of this process on the cluster sees it down until [`Self::start_again`].
+    pub fn stop(&self) {
         run(self.pg_command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]), "pg_ctl stop");
+    }
+
+    /// Starts a stopped server again on the same port.
+    pub fn start_again(&self) {
         self.pg_ctl_start();
     }
 }

@@ -1,20 +1,31 @@
 //! `herald-bench models`: the cost of the cache models' write paths (issue
-//! 16). A write-through `Write` (commit, tag drop, wait until every live
-//! node applied the commit) against a direct Postgres write of the same
-//! statement, both in the same run, over the same rows.
+//! 16), all in the same run, over the same rows, against a direct Postgres
+//! write of the same statement:
 //!
-//! Everything (capture, broadcast, two cache-api nodes, the load generator)
-//! runs in this process on the sandbox's Postgres and Redis. Write-behind is
-//! not built yet: its JSON keys are null.
+//! - write-through `Write` (commit, tag drop, wait until every live node
+//!   applied the commit);
+//! - write-behind `Write` (durable in the tenant's Redis stream, visible as
+//!   a pending overlay): the call's latency and throughput, then the lag
+//!   from enqueue to the writer's commit (`herald.applied_commands`);
+//! - a burst of write-behind commands during which the writer process is
+//!   SIGKILLed and started again: `write_behind_lost` counts enqueued
+//!   commands never applied, `write_behind_duplicated` those applied twice
+//!   (both must be 0).
+//!
+//! Capture, broadcast, two cache-api nodes (which enqueue but do not apply)
+//! and the load generator run in this process; the write-behind writer is a
+//! `herald-cache-api` process, so it can be killed.
 
 use std::time::Duration;
 
-use herald_core::config::{CommandConfig, WriteModel};
+use fred::prelude::*;
+use herald_core::config::{CommandConfig, OverlayConfig, WriteModel};
+use herald_core::keys::TenantId;
 use herald_proto::v1::WriteRequest;
 use herald_proto::v1::cache_client::CacheClient;
-use herald_tests::assert_eventually;
 use herald_tests::cache_api::{ACME_TOKEN, authed, sandbox_with};
-use serde_json::Value;
+use herald_tests::process::ChildService;
+use herald_tests::{Sandbox, assert_eventually, free_port};
 use tonic::transport::Channel;
 
 use crate::cache::load;
@@ -36,8 +47,80 @@ pub struct Args {
 const COMMAND_SQL: &str = "UPDATE res_users SET name = $2 WHERE tenant_id = $tenant AND id = $1";
 const DIRECT_SQL: &str = "UPDATE res_users SET name = $2 WHERE tenant_id = $3 AND id = $1";
 
+const BUMP_SQL: &str = "UPDATE res_users SET n = n + 1, last = $2 WHERE tenant_id = $tenant AND id = $1";
+
 fn id(n: u64, rows: usize) -> i64 {
     (n.wrapping_mul(2_654_435_761) % rows as u64) as i64 + 1
+}
+
+/// The write-through command, and the write-behind ones (`rename_later`
+/// runs the same statement; `bump` counts its applications per row).
+fn commands() -> Vec<CommandConfig> {
+    let command = |name: &str, sql: &str, params: [&str; 2], model| CommandConfig {
+        name: name.into(),
+        sql: sql.into(),
+        params: params.iter().map(|p| p.to_string()).collect(),
+        tags: vec!["res_users.id=$1".into()],
+        model,
+        overlay: (model == WriteModel::WriteBehind).then(|| OverlayConfig {
+            resource: "user_by_id".into(),
+            params: [("id".to_string(), "$1".to_string())].into(),
+            set: [(if params[1] == "name" { "name" } else { "last" }.to_string(), "$2".to_string())].into(),
+        }),
+    };
+    vec![
+        command("rename_user", COMMAND_SQL, ["id", "name"], WriteModel::WriteThrough),
+        command("rename_later", COMMAND_SQL, ["id", "name"], WriteModel::WriteBehind),
+        command("bump", BUMP_SQL, ["id", "seq"], WriteModel::WriteBehind),
+    ]
+}
+
+/// The write-behind writer: a cache-api process on free ports.
+fn writer_process(sb: &Sandbox) -> ChildService {
+    let mut config = sb.config.clone();
+    config.cache.write_behind_writer = true;
+    for addr in [&mut config.cache.grpc_addr, &mut config.cache.http_addr, &mut config.cache.ops_addr] {
+        *addr = format!("127.0.0.1:{}", free_port());
+    }
+    ChildService::spawn("herald-cache-api", &config)
+}
+
+async fn stream_len(sb: &Sandbox) -> u64 {
+    sb.redis.next().xlen(sb.keys.commands(&TenantId::new("acme").expect("tenant"))).await.unwrap_or(u64::MAX)
+}
+
+/// Waits (at most `secs`) until the writer drained the stream.
+async fn drained(sb: &Sandbox, secs: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while stream_len(sb).await > 0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the writer did not drain the stream in {secs}s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Write-behind `Write`s of `command` spread over `clients`.
+async fn enqueue_load(
+    clients: &[CacheClient<Channel>],
+    command: &'static str,
+    concurrency: usize,
+    duration: Duration,
+    rows: usize,
+) -> anyhow::Result<crate::cache::Run> {
+    let clients = clients.to_vec();
+    load(concurrency, duration, move |worker, n| {
+        let mut client = clients[worker % clients.len()].clone();
+        async move {
+            let value = if command == "bump" { (n + 1).to_string() } else { format!("behind {n}") };
+            let request = WriteRequest {
+                tenant: "acme".into(),
+                command: command.into(),
+                params: vec![id(n, rows).to_string(), value],
+            };
+            Ok(client.write(authed(request, ACME_TOKEN)).await?.into_inner().pending)
+        }
+    })
+    .await
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -45,15 +128,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let sb = sandbox_with(|c| {
         c.postgres.pool_size = args.concurrency + 4;
         c.cache.write_wait_ms = 5_000;
-        c.cache.commands = vec![CommandConfig {
-            name: "rename_user".into(),
-            sql: COMMAND_SQL.into(),
-            params: vec!["id".into(), "name".into()],
-            tags: vec!["res_users.id=$1".into()],
-            model: WriteModel::WriteThrough,
-        }];
+        c.cache.commands = commands();
+        // The nodes enqueue; the writer is a process of its own.
+        c.cache.write_behind_writer = false;
     })
     .await;
+    sb.sql("ALTER TABLE res_users ADD COLUMN n int NOT NULL DEFAULT 0, ADD COLUMN last bigint NOT NULL DEFAULT 0")
+        .await;
     sb.sql(&format!(
         "INSERT INTO res_users (id, tenant_id, website_slug, name) \
          SELECT i, 'acme', 'u' || i, 'User number ' || i FROM generate_series(1, {}) i",
@@ -91,8 +172,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for node in &nodes {
         clients.push(node.client().await);
     }
+    let through_clients = clients.clone();
     let through = load(args.concurrency, duration, move |worker, n| {
-        let mut client = clients[worker % clients.len()].clone();
+        let mut client = through_clients[worker % through_clients.len()].clone();
         async move {
             let request = WriteRequest {
                 tenant: "acme".into(),
@@ -106,6 +188,49 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await?;
 
+    // Write-behind: the calls, then the writer's lag under that load.
+    let writer = writer_process(&sb);
+    let behind = enqueue_load(&clients, "rename_later", args.concurrency, duration, rows).await?;
+    drained(&sb, 300).await?;
+    let lag = |q: f64| {
+        format!(
+            "SELECT COALESCE(percentile_cont({q}) WITHIN GROUP \
+             (ORDER BY extract(epoch FROM applied_at - enqueued_at)) * 1000, 0)::float8 \
+             FROM herald.applied_commands WHERE command = 'rename_later'"
+        )
+    };
+    let db = sb.pool.get().await?;
+    let lag_p50: f64 = db.query_one(&lag(0.5), &[]).await?.get(0);
+    let lag_p99: f64 = db.query_one(&lag(0.99), &[]).await?.get(0);
+    let applied_per_s: f64 = db
+        .query_one(
+            "SELECT (count(*) / GREATEST(extract(epoch FROM max(applied_at) - min(applied_at)), 0.001))::float8 \
+             FROM herald.applied_commands WHERE command = 'rename_later'",
+            &[],
+        )
+        .await?
+        .get(0);
+
+    // The SIGKILL round: a burst of counting commands; the writer is killed
+    // once it applied some, and started again.
+    let burst = {
+        let clients = clients.clone();
+        let (concurrency, rows) = (args.concurrency, rows);
+        tokio::spawn(async move { enqueue_load(&clients, "bump", concurrency, duration, rows).await })
+    };
+    let bumps = "SELECT count(*) FROM herald.applied_commands WHERE command = 'bump'";
+    assert_eventually!(60, async { sb.scalar_i64(bumps).await >= 50 }, "the writer applied no bump");
+    writer.kill().await;
+    let killed_at = sb.scalar_i64(bumps).await;
+    let _writer = writer_process(&sb);
+    let burst = burst.await??;
+    drained(&sb, 300).await?;
+    let applied_bumps = sb.scalar_i64(bumps).await as u64;
+    let counted = sb.scalar_i64("SELECT COALESCE(sum(n), 0)::int8 FROM res_users").await as u64;
+    let enqueued = burst.requests - burst.unexpected;
+    let lost = enqueued.saturating_sub(applied_bumps);
+    let duplicated = counted.saturating_sub(applied_bumps);
+
     let mut table = Table::new(format!(
         "models: {} writers for {}s over {} rows, 2 cache-api nodes, {} cores",
         args.concurrency,
@@ -116,7 +241,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     table.row("direct Postgres UPDATE", format!("{:.0}/s, {}", direct.rps, direct.latencies.summary()));
     table.row("write-through Write", format!("{:.0}/s, {}", through.rps, through.latencies.summary()));
     table.row("write-through, wait not reached", through.unexpected);
-    table.row("write-behind", "not built");
+    table.row("write-behind Write (enqueue)", format!("{:.0}/s, {}", behind.rps, behind.latencies.summary()));
+    table.row("write-behind, answers not pending", behind.unexpected);
+    table.row("write-behind writer", format!("{applied_per_s:.0} applied/s (one tenant: one connection, in order)"));
+    table.row("write-behind lag enqueue → applied", format!("p50 {lag_p50:.1} ms, p99 {lag_p99:.1} ms"));
+    table.row(
+        "SIGKILL round",
+        format!(
+            "{enqueued} enqueued, writer killed after {killed_at} applied; lost {lost}, applied twice {duplicated}"
+        ),
+    );
     print!("{}", table.render());
     let mut json = JsonLine::default();
     json.set("benchmark", "models")
@@ -129,8 +263,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .set_f64("write_through_p99_ms", through.latencies.quantile_ms(0.99), 3)
         .set_f64("write_through_per_s", through.rps, 1)
         .set("write_through_not_reached", through.unexpected)
-        .set("write_behind_p99_ms", Value::Null)
-        .set("write_behind_lost", Value::Null);
+        .set_f64("write_behind_p50_ms", behind.latencies.quantile_ms(0.5), 3)
+        .set_f64("write_behind_p99_ms", behind.latencies.quantile_ms(0.99), 3)
+        .set_f64("write_behind_per_s", behind.rps, 1)
+        .set_f64("write_behind_applied_per_s", applied_per_s, 1)
+        .set_f64("write_behind_lag_p50_ms", lag_p50, 1)
+        .set_f64("write_behind_lag_p99_ms", lag_p99, 1)
+        .set("write_behind_kill_enqueued", enqueued)
+        .set("write_behind_lost", lost)
+        .set("write_behind_duplicated", duplicated);
     println!("{}", json.render());
     for node in nodes {
         node.stop().await?;

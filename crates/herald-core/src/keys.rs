@@ -16,6 +16,9 @@
 //! | fill epoch, prefix invalidations | `herald:{env}:t:{<tenant>}:epoch`, `…:prefixes` |
 //! | a gateway channel and its state | `herald:{env}:t:{<tenant>}:ch:<channel>[:meta\|:hist\|:pres\|:idem:<k>]` |
 //! | a gateway rate-limit bucket | `herald:{env}:t:{<tenant>}:rl:<bucket>` |
+//! | write-behind command stream, dead commands, writer lease, applied patches | `herald:{env}:t:{<tenant>}:commands[:dead\|:lease\|:applied]` |
+//! | write-behind overlay of a resource entry | `herald:{env}:t:{<tenant>}:overlay:<resource>:<key>` |
+//! | tenants with write-behind work | `herald:{env}:commands:tenants` |
 //! | global data | `herald:{env}:g:{global}:…` (same segments) |
 //! | event log | `herald:{env}:events` (and `:dead` for undecodable entries) |
 //! | L1 channel | `herald:{env}:l1` |
@@ -61,6 +64,9 @@ pub enum Segment {
     FillGate,
     /// The gateway's channels and rate limits: not the cache's to delete.
     Gateway,
+    /// Write-behind commands and their overlays: writes not yet in
+    /// Postgres, never the cache's to delete.
+    WriteBehind,
 }
 
 impl Segment {
@@ -73,7 +79,7 @@ impl Segment {
 
 /// Every reserved segment after a scope root, and its owner. Anything else
 /// in that place is the name of a cache resource.
-pub const SEGMENTS: [(&str, Segment); 8] = [
+pub const SEGMENTS: [(&str, Segment); 10] = [
     (KV_SEGMENT, Segment::CacheValues),
     ("tag", Segment::CacheTagSets),
     ("tv", Segment::FillGate),
@@ -82,12 +88,16 @@ pub const SEGMENTS: [(&str, Segment); 8] = [
     ("prefixes", Segment::FillGate),
     (CHANNEL_SEGMENT, Segment::Gateway),
     (RATE_LIMIT_SEGMENT, Segment::Gateway),
+    (COMMANDS_SEGMENT, Segment::WriteBehind),
+    (OVERLAY_SEGMENT, Segment::WriteBehind),
 ];
 
 /// Explicit cache keys live under this segment.
 pub const KV_SEGMENT: &str = "kv";
 const CHANNEL_SEGMENT: &str = "ch";
 const RATE_LIMIT_SEGMENT: &str = "rl";
+const COMMANDS_SEGMENT: &str = "commands";
+const OVERLAY_SEGMENT: &str = "overlay";
 
 /// The owner of `segment` when it is reserved; `None` for a resource name.
 pub fn reserved_segment(segment: &str) -> Option<Segment> {
@@ -271,6 +281,48 @@ impl KeySpace {
         format!("{}:t:{{{tenant}}}:{RATE_LIMIT_SEGMENT}:{bucket}", self.prefix)
     }
 
+    /// `tenant`'s write-behind command stream: one entry per enqueued
+    /// command, in order, deleted once applied (or moved aside).
+    pub fn commands(&self, tenant: &TenantId) -> String {
+        format!("{}:t:{{{tenant}}}:{COMMANDS_SEGMENT}", self.prefix)
+    }
+
+    /// Where `tenant`'s poison commands go, with their reason.
+    pub fn dead_commands(&self, tenant: &TenantId) -> String {
+        format!("{}:dead", self.commands(tenant))
+    }
+
+    /// The lease of the one writer applying `tenant`'s commands.
+    pub fn command_lease(&self, tenant: &TenantId) -> String {
+        format!("{}:lease", self.commands(tenant))
+    }
+
+    /// `tenant`'s applied overlay patches not yet retired: a sorted set of
+    /// `<overlay key> <field>` scored by the commit position.
+    pub fn applied_patches(&self, tenant: &TenantId) -> String {
+        format!("{}:applied", self.commands(tenant))
+    }
+
+    /// The overlay of one entry of `resource` (a hash: stream entry id →
+    /// patch), validated like [`KeySpace::entry`].
+    pub fn overlay(&self, tenant: &TenantId, resource: &str, key: &str) -> Result<String> {
+        validate_key_part("resource", resource)?;
+        validate_key_part("key", key)?;
+        Ok(format!("{}:t:{{{tenant}}}:{OVERLAY_SEGMENT}:{resource}:{key}", self.prefix))
+    }
+
+    /// The tenants that may have write-behind work (commands to apply or
+    /// patches to retire): how writers find the streams.
+    pub fn command_tenants(&self) -> String {
+        format!("{}:{COMMANDS_SEGMENT}:tenants", self.prefix)
+    }
+
+    /// A `SCAN` pattern matching every tenant's write-behind command stream
+    /// (the writers' backstop, should a tenant miss its listing).
+    pub fn every_tenant_commands(&self) -> String {
+        format!("{}:t:{{*}}:{COMMANDS_SEGMENT}", self.prefix)
+    }
+
     /// A `SCAN` pattern matching the fill epoch of every tenant. Tenant ids
     /// never contain `}`, so it matches only epochs.
     pub fn every_tenant_fill_epoch(&self) -> String {
@@ -345,6 +397,12 @@ mod tests {
         let tenant = TenantId::new("acme").unwrap();
         assert_eq!(ks.channel(&tenant, "team:1"), "herald:prod:t:{acme}:ch:team:1");
         assert_eq!(ks.rate_limit(&tenant, "gateway"), "herald:prod:t:{acme}:rl:gateway");
+        assert_eq!(ks.commands(&tenant), "herald:prod:t:{acme}:commands");
+        assert_eq!(ks.dead_commands(&tenant), "herald:prod:t:{acme}:commands:dead");
+        assert_eq!(ks.overlay(&tenant, "user_by_id", "5").unwrap(), "herald:prod:t:{acme}:overlay:user_by_id:5");
+        assert!(ks.overlay(&tenant, "user_by_id", "a b").is_err());
+        assert_eq!(ks.command_tenants(), "herald:prod:commands:tenants");
+        assert_eq!(ks.every_tenant_commands(), "herald:prod:t:{*}:commands");
         assert_eq!(ks.every_tenant_tag_set("a*b"), "herald:prod:t:{*}:tag:a\\*b");
         let set = ks.tag_set(&TagKey::new(acme, "x"));
         assert_eq!(ks.tag_version_of_set(&set), "herald:prod:t:{acme}:tv:x");
@@ -366,6 +424,10 @@ mod tests {
             ks.tag_version(&TagKey::new(acme.clone(), "t")),
         ] {
             assert_eq!(ks.segment_of(&acme, &gate), Some(Segment::FillGate), "{gate}");
+        }
+        for write_behind in [ks.commands(&tenant), ks.overlay(&tenant, "r", "k").unwrap()] {
+            assert_eq!(ks.segment_of(&acme, &write_behind), Some(Segment::WriteBehind), "{write_behind}");
+            assert!(!Segment::WriteBehind.cache_may_sweep());
         }
         for gateway in [
             ks.channel(&tenant, "team:1"),
@@ -401,6 +463,11 @@ mod tests {
                 channel,
                 ks.rate_limit(tenant, "gateway"),
                 ks.rate_limit(tenant, "gateway-publish"),
+                ks.commands(tenant),
+                ks.dead_commands(tenant),
+                ks.command_lease(tenant),
+                ks.applied_patches(tenant),
+                ks.overlay(tenant, "user_by_id", "5").unwrap(),
             ]);
         }
         keys

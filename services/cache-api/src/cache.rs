@@ -19,7 +19,7 @@
 //! (L1 is not live without its subscription either). Postgres unreachable:
 //! hits are served, misses fail with `Unavailable`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use crate::error::{Error, Result};
 use crate::flight::SingleFlight;
 use crate::metrics::Metrics;
+use crate::overlay;
 use crate::quota::{QuotaPermit, TenantQuota};
 use crate::resource::{Fetched, Resource};
 
@@ -68,6 +69,8 @@ pub struct Answer {
     /// Set when this node's L1 vouches for the answer, so a near cache may
     /// store it (docs/near-cache.md, "The fill rule").
     pub vouched: Option<Vouched>,
+    /// Write-behind patches are merged in (never stored, never vouched).
+    pub pending: bool,
 }
 
 /// What a near cache needs to store an answer: given only to an L1 hit or to
@@ -87,7 +90,7 @@ pub struct Vouched {
 
 impl Answer {
     fn new(found: bool, value: Bytes, layer: Layer) -> Self {
-        Self { found, value, layer, fill_token: String::new(), vouched: None }
+        Self { found, value, layer, fill_token: String::new(), vouched: None, pending: false }
     }
 
     fn vouched_by(mut self, vouched: Option<Vouched>) -> Self {
@@ -152,6 +155,9 @@ pub struct Cache {
     seq: AtomicU64,
     /// `redis.partitions`: which L1 channel carries a scope's invalidations.
     partitions: u16,
+    /// Resources some write-behind command overlays: their reads check the
+    /// overlay first (one more Redis round trip; other resources never pay).
+    overlaid: HashSet<String>,
 }
 
 /// Everything a [`Cache`] is built from.
@@ -168,6 +174,8 @@ pub struct Parts {
     pub node: String,
     /// `redis.partitions`.
     pub partitions: u16,
+    /// Resources named by a write-behind command's overlay.
+    pub overlaid: Vec<String>,
 }
 
 fn l1_value(found: bool, value: &Bytes) -> Bytes {
@@ -210,6 +218,7 @@ impl Cache {
             node: parts.node,
             seq: AtomicU64::new(0),
             partitions: parts.partitions,
+            overlaid: parts.overlaid.into_iter().collect(),
         }
     }
 
@@ -316,11 +325,43 @@ impl Cache {
         let scope = Self::scope(&res, tenant);
         let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
         let read = Read { res: &res, scope: &scope, params, tenant };
+        // The overlay, then this node's watermark, then the value: a patch
+        // retired (or judged visible in the cache) before the value is read
+        // is in what the value read sees.
+        let patches =
+            if self.overlaid.contains(&res.name) { self.read_overlay(tenant, &res, params).await } else { Vec::new() };
+        let watermark = self.l1.applied().watermark_lsn;
         let result = self.lookup_resource(read, &key, min_lsn).await;
         if let Err(e) = &result {
             self.metrics.error(&res.name, e.kind());
         }
-        result
+        let patches = overlay::visible(patches, watermark);
+        if patches.is_empty() {
+            return result;
+        }
+        let base = result?;
+        let value = overlay::merge(base.found.then_some(&base.value[..]), &patches);
+        // A pending answer: never stored, never given to a near cache.
+        Ok(Answer { found: true, value, layer: base.layer, fill_token: String::new(), vouched: None, pending: true })
+    }
+
+    /// The write-behind patches of a resource entry. Redis unreachable: none
+    /// (the reader sees what Postgres has; documented in the README).
+    async fn read_overlay(&self, tenant: &TenantId, res: &Resource, params: &[String]) -> Vec<overlay::Patch> {
+        if !self.redis_usable() {
+            return Vec::new();
+        }
+        let Ok(key) = res.key(params).and_then(|k| Ok(self.keys.overlay(tenant, &res.name, &k)?)) else {
+            return Vec::new();
+        };
+        let read = async { self.redis.next().hgetall::<HashMap<String, String>, _>(&key).await.map_err(Into::into) };
+        match self.redis_op(read).await {
+            Ok(pairs) => overlay::decode(pairs.into_iter().collect()),
+            Err(error) => {
+                tracing::warn!(resource = %res.name, %error, "cannot read the write-behind overlay");
+                Vec::new()
+            }
+        }
     }
 
     async fn lookup_resource(&self, read: Read<'_>, key: &str, min_lsn: u64) -> Result<Answer> {

@@ -2,7 +2,7 @@
 //! ready to run: the statement with `$tenant` bound by Herald, each caller
 //! parameter's canonical text, and the tags of the entries it changes.
 
-use herald_core::config::{CommandConfig, ResourceConfig, WriteModel};
+use herald_core::config::{CommandConfig, OverlayConfig, ResourceConfig, WriteModel};
 use herald_core::keys::TenantId;
 use postgres_types::ToSql;
 use tokio_postgres::error::SqlState;
@@ -10,12 +10,23 @@ use tokio_postgres::error::SqlState;
 use crate::error::{Error, Result};
 use crate::resource::{ParamKind, Text, canonical_params, connection_failed, db_message, render};
 
+/// A write-behind command's overlay, by parameter index.
+#[derive(Debug)]
+pub struct Overlay {
+    pub resource: String,
+    /// For each parameter of the resource, in its order: the command's.
+    pub params: Vec<usize>,
+    /// JSON field → the command's parameter.
+    pub set: Vec<(String, usize)>,
+}
+
 /// A command ready to run.
 #[derive(Debug)]
 pub struct Command {
     pub name: String,
     pub params: Vec<String>,
     pub model: WriteModel,
+    pub overlay: Option<Overlay>,
     /// The statement with `$tenant` as `$n+1`.
     sql: String,
     tags: Vec<String>,
@@ -25,7 +36,12 @@ pub struct Command {
 impl Command {
     /// Checks `config` against the database (the statement prepares; `$k`
     /// tags use parameters whose text Herald can make canonical).
-    pub async fn compile(config: &CommandConfig, db: &tokio_postgres::Client) -> anyhow::Result<Self> {
+    /// `resources` are the configured ones (an overlay names one).
+    pub async fn compile(
+        config: &CommandConfig,
+        resources: &[ResourceConfig],
+        db: &tokio_postgres::Client,
+    ) -> anyhow::Result<Self> {
         let at = format!("cache.commands ({})", config.name);
         let n = config.params.len();
         let sql = config.sql.replace("$tenant", &format!("${}", n + 1));
@@ -44,10 +60,22 @@ impl Command {
                 }
             }
         }
+        let index = |r: &String| OverlayConfig::param_index(r).unwrap_or(0);
+        // The config check made sure the resource exists and every
+        // reference is a parameter.
+        let overlay = config.overlay.as_ref().map(|o| {
+            let resource = resources.iter().find(|r| r.name == o.resource);
+            Overlay {
+                resource: o.resource.clone(),
+                params: resource.map_or_else(Vec::new, |r| r.params.iter().map(|p| index(&o.params[p])).collect()),
+                set: o.set.iter().map(|(field, r)| (field.clone(), index(r))).collect(),
+            }
+        });
         Ok(Self {
             name: config.name.clone(),
             params: config.params.clone(),
             model: config.model,
+            overlay,
             sql,
             tags: config.tags.clone(),
             kinds,
@@ -77,6 +105,29 @@ impl Command {
         tags
     }
 
+    /// The overlay's patch for canonical `params`: each field's parameter as
+    /// JSON (integers as numbers, the rest as strings).
+    pub fn patch(&self, params: &[String]) -> serde_json::Map<String, serde_json::Value> {
+        let Some(overlay) = &self.overlay else { return serde_json::Map::new() };
+        overlay
+            .set
+            .iter()
+            .map(|(field, i)| {
+                let text = params.get(*i).cloned().unwrap_or_default();
+                let value = match self.kinds.get(*i) {
+                    Some(ParamKind::Int(..)) => text.parse::<i64>().map_or(serde_json::Value::String(text), Into::into),
+                    _ => serde_json::Value::String(text),
+                };
+                (field.clone(), value)
+            })
+            .collect()
+    }
+
+    /// The overlay resource's parameters for the command's canonical `params`.
+    pub fn overlay_params(&self, params: &[String]) -> Vec<String> {
+        self.overlay.as_ref().map_or_else(Vec::new, |o| o.params.iter().map(|i| params[*i].clone()).collect())
+    }
+
     /// The JSON Schema of parameter `i` (the OpenAPI document's).
     pub fn param_schema(&self, i: usize) -> serde_json::Value {
         self.kinds.get(i).map_or_else(|| serde_json::json!({ "type": "string" }), |k| k.schema())
@@ -90,12 +141,8 @@ impl Command {
         tenant: &TenantId,
         params: &[String],
     ) -> Result<u64> {
-        let mut args: Vec<Text<'_>> = params.iter().map(|p| Text(p)).collect();
-        args.push(Text(tenant.as_str()));
-        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         let tx = client.transaction().await.map_err(|e| self.error(&e))?;
-        let stmt = tx.prepare_cached(&self.sql).await.map_err(|e| self.error(&e))?;
-        let rows = tx.execute(&stmt, &refs).await.map_err(|e| self.error(&e))?;
+        let rows = self.execute_in(&tx, tenant, params).await.map_err(|e| self.error(&e))?;
         tx.commit().await.map_err(|e| {
             if connection_failed(&e) {
                 Error::Unavailable(format!(
@@ -108,6 +155,20 @@ impl Command {
             }
         })?;
         Ok(rows)
+    }
+
+    /// Runs the statement for `tenant` in the caller's transaction `tx`.
+    pub async fn execute_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        tenant: &TenantId,
+        params: &[String],
+    ) -> std::result::Result<u64, tokio_postgres::Error> {
+        let mut args: Vec<Text<'_>> = params.iter().map(|p| Text(p)).collect();
+        args.push(Text(tenant.as_str()));
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let stmt = tx.prepare_cached(&self.sql).await?;
+        tx.execute(&stmt, &refs).await
     }
 
     /// A failed statement: bad parameter text and refused changes are the

@@ -70,6 +70,7 @@ fn answer(cache: &Cache, a: Answer) -> GetResponse {
         node_id: cache.node().to_string(),
         generation,
         global,
+        pending: a.pending,
     }
 }
 
@@ -246,6 +247,8 @@ impl CacheService for Grpc {
             rows_affected: w.rows_affected,
             commit_lsn: w.commit_lsn,
             wait_reached: w.wait_reached,
+            command_id: w.command_id,
+            pending: w.pending,
         }))
     }
 

@@ -214,7 +214,8 @@ fn resource_params(cache: &Cache, resource: &str, pairs: Vec<(String, String)>) 
 
 fn json_answer(answer: &Answer) -> String {
     let value = if answer.value.is_empty() { "null" } else { std::str::from_utf8(&answer.value).unwrap_or("null") };
-    format!(r#"{{"found":{},"layer":"{}","value":{value}}}"#, answer.found, layer_name(answer.layer))
+    let pending = if answer.pending { r#","pending":true"# } else { "" };
+    format!(r#"{{"found":{},"layer":"{}","value":{value}{pending}}}"#, answer.found, layer_name(answer.layer))
 }
 
 async fn get_resource(

@@ -2,9 +2,11 @@
 //! coherent read-through to Postgres.
 
 pub mod api;
+pub mod applier;
 pub mod auth;
 pub mod cache;
 pub mod commands;
+pub mod enqueue;
 pub mod error;
 /// Single-flight per key (shared with near caches: herald-l1).
 pub use herald_l1::flight;
@@ -12,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod overlay;
 pub mod progress;
 pub mod quota;
 pub mod resource;
@@ -110,6 +113,7 @@ pub async fn run(
     let statement_timeout = config.cache.query_timeout_ms.to_string();
     let db = herald_core::pg::pool_with_settings(&config.postgres, &[("statement_timeout", &statement_timeout)])?;
     let Some((resources, commands)) = compile_resources(&config, &db, &shutdown).await? else { return Ok(()) };
+    let overlaid = commands.iter().filter_map(|c| c.overlay.as_ref().map(|o| o.resource.clone())).collect();
     resources_ready.set(true);
 
     let redis = herald_core::redis::build_pool(&config.redis)?;
@@ -131,12 +135,24 @@ pub async fn run(
         hook: options.fill_hook,
         node: node.clone(),
         partitions: config.redis.partitions,
+        overlaid,
     }));
     // Until Redis was probed once the cache would take it for down (answer
     // explicit keys "not cached", refuse Sets): serve only after the probe.
     let postgres_up = readiness.soft_flag("postgres");
     probe(&cache, &redis, &db, &postgres_up).await;
-    let writer = Arc::new(write::Writer::new(commands, cache.clone(), db.clone(), redis.clone(), write_metrics));
+    let writer = Arc::new(write::Writer::new(
+        commands,
+        cache.clone(),
+        db.clone(),
+        redis.clone(),
+        write_metrics,
+        config.capture.clone(),
+    ));
+    let applier = (config.cache.write_behind_writer && writer.has_write_behind()).then(|| {
+        let applier = applier::Applier::new(keys.clone(), redis.clone(), db.clone(), writer.clone(), node.clone());
+        tokio::spawn(Arc::new(applier).run(shutdown.clone()))
+    });
     let progress = tokio::spawn(progress::run(
         cache.l1().clone(),
         redis.clone(),
@@ -200,6 +216,9 @@ pub async fn run(
         Err(_) => tracing::warn!(grace = ?GRACE, "requests still in flight after the grace period"),
     }
     let _ = health.await;
+    if let Some(applier) = applier {
+        let _ = applier.await;
+    }
     let _ = progress.await;
     let _ = subscriber.await;
     let _ = ops_task.await;
@@ -224,7 +243,7 @@ async fn compile_resources(
                 }
                 let mut commands = Vec::with_capacity(config.cache.commands.len());
                 for c in &config.cache.commands {
-                    commands.push(commands::Command::compile(c, &client).await?);
+                    commands.push(commands::Command::compile(c, &config.cache.resources, &client).await?);
                 }
                 return Ok(Some((resources, commands)));
             }

@@ -3,7 +3,7 @@
 //! its named query parameters, and every limit the server enforces
 //! (`cache.max_*`) is stated as the JSON Schema constraint it is.
 
-use herald_core::config::{CacheConfig, CommandConfig, ResourceConfig};
+use herald_core::config::{CacheConfig, CommandConfig, ResourceConfig, WriteModel};
 use serde_json::{Value, json};
 
 use crate::api::MAX_GET_MANY;
@@ -105,7 +105,11 @@ fn components(config: &CacheConfig, resources: &[&str]) -> Value {
                 "properties": {
                     "found": { "type": "boolean" },
                     "layer": { "$ref": "#/components/schemas/Layer" },
-                    "value": { "description": "the JSON value; null for a negative entry" }
+                    "value": { "description": "the JSON value; null for a negative entry" },
+                    "pending": {
+                        "type": "boolean",
+                        "description": "present (true) when write-behind commands not yet in this node's cache are merged in"
+                    }
                 },
                 "required": ["found", "layer", "value"]
             },
@@ -457,16 +461,61 @@ fn invalidate_path(config: &CacheConfig) -> Value {
 fn write_path(command: &CommandConfig) -> Value {
     let value = json!({ "type": ["string", "number", "boolean"] });
     let named: serde_json::Map<String, Value> = command.params.iter().map(|p| (p.clone(), value.clone())).collect();
-    json!({
-        "parameters": path_params(&["tenant"]),
-        "post": {
-            "operationId": format!("write{}", camel(&command.name)),
-            "summary": format!(
+    let (summary, answer) = match command.model {
+        WriteModel::WriteThrough => (
+            format!(
                 "Run command {:?} (write-through): returns after the commit, after its tags were dropped on \
                  every node, and once every live node applied the changes up to the commit (at most \
                  cache.write_wait_ms; wait_reached says whether they did).",
                 command.name
             ),
+            json!({
+                "description": "committed",
+                "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "properties": {
+                        "rows_affected": { "type": "integer", "minimum": 0 },
+                        "commit_lsn": {
+                            "type": "string", "pattern": LSN_PATTERN,
+                            "description": "the position after the commit; usable as x-herald-min-lsn"
+                        },
+                        "wait_reached": {
+                            "type": "boolean",
+                            "description": "every live node applied the changes up to commit_lsn in time"
+                        }
+                    },
+                    "required": ["rows_affected", "commit_lsn", "wait_reached"]
+                } } }
+            }),
+        ),
+        WriteModel::WriteBehind => (
+            format!(
+                "Enqueue command {:?} (write-behind): returns once the command is durable in the tenant's \
+                 command stream; readers see it at once (answers marked pending); a writer applies it to \
+                 Postgres exactly once, in order.",
+                command.name
+            ),
+            json!({
+                "description": "enqueued",
+                "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "properties": {
+                        "command_id": {
+                            "type": "string",
+                            "description": "recorded in herald.applied_commands when the command is applied"
+                        },
+                        "pending": { "const": true }
+                    },
+                    "required": ["command_id", "pending"]
+                } } }
+            }),
+        ),
+    };
+    json!({
+        "parameters": path_params(&["tenant"]),
+        "post": {
+            "operationId": format!("write{}", camel(&command.name)),
+            "summary": summary,
             "requestBody": json_body(json!({
                 "type": "object",
                 "properties": {
@@ -479,26 +528,7 @@ fn write_path(command: &CommandConfig) -> Value {
                 },
                 "additionalProperties": false
             })),
-            "responses": errors(json!({
-                "200": {
-                    "description": "committed",
-                    "content": { "application/json": { "schema": {
-                        "type": "object",
-                        "properties": {
-                            "rows_affected": { "type": "integer", "minimum": 0 },
-                            "commit_lsn": {
-                                "type": "string", "pattern": LSN_PATTERN,
-                                "description": "the position after the commit; usable as x-herald-min-lsn"
-                            },
-                            "wait_reached": {
-                                "type": "boolean",
-                                "description": "every live node applied the changes up to commit_lsn in time"
-                            }
-                        },
-                        "required": ["rows_affected", "commit_lsn", "wait_reached"]
-                    } } }
-                }
-            }), &["413", "500"])
+            "responses": errors(json!({ "200": answer }), &["413", "500"])
         }
     })
 }
@@ -533,6 +563,7 @@ mod tests {
                 params: vec!["id".into(), "name".into()],
                 tags: vec!["res_users.id=$1".into()],
                 model: Default::default(),
+                overlay: None,
             }],
             ..CacheConfig::default()
         };

@@ -5,6 +5,9 @@
 //! has passed it. A read on any node after a reached wait reflects the
 //! write without a token; the position is also a read-your-writes token.
 //!
+//! A write-behind command is enqueued instead (`enqueue.rs`) and applied by
+//! the writer (`applier.rs`).
+//!
 //! Why the position is taken after the invalidation: a node's watermark is
 //! forwarded on the same channel as the invalidation, after it, so a node
 //! past the position has also applied the invalidation.
@@ -18,10 +21,12 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use fred::prelude::*;
+use herald_core::config::{CaptureConfig, WriteModel};
 use herald_core::keys::TenantId;
 
 use crate::cache::Cache;
 use crate::commands::Command;
+use crate::enqueue;
 use crate::error::{Error, Result};
 use crate::http::HttpState;
 use crate::progress;
@@ -29,13 +34,17 @@ use crate::resource::connection_failed;
 use crate::write_metrics::WriteMetrics;
 
 /// What a write did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Written {
     pub rows_affected: u64,
     /// `pg_current_wal_lsn()` after the commit and the invalidation.
     pub commit_lsn: u64,
     /// Every live node applied the changes up to `commit_lsn` in time.
     pub wait_reached: bool,
+    /// Write-behind: the enqueued command's id (empty for write-through).
+    pub command_id: String,
+    /// Write-behind: enqueued, not applied yet.
+    pub pending: bool,
 }
 
 /// Runs the configured commands of one node.
@@ -46,6 +55,8 @@ pub struct Writer {
     redis: Pool,
     wait: Duration,
     metrics: WriteMetrics,
+    /// `capture.wait_replicas` and its timeout, for enqueues.
+    replicas: CaptureConfig,
 }
 
 impl Writer {
@@ -55,10 +66,20 @@ impl Writer {
         db: deadpool_postgres::Pool,
         redis: Pool,
         metrics: WriteMetrics,
+        replicas: CaptureConfig,
     ) -> Self {
         let wait = Duration::from_millis(cache.config().write_wait_ms);
         let commands = commands.into_iter().map(|c| (c.name.clone(), c)).collect();
-        Self { commands, cache, db, redis, wait, metrics }
+        Self { commands, cache, db, redis, wait, metrics, replicas }
+    }
+
+    /// Whether any command is write-behind (then a node runs the writer).
+    pub fn has_write_behind(&self) -> bool {
+        self.commands.values().any(|c| c.model == WriteModel::WriteBehind)
+    }
+
+    pub fn metrics(&self) -> &WriteMetrics {
+        &self.metrics
     }
 
     pub fn command(&self, name: &str) -> Result<&Command> {
@@ -68,8 +89,12 @@ impl Writer {
     /// Runs `name` for `tenant` (already checked against the caller's token).
     pub async fn write(&self, tenant: &TenantId, name: &str, params: &[String]) -> Result<Written> {
         let command = self.command(name)?;
-        let result = self.run(command, tenant, params).await;
+        let result = match command.model {
+            WriteModel::WriteThrough => self.run(command, tenant, params).await,
+            WriteModel::WriteBehind => self.enqueue(command, tenant, params).await,
+        };
         let outcome = match &result {
+            Ok(w) if w.pending => "enqueued",
             Ok(w) if w.wait_reached => "reached",
             Ok(_) => "not_reached",
             Err(e) => e.kind(),
@@ -108,7 +133,23 @@ impl Writer {
         } else {
             tracing::warn!(command = name, commit_lsn, "write-through: not every live node applied the write in time");
         }
-        Ok(Written { rows_affected, commit_lsn, wait_reached })
+        Ok(Written { rows_affected, commit_lsn, wait_reached, command_id: String::new(), pending: false })
+    }
+
+    /// Write-behind: durable in the tenant's command stream, visible as a
+    /// pending overlay; applied later by the writer (`applier.rs`).
+    async fn enqueue(&self, command: &Command, tenant: &TenantId, params: &[String]) -> Result<Written> {
+        let params = command.canonical_params(params)?;
+        // Checked before the enqueue, as for write-through.
+        self.cache.check_tags(&command.tags(&params))?;
+        let enqueued = enqueue::enqueue(&self.cache, &self.redis, &self.replicas, command, tenant, &params).await?;
+        Ok(Written {
+            rows_affected: 0,
+            commit_lsn: 0,
+            wait_reached: false,
+            command_id: enqueued.command_id,
+            pending: true,
+        })
     }
 }
 
@@ -178,6 +219,9 @@ pub async fn http_write(
     let (_, tenant) = state.tenant(&headers, &tenant)?;
     let params = body_params(state.writer.command(&command)?, &body)?;
     let w = state.writer.write(&tenant, &command, &params).await?;
+    if w.pending {
+        return Ok(axum::Json(serde_json::json!({ "command_id": w.command_id, "pending": true })).into_response());
+    }
     Ok(axum::Json(serde_json::json!({
         "rows_affected": w.rows_affected,
         "commit_lsn": lsn_text(w.commit_lsn),

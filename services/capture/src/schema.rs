@@ -86,6 +86,19 @@ CREATE TABLE IF NOT EXISTS herald.dead_letter (
     failed_at   timestamptz NOT NULL DEFAULT now()
 );
 
+-- Write-behind commands applied by a cache-api writer, each recorded in the
+-- transaction that applied it: a command whose id is here is never applied
+-- again (a writer killed between its commit and its stream acknowledgement
+-- finds it here and skips it). `enqueued_at` is Redis's time of the enqueue.
+CREATE TABLE IF NOT EXISTS herald.applied_commands (
+    tenant      text        NOT NULL,
+    command_id  text        NOT NULL,
+    command     text        NOT NULL,
+    enqueued_at timestamptz NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (tenant, command_id)
+);
+
 -- The doorbell lease: epoch milliseconds until which a capture is busy
 -- draining. A sequence, because reading and setting it is immediate and
 -- outside every transaction, and reading it costs a writer almost nothing.

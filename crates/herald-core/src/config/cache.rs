@@ -74,6 +74,9 @@ pub struct CacheConfig {
     /// Longest a write-through call waits, after its commit, for every live
     /// node to apply the changes up to it (the answer says whether it did).
     pub write_wait_ms: u64,
+    /// Runs the write-behind writer on this node (leases keep one writer
+    /// active per tenant across nodes).
+    pub write_behind_writer: bool,
 }
 
 impl Default for CacheConfig {
@@ -104,6 +107,7 @@ impl Default for CacheConfig {
             resources: Vec::new(),
             commands: Vec::new(),
             write_wait_ms: 2_000,
+            write_behind_writer: true,
         }
     }
 }
@@ -382,7 +386,7 @@ impl CacheConfig {
                     .map_err(|reason| Error::Config(format!("{}: {reason}", at("tags"))))?;
             }
         }
-        super::command::validate(&self.commands, tables).map_err(Error::Config)
+        super::command::validate(&self.commands, &self.resources, tables).map_err(Error::Config)
     }
 }
 

@@ -21,7 +21,7 @@ mod command;
 mod gateway;
 
 pub use cache::{CacheConfig, OnStale, ResourceConfig, Shape, TokenConfig};
-pub use command::{CommandConfig, WriteModel};
+pub use command::{CommandConfig, OverlayConfig, WriteModel};
 pub use gateway::{GatewayConfig, OpsChannelConfig};
 pub use herald_l1::L1Config;
 

@@ -42,7 +42,7 @@ class GetRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., resource: _Optional[_Union[ResourceRef, _Mapping]] = ..., key: _Optional[str] = ..., min_commit_lsn: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("found", "value", "layer", "fill_token", "tags", "expires_at_ms", "node_id", "generation")
+    __slots__ = ("found", "value", "layer", "fill_token", "tags", "expires_at_ms", "node_id", "generation", "pending")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class GetResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     found: bool
     value: bytes
     layer: Layer
@@ -60,7 +61,8 @@ class GetResponse(_message.Message):
     expires_at_ms: int
     node_id: str
     generation: int
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., layer: _Optional[_Union[Layer, str]] = ..., fill_token: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., expires_at_ms: _Optional[int] = ..., node_id: _Optional[str] = ..., generation: _Optional[int] = ..., **kwargs) -> None: ...
+    pending: bool
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., layer: _Optional[_Union[Layer, str]] = ..., fill_token: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., expires_at_ms: _Optional[int] = ..., node_id: _Optional[str] = ..., generation: _Optional[int] = ..., pending: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class GetManyRequest(_message.Message):
     __slots__ = ("tenant", "items", "min_commit_lsn")
@@ -278,11 +280,15 @@ class WriteRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., command: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WriteResponse(_message.Message):
-    __slots__ = ("rows_affected", "commit_lsn", "wait_reached")
+    __slots__ = ("rows_affected", "commit_lsn", "wait_reached", "command_id", "pending")
     ROWS_AFFECTED_FIELD_NUMBER: _ClassVar[int]
     COMMIT_LSN_FIELD_NUMBER: _ClassVar[int]
     WAIT_REACHED_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     rows_affected: int
     commit_lsn: int
     wait_reached: bool
-    def __init__(self, rows_affected: _Optional[int] = ..., commit_lsn: _Optional[int] = ..., wait_reached: _Optional[bool] = ...) -> None: ...
+    command_id: str
+    pending: bool
+    def __init__(self, rows_affected: _Optional[int] = ..., commit_lsn: _Optional[int] = ..., wait_reached: _Optional[bool] = ..., command_id: _Optional[str] = ..., pending: _Optional[bool] = ...) -> None: ...
