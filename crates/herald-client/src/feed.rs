@@ -108,13 +108,18 @@ async fn follow(
             Some(Body::Ready(ready)) if !was_live => {
                 let lsn = ready.position.map_or(0, |p| p.commit_lsn);
                 state.ready(&ready.node_id, ready.generation, lsn, now);
+                state.freshness(ready.position.and_then(|p| p.staleness_ms), now);
                 was_live = true;
                 tracing::info!(node = %ready.node_id, generation = ready.generation, "near cache live");
                 Ok(())
             }
             Some(Body::Events(events)) if was_live => state.events(events.seq, &events.events, now),
             Some(Body::Heartbeat(hb)) if was_live => {
-                state.heartbeat(hb.generation, hb.seq, hb.position.map_or(0, |p| p.commit_lsn), now)
+                let applied = state.heartbeat(hb.generation, hb.seq, hb.position.map_or(0, |p| p.commit_lsn), now);
+                if applied.is_ok() {
+                    state.freshness(hb.position.and_then(|p| p.staleness_ms), now);
+                }
+                applied
             }
             // A message of a newer kind: nothing to do.
             None => continue,
