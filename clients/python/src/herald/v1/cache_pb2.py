@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from herald.v1 import events_pb2 as herald_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15herald/v1/cache.proto\x12\therald.v1\x1a\x16herald/v1/events.proto\"/\n\x0bResourceRef\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x03(\t\"y\n\nGetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12*\n\x08resource\x18\x02 \x01(\x0b\x32\x16.herald.v1.ResourceRefH\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x12\x16\n\x0emin_commit_lsn\x18\x04 \x01(\x04\x42\x08\n\x06target\"\xba\x01\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x1f\n\x05layer\x18\x03 \x01(\x0e\x32\x10.herald.v1.Layer\x12\x12\n\nfill_token\x18\x04 \x01(\t\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x15\n\rexpires_at_ms\x18\x06 \x01(\x03\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x12\n\ngeneration\x18\x08 \x01(\x04\x12\x0e\n\x06global\x18\t \x01(\x08\"[\n\x0eGetManyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.herald.v1.GetItem\x12\x16\n\x0emin_commit_lsn\x18\x03 \x01(\x04\"N\n\x07GetItem\x12*\n\x08resource\x18\x01 \x01(\x0b\x32\x16.herald.v1.ResourceRefH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"8\n\x0fGetManyResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.herald.v1.GetResult\"R\n\tGetResult\x12(\n\x08response\x18\x01 \x01(\x0b\x32\x16.herald.v1.GetResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"j\n\nSetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x04\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x12\n\nfill_token\x18\x06 \x01(\t\"\x1d\n\x0bSetResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"d\n\rDeleteRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12*\n\x08resource\x18\x02 \x01(\x0b\x32\x16.herald.v1.ResourceRefH\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"5\n\x15InvalidateTagsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\"\\\n\x17InvalidatePrefixRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"%\n\x12InvalidateResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"M\n\x0cWatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06tables\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x0f\n\x07tenants\x18\x04 \x03(\t\"3\n\rWatchPosition\x12\x12\n\ncommit_lsn\x18\x01 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\"\xbf\x03\n\x0cWatchMessage\x12.\n\x05ready\x18\x01 \x01(\x0b\x32\x1d.herald.v1.WatchMessage.ReadyH\x00\x12\x30\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1e.herald.v1.WatchMessage.EventsH\x00\x12\x36\n\theartbeat\x18\x03 \x01(\x0b\x32!.herald.v1.WatchMessage.HeartbeatH\x00\x1an\n\x05Ready\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12*\n\x08position\x18\x03 \x01(\x0b\x32\x18.herald.v1.WatchPosition\x12\x14\n\x0cheartbeat_ms\x18\x04 \x01(\x04\x1a\x43\n\x06\x45vents\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.herald.v1.InvalidationEvent\x1aX\n\tHeartbeat\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x08position\x18\x03 \x01(\x0b\x32\x18.herald.v1.WatchPositionB\x06\n\x04\x62ody\"P\n\x0bStoredEntry\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x15\n\rexpires_at_ms\x18\x04 \x01(\x03\"V\n\nAddRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x04\x12\x0c\n\x04tags\x18\x05 \x03(\t\"\x1d\n\x0b\x41\x64\x64Response\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"9\n\x0bIncrRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x12\",\n\x0cIncrResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x12\"?\n\x0cWriteRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0e\n\x06params\x18\x03 \x03(\t\"P\n\rWriteResponse\x12\x15\n\rrows_affected\x18\x01 \x01(\x04\x12\x12\n\ncommit_lsn\x18\x02 \x01(\x04\x12\x14\n\x0cwait_reached\x18\x03 \x01(\x08*^\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x0c\n\x08LAYER_L1\x10\x01\x12\x0c\n\x08LAYER_L2\x10\x02\x12\x12\n\x0eLAYER_DATABASE\x10\x03\x12\x0e\n\nLAYER_NONE\x10\x04\x32\xd5\x05\n\x05\x43\x61\x63he\x12\x34\n\x03Get\x12\x15.herald.v1.GetRequest\x1a\x16.herald.v1.GetResponse\x12@\n\x07GetMany\x12\x19.herald.v1.GetManyRequest\x1a\x1a.herald.v1.GetManyResponse\x12\x34\n\x03Set\x12\x15.herald.v1.SetRequest\x1a\x16.herald.v1.SetResponse\x12=\n\x06\x44\x65lete\x12\x18.herald.v1.DeleteRequest\x1a\x19.herald.v1.DeleteResponse\x12Q\n\x0eInvalidateTags\x12 .herald.v1.InvalidateTagsRequest\x1a\x1d.herald.v1.InvalidateResponse\x12U\n\x10InvalidatePrefix\x12\".herald.v1.InvalidatePrefixRequest\x1a\x1d.herald.v1.InvalidateResponse\x12M\n\x12WatchInvalidations\x12\x17.herald.v1.WatchRequest\x1a\x1c.herald.v1.InvalidationEvent0\x01\x12;\n\x05Watch\x12\x17.herald.v1.WatchRequest\x1a\x17.herald.v1.WatchMessage0\x01\x12\x34\n\x03\x41\x64\x64\x12\x15.herald.v1.AddRequest\x1a\x16.herald.v1.AddResponse\x12\x37\n\x04Incr\x12\x16.herald.v1.IncrRequest\x1a\x17.herald.v1.IncrResponse\x12:\n\x05Write\x12\x17.herald.v1.WriteRequest\x1a\x18.herald.v1.WriteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15herald/v1/cache.proto\x12\therald.v1\x1a\x16herald/v1/events.proto\"/\n\x0bResourceRef\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x03(\t\"y\n\nGetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12*\n\x08resource\x18\x02 \x01(\x0b\x32\x16.herald.v1.ResourceRefH\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x12\x16\n\x0emin_commit_lsn\x18\x04 \x01(\x04\x42\x08\n\x06target\"\xba\x01\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x1f\n\x05layer\x18\x03 \x01(\x0e\x32\x10.herald.v1.Layer\x12\x12\n\nfill_token\x18\x04 \x01(\t\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x15\n\rexpires_at_ms\x18\x06 \x01(\x03\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x12\n\ngeneration\x18\x08 \x01(\x04\x12\x0e\n\x06global\x18\t \x01(\x08\"[\n\x0eGetManyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.herald.v1.GetItem\x12\x16\n\x0emin_commit_lsn\x18\x03 \x01(\x04\"N\n\x07GetItem\x12*\n\x08resource\x18\x01 \x01(\x0b\x32\x16.herald.v1.ResourceRefH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"8\n\x0fGetManyResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.herald.v1.GetResult\"R\n\tGetResult\x12(\n\x08response\x18\x01 \x01(\x0b\x32\x16.herald.v1.GetResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"j\n\nSetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x04\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x12\n\nfill_token\x18\x06 \x01(\t\"\x1d\n\x0bSetResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"d\n\rDeleteRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12*\n\x08resource\x18\x02 \x01(\x0b\x32\x16.herald.v1.ResourceRefH\x00\x12\r\n\x03key\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"5\n\x15InvalidateTagsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\"\\\n\x17InvalidatePrefixRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\t\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"%\n\x12InvalidateResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"M\n\x0cWatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06tables\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x0f\n\x07tenants\x18\x04 \x03(\t\"_\n\rWatchPosition\x12\x12\n\ncommit_lsn\x18\x01 \x01(\x04\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12\x19\n\x0cstaleness_ms\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0f\n\r_staleness_ms\"\xbf\x03\n\x0cWatchMessage\x12.\n\x05ready\x18\x01 \x01(\x0b\x32\x1d.herald.v1.WatchMessage.ReadyH\x00\x12\x30\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x1e.herald.v1.WatchMessage.EventsH\x00\x12\x36\n\theartbeat\x18\x03 \x01(\x0b\x32!.herald.v1.WatchMessage.HeartbeatH\x00\x1an\n\x05Ready\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12*\n\x08position\x18\x03 \x01(\x0b\x32\x18.herald.v1.WatchPosition\x12\x14\n\x0cheartbeat_ms\x18\x04 \x01(\x04\x1a\x43\n\x06\x45vents\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.herald.v1.InvalidationEvent\x1aX\n\tHeartbeat\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x08position\x18\x03 \x01(\x0b\x32\x18.herald.v1.WatchPositionB\x06\n\x04\x62ody\"P\n\x0bStoredEntry\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x15\n\rexpires_at_ms\x18\x04 \x01(\x03\"V\n\nAddRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\x04\x12\x0c\n\x04tags\x18\x05 \x03(\t\"\x1d\n\x0b\x41\x64\x64Response\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"9\n\x0bIncrRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x12\",\n\x0cIncrResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x12\"?\n\x0cWriteRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0e\n\x06params\x18\x03 \x03(\t\"P\n\rWriteResponse\x12\x15\n\rrows_affected\x18\x01 \x01(\x04\x12\x12\n\ncommit_lsn\x18\x02 \x01(\x04\x12\x14\n\x0cwait_reached\x18\x03 \x01(\x08*^\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x0c\n\x08LAYER_L1\x10\x01\x12\x0c\n\x08LAYER_L2\x10\x02\x12\x12\n\x0eLAYER_DATABASE\x10\x03\x12\x0e\n\nLAYER_NONE\x10\x04\x32\xd5\x05\n\x05\x43\x61\x63he\x12\x34\n\x03Get\x12\x15.herald.v1.GetRequest\x1a\x16.herald.v1.GetResponse\x12@\n\x07GetMany\x12\x19.herald.v1.GetManyRequest\x1a\x1a.herald.v1.GetManyResponse\x12\x34\n\x03Set\x12\x15.herald.v1.SetRequest\x1a\x16.herald.v1.SetResponse\x12=\n\x06\x44\x65lete\x12\x18.herald.v1.DeleteRequest\x1a\x19.herald.v1.DeleteResponse\x12Q\n\x0eInvalidateTags\x12 .herald.v1.InvalidateTagsRequest\x1a\x1d.herald.v1.InvalidateResponse\x12U\n\x10InvalidatePrefix\x12\".herald.v1.InvalidatePrefixRequest\x1a\x1d.herald.v1.InvalidateResponse\x12M\n\x12WatchInvalidations\x12\x17.herald.v1.WatchRequest\x1a\x1c.herald.v1.InvalidationEvent0\x01\x12;\n\x05Watch\x12\x17.herald.v1.WatchRequest\x1a\x17.herald.v1.WatchMessage0\x01\x12\x34\n\x03\x41\x64\x64\x12\x15.herald.v1.AddRequest\x1a\x16.herald.v1.AddResponse\x12\x37\n\x04Incr\x12\x16.herald.v1.IncrRequest\x1a\x17.herald.v1.IncrResponse\x12:\n\x05Write\x12\x17.herald.v1.WriteRequest\x1a\x18.herald.v1.WriteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LAYER']._serialized_start=2235
-  _globals['_LAYER']._serialized_end=2329
+  _globals['_LAYER']._serialized_start=2279
+  _globals['_LAYER']._serialized_end=2373
   _globals['_RESOURCEREF']._serialized_start=60
   _globals['_RESOURCEREF']._serialized_end=107
   _globals['_GETREQUEST']._serialized_start=109
@@ -65,29 +65,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=1200
   _globals['_WATCHREQUEST']._serialized_end=1277
   _globals['_WATCHPOSITION']._serialized_start=1279
-  _globals['_WATCHPOSITION']._serialized_end=1330
-  _globals['_WATCHMESSAGE']._serialized_start=1333
-  _globals['_WATCHMESSAGE']._serialized_end=1780
-  _globals['_WATCHMESSAGE_READY']._serialized_start=1503
-  _globals['_WATCHMESSAGE_READY']._serialized_end=1613
-  _globals['_WATCHMESSAGE_EVENTS']._serialized_start=1615
-  _globals['_WATCHMESSAGE_EVENTS']._serialized_end=1682
-  _globals['_WATCHMESSAGE_HEARTBEAT']._serialized_start=1684
-  _globals['_WATCHMESSAGE_HEARTBEAT']._serialized_end=1772
-  _globals['_STOREDENTRY']._serialized_start=1782
-  _globals['_STOREDENTRY']._serialized_end=1862
-  _globals['_ADDREQUEST']._serialized_start=1864
-  _globals['_ADDREQUEST']._serialized_end=1950
-  _globals['_ADDRESPONSE']._serialized_start=1952
-  _globals['_ADDRESPONSE']._serialized_end=1981
-  _globals['_INCRREQUEST']._serialized_start=1983
-  _globals['_INCRREQUEST']._serialized_end=2040
-  _globals['_INCRRESPONSE']._serialized_start=2042
-  _globals['_INCRRESPONSE']._serialized_end=2086
-  _globals['_WRITEREQUEST']._serialized_start=2088
-  _globals['_WRITEREQUEST']._serialized_end=2151
-  _globals['_WRITERESPONSE']._serialized_start=2153
-  _globals['_WRITERESPONSE']._serialized_end=2233
-  _globals['_CACHE']._serialized_start=2332
-  _globals['_CACHE']._serialized_end=3057
+  _globals['_WATCHPOSITION']._serialized_end=1374
+  _globals['_WATCHMESSAGE']._serialized_start=1377
+  _globals['_WATCHMESSAGE']._serialized_end=1824
+  _globals['_WATCHMESSAGE_READY']._serialized_start=1547
+  _globals['_WATCHMESSAGE_READY']._serialized_end=1657
+  _globals['_WATCHMESSAGE_EVENTS']._serialized_start=1659
+  _globals['_WATCHMESSAGE_EVENTS']._serialized_end=1726
+  _globals['_WATCHMESSAGE_HEARTBEAT']._serialized_start=1728
+  _globals['_WATCHMESSAGE_HEARTBEAT']._serialized_end=1816
+  _globals['_STOREDENTRY']._serialized_start=1826
+  _globals['_STOREDENTRY']._serialized_end=1906
+  _globals['_ADDREQUEST']._serialized_start=1908
+  _globals['_ADDREQUEST']._serialized_end=1994
+  _globals['_ADDRESPONSE']._serialized_start=1996
+  _globals['_ADDRESPONSE']._serialized_end=2025
+  _globals['_INCRREQUEST']._serialized_start=2027
+  _globals['_INCRREQUEST']._serialized_end=2084
+  _globals['_INCRRESPONSE']._serialized_start=2086
+  _globals['_INCRRESPONSE']._serialized_end=2130
+  _globals['_WRITEREQUEST']._serialized_start=2132
+  _globals['_WRITEREQUEST']._serialized_end=2195
+  _globals['_WRITERESPONSE']._serialized_start=2197
+  _globals['_WRITERESPONSE']._serialized_end=2277
+  _globals['_CACHE']._serialized_start=2376
+  _globals['_CACHE']._serialized_end=3101
 # @@protoc_insertion_point(module_scope)
