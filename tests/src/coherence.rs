@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::*;
-use herald_core::config::{Config, ResourceConfig, Shape};
+use herald_core::config::{Config, OnStale, ResourceConfig, Shape};
 use herald_core::keys::{Scope, TenantId};
 use herald_core::time::now_us;
 use herald_proto::Message as _;
@@ -81,6 +81,8 @@ pub struct Settings {
     /// judged against it ([`bound`]). None: no bound, reads judged by the
     /// window alone.
     pub max_staleness: Option<Duration>,
+    /// What the nodes do past the bound (`cache.resources[].on_stale`).
+    pub on_stale: OnStale,
 }
 
 impl Default for Settings {
@@ -99,6 +101,7 @@ impl Default for Settings {
             source: Source::Outbox,
             cluster: false,
             max_staleness: None,
+            on_stale: OnStale::Bypass,
         }
     }
 }
@@ -312,6 +315,9 @@ impl World {
                 "slug",
                 &["res_users.website_slug=$1", "res_users.id={id}"],
             ));
+            for r in c.cache.resources.iter_mut().filter(|r| [BY_ID, BY_SLUG].contains(&r.name.as_str())) {
+                r.on_stale = settings.on_stale;
+            }
         })
         .await;
         sb.sql("CREATE SEQUENCE herald_reads").await;

@@ -36,6 +36,9 @@ pub struct BoundReport {
     /// the bound (`herald_cache_bypassed_total`, by cause, summed over the
     /// nodes over the phase).
     pub bypassed: BTreeMap<String, u64>,
+    /// Reads the nodes served from their cache past the bound
+    /// (`on_stale = "serve"`: `herald_cache_served_stale_total`), by cause.
+    pub served_stale: BTreeMap<String, u64>,
     /// The same judgement of the near caches' reads.
     pub near_stale_beyond_bound: u64,
     /// Near-cache reads answered from RAM (`herald_l1_hits_total`).
@@ -49,6 +52,10 @@ impl BoundReport {
         self.bypassed.values().sum()
     }
 
+    pub fn served_stale_total(&self) -> u64 {
+        self.served_stale.values().sum()
+    }
+
     pub fn near_bypassed_total(&self) -> u64 {
         self.near_bypassed.values().sum()
     }
@@ -56,7 +63,8 @@ impl BoundReport {
 
 /// Counters read at the start of a phase, to report the phase's share.
 pub(super) struct Snapshot {
-    nodes: Vec<BTreeMap<String, u64>>,
+    /// Per node: bypassed and served stale, by cause.
+    nodes: Vec<[BTreeMap<String, u64>; 2]>,
     near: Vec<(u64, BTreeMap<String, u64>)>,
 }
 
@@ -64,7 +72,8 @@ impl Snapshot {
     pub(super) async fn take(ops: &[SocketAddr], near: &[NearCache]) -> Self {
         let mut nodes = Vec::new();
         for addr in ops {
-            nodes.push(bypassed_by_cause(*addr).await);
+            let text = http_get(*addr, "/metrics").await;
+            nodes.push(["herald_cache_bypassed_total", "herald_cache_served_stale_total"].map(|m| by_cause(&text, m)));
         }
         Self { nodes, near: near.iter().map(near_counters).collect() }
     }
@@ -74,8 +83,10 @@ impl Snapshot {
     pub(super) fn since(&self, later: &Snapshot, report: &mut BoundReport) {
         let grown = |before: u64, after: u64| if after >= before { after - before } else { after };
         for (before, after) in self.nodes.iter().zip(&later.nodes) {
-            for (cause, n) in after {
-                *report.bypassed.entry(cause.clone()).or_default() += grown(before.get(cause).copied().unwrap_or(0), *n);
+            for (i, into) in [&mut report.bypassed, &mut report.served_stale].into_iter().enumerate() {
+                for (cause, n) in &after[i] {
+                    *into.entry(cause.clone()).or_default() += grown(before[i].get(cause).copied().unwrap_or(0), *n);
+                }
             }
         }
         for ((hits_before, before), (hits_after, after)) in self.near.iter().zip(&later.near) {
@@ -97,11 +108,12 @@ fn near_counters(near: &NearCache) -> (u64, BTreeMap<String, u64>) {
     (near.metrics().hits.get(), causes)
 }
 
-/// A node's `herald_cache_bypassed_total`, summed over resources, by cause.
-async fn bypassed_by_cause(ops: SocketAddr) -> BTreeMap<String, u64> {
-    let text = http_get(ops, "/metrics").await;
+/// A node's counter `metric` (from its `/metrics` text), summed over
+/// resources, by cause.
+fn by_cause(text: &str, metric: &str) -> BTreeMap<String, u64> {
     let mut causes = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("herald_cache_bypassed_total{")) {
+    let prefix = format!("{metric}{{");
+    for line in text.lines().filter(|l| l.starts_with(&prefix)) {
         let Some((labels, value)) = line.rsplit_once(' ') else { continue };
         let Some(cause) = labels.split("cause=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
         *causes.entry(cause.to_string()).or_default() += value.trim().parse::<f64>().unwrap_or(0.0) as u64;
