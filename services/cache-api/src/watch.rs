@@ -309,6 +309,17 @@ mod tests {
     }
 
     #[test]
+    fn a_position_vouches_only_for_a_watermark_passed_on_plus_the_skew() {
+        let mut freshness = Freshness { watermark_time_us: 0, clock_skew_ms: 30 };
+        assert_eq!(freshness.stamp(WatchPosition::default()).staleness_ms, None, "no watermark: no bound");
+        let two_seconds_ago = herald_core::time::now_us() - 2_000_000;
+        assert!(freshness.advance(two_seconds_ago));
+        assert!(!freshness.advance(two_seconds_ago - 1), "an older watermark changes nothing");
+        let staleness = freshness.stamp(WatchPosition::default()).staleness_ms.unwrap();
+        assert!(staleness >= 2_030, "its age plus the skew, got {staleness}");
+    }
+
+    #[test]
     fn watch_filter_keeps_tenants_apart() {
         let event = InvalidationEvent {
             tenant: "acme".into(),
