@@ -11,7 +11,9 @@
 //! **stale after quiesce**; that number must be 0.
 //!
 //! Used by `herald-bench coherence` (long phases, every fault) and by the
-//! suite's slim run (a few seconds, steady state plus one fault).
+//! suite's slim run (a few seconds, steady state plus one fault). With
+//! [`Settings::max_staleness`] every read is also judged against that bound
+//! ([`bound`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,12 +23,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::*;
-use herald_core::config::{Config, ResourceConfig, Shape};
+use herald_core::config::{Config, OnStale, ResourceConfig, Shape};
 use herald_core::keys::{Scope, TenantId};
 use herald_core::time::now_us;
 use herald_proto::Message as _;
 use herald_proto::v1::cache_client::CacheClient;
-use herald_proto::v1::{GetRequest, ResourceRef, StoredEntry, WatchRequest, get_request};
+use herald_proto::v1::{GetRequest, Layer, ResourceRef, StoredEntry, WatchRequest, get_request};
 use rand::Rng;
 use tokio::process::Child;
 use tokio::task::JoinHandle;
@@ -39,6 +41,8 @@ use crate::cache_api::{ACME_TOKEN, HttpConn, authed, configure, resource};
 use crate::process::ChildService;
 use crate::redis_cluster::RedisCluster;
 use crate::{Sandbox, Source, assert_eventually, http_get, start_redis};
+
+pub mod bound;
 
 const TENANT: &str = "acme";
 const BY_ID: &str = "coh_by_id";
@@ -72,6 +76,13 @@ pub struct Settings {
     /// Run on a Redis Cluster of its own (3 masters, 3 replicas, 3 log
     /// partitions), which the `redis-failover` phase needs.
     pub cluster: bool,
+    /// The freshness bound: the nodes run with `cache.max_staleness_ms`
+    /// (bypass) and the near caches with `max_staleness`, and every read is
+    /// judged against it ([`bound`]). None: no bound, reads judged by the
+    /// window alone.
+    pub max_staleness: Option<Duration>,
+    /// What the nodes do past the bound (`cache.resources[].on_stale`).
+    pub on_stale: OnStale,
 }
 
 impl Default for Settings {
@@ -89,6 +100,8 @@ impl Default for Settings {
             near_read_rate: 4_000,
             source: Source::Outbox,
             cluster: false,
+            max_staleness: None,
+            on_stale: OnStale::Bypass,
         }
     }
 }
@@ -170,6 +183,8 @@ struct Read {
     key: Key,
     started_us: i64,
     state: State,
+    /// Which layer of the node answered (unspecified for near caches).
+    layer: Layer,
 }
 
 /// The outcome of one phase.
@@ -213,6 +228,8 @@ pub struct PhaseReport {
     pub near_stale_beyond_window: u64,
     pub near_stale_during: u64,
     pub near_stale_after_quiesce: u64,
+    /// With [`Settings::max_staleness`]: the reads judged against it.
+    pub bound: Option<bound::BoundReport>,
 }
 
 struct Node {
@@ -290,6 +307,7 @@ impl World {
             c.l1.heartbeat_timeout_ms = 1_000;
             c.capture.ops_addr = free_addr().to_string();
             c.broadcast.ops_addr = free_addr().to_string();
+            c.cache.max_staleness_ms = settings.max_staleness.map(|b| b.as_millis() as u64);
             c.cache.resources.push(row_resource(BY_ID, "id", "id", &["res_users.id=$1"]));
             c.cache.resources.push(row_resource(
                 BY_SLUG,
@@ -297,6 +315,9 @@ impl World {
                 "slug",
                 &["res_users.website_slug=$1", "res_users.id={id}"],
             ));
+            for r in c.cache.resources.iter_mut().filter(|r| [BY_ID, BY_SLUG].contains(&r.name.as_str())) {
+                r.on_stale = settings.on_stale;
+            }
         })
         .await;
         sb.sql("CREATE SEQUENCE herald_reads").await;
@@ -334,6 +355,7 @@ impl World {
             let mut config = NearConfig::new(format!("http://{}", node.grpc), ACME_TOKEN, &[TENANT]);
             config.heartbeat_timeout = Duration::from_millis(1_500);
             config.backoff = (Duration::from_millis(20), Duration::from_millis(500));
+            config.max_staleness = world.settings.max_staleness;
             world.near.push(NearCache::connect(config).expect("near cache"));
         }
         world.wait_ready().await;
@@ -410,6 +432,8 @@ impl World {
             near_readers.push(tokio::spawn(near_read_loop(near, settings, stop)));
         }
 
+        let ops: Vec<SocketAddr> = self.nodes.iter().map(|n| n.ops).collect();
+        let counters_before = bound::Snapshot::take(&ops, &self.near).await;
         let capture_before =
             histogram(self.sb.config.capture.ops_addr.parse().expect("addr"), "herald_capture_lag_seconds").await;
         let broadcast_before =
@@ -440,6 +464,7 @@ impl World {
             histogram(self.sb.config.capture.ops_addr.parse().expect("addr"), "herald_capture_lag_seconds").await;
         let broadcast_after =
             histogram(self.sb.config.broadcast.ops_addr.parse().expect("addr"), "herald_broadcast_lag_seconds").await;
+        let counters_after = bound::Snapshot::take(&ops, &self.near).await;
         self.quiesce().await;
         for w in watchers {
             let _ = w.await;
@@ -457,6 +482,22 @@ impl World {
             report.near_stale_beyond_window = near.stale_beyond_window;
             report.near_stale_during = near.stale_during;
             report.examples.extend(near.examples.into_iter().take(3).map(|e| format!("near cache: {e}")));
+            if let Some(max) = self.settings.max_staleness {
+                let limit = max + self.settings.window;
+                let mut judged = bound::BoundReport::default();
+                let mut examples = Vec::new();
+                (judged.stale_beyond_bound, judged.stale_oldest_ms) =
+                    bound::beyond(&reads, &histories, limit, &mut examples);
+                let (near_stale, near_oldest) = bound::beyond(&near_reads, &histories, limit, &mut examples);
+                judged.near_stale_beyond_bound = near_stale;
+                judged.stale_oldest_ms = judged.stale_oldest_ms.max(near_oldest);
+                (judged.reads_cached, judged.reads_database) = bound::layers(&reads);
+                counters_before.since(&counters_after, &mut judged);
+                // The bound's breaches first: they are what the run is for.
+                examples.append(&mut report.examples);
+                report.examples = examples;
+                report.bound = Some(judged);
+            }
             let commits = commits.lock().unwrap_or_else(|p| p.into_inner());
             let received = received.lock().unwrap_or_else(|p| p.into_inner());
             lags(&commits, &received, &mut report);
@@ -748,12 +789,15 @@ async fn client(addr: SocketAddr) -> anyhow::Result<CacheClient<Channel>> {
     Ok(CacheClient::new(channel))
 }
 
+/// What a read through a node returned, and which layer answered.
+type Answered = (State, Layer);
+
 async fn grpc_read(addr: SocketAddr, key: &Key) -> anyhow::Result<State> {
     let answer = client(addr).await?.get(authed(request(key), ACME_TOKEN)).await?.into_inner();
     Ok(parse_state(answer.found, &answer.value))
 }
 
-async fn http_read(slot: &mut Option<HttpConn>, addr: SocketAddr, key: &Key) -> anyhow::Result<State> {
+async fn http_read(slot: &mut Option<HttpConn>, addr: SocketAddr, key: &Key) -> anyhow::Result<Answered> {
     let path = match key {
         Key::Id(id) => format!("/v1/t/{TENANT}/r/{BY_ID}?id={id}"),
         Key::Slug(s) => format!("/v1/t/{TENANT}/r/{BY_SLUG}?slug={s}"),
@@ -766,7 +810,13 @@ async fn http_read(slot: &mut Option<HttpConn>, addr: SocketAddr, key: &Key) -> 
     anyhow::ensure!(status == 200, "http {status}: {}", String::from_utf8_lossy(&body));
     let v: serde_json::Value = serde_json::from_slice(&body)?;
     let value = serde_json::to_vec(&v["value"])?;
-    Ok(parse_state(v["found"].as_bool().unwrap_or(false), &value))
+    let layer = match v["layer"].as_str() {
+        Some("l1") => Layer::L1,
+        Some("l2") => Layer::L2,
+        Some("database") => Layer::Database,
+        _ => Layer::Unspecified,
+    };
+    Ok((parse_state(v["found"].as_bool().unwrap_or(false), &value), layer))
 }
 
 async fn read_loop(
@@ -809,7 +859,7 @@ async fn read_loop(
             grpc_on(&mut clients[node], targets[node].0, &key).await
         };
         match result {
-            Ok(state) => reads.push(Read { key, started_us, state }),
+            Ok((state, layer)) => reads.push(Read { key, started_us, state, layer }),
             Err(_) => {
                 errors += 1;
                 clients[node] = None;
@@ -860,7 +910,7 @@ async fn near_read_loop(near: Vec<NearCache>, settings: Settings, stop: Cancella
             let key = if by_slug { Key::Slug(slug_of(id, renamed)) } else { Key::Id(id) };
             let started_us = now_us();
             match tokio::time::timeout(Duration::from_secs(5), near_read(&near[cache], &key)).await {
-                Ok(Ok(state)) => reads.push(Read { key, started_us, state }),
+                Ok(Ok(state)) => reads.push(Read { key, started_us, state, layer: Layer::Unspecified }),
                 _ => {
                     errors += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -874,14 +924,14 @@ async fn near_read_loop(near: Vec<NearCache>, settings: Settings, stop: Cancella
     (reads, errors)
 }
 
-async fn grpc_on(slot: &mut Option<CacheClient<Channel>>, addr: SocketAddr, key: &Key) -> anyhow::Result<State> {
+async fn grpc_on(slot: &mut Option<CacheClient<Channel>>, addr: SocketAddr, key: &Key) -> anyhow::Result<Answered> {
     if slot.is_none() {
         *slot = Some(client(addr).await?);
     }
     let c = slot.as_mut().expect("client");
     let answer = tokio::time::timeout(Duration::from_secs(5), c.get(authed(request(key), ACME_TOKEN))).await??;
     let answer = answer.into_inner();
-    Ok(parse_state(answer.found, &answer.value))
+    Ok((parse_state(answer.found, &answer.value), answer.layer()))
 }
 
 #[derive(Clone)]

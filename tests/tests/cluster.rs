@@ -144,6 +144,7 @@ async fn events_of_tenants_on_different_masters_all_arrive_in_per_tenant_order()
                     }
                 }
             }
+            Ok(Ok(Applied::Watermark { .. })) => {}
             Ok(Ok(Applied::Flushed { .. })) => panic!("the l1 holder flushed: it could have missed events"),
             Ok(Err(e)) => panic!("watch: {e}"),
             Err(_) => panic!("only {seen:?} of {want} events arrived"),

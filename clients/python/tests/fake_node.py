@@ -36,6 +36,8 @@ class FakeNode:
         self.heartbeat_s = heartbeat_s
         self.heartbeats = threading.Event()
         self.heartbeats.set()
+        #: The staleness every Ready and periodic heartbeat reports (None: none).
+        self.staleness_ms: int | None = None
         self.values: dict[str, tuple[bytes, list[str]]] = {}
         self.gets = 0
         self.get_peers: list[str] = []
@@ -109,16 +111,23 @@ class FakeNode:
             for s in streams:
                 s.messages.put(
                     pb.WatchMessage(
-                        heartbeat=pb.WatchMessage.Heartbeat(generation=self.generation, seq=s.seq)
+                        heartbeat=pb.WatchMessage.Heartbeat(
+                            generation=self.generation, seq=s.seq, position=self._position()
+                        )
                     )
                 )
+
+    def _position(self) -> pb.WatchPosition:
+        return pb.WatchPosition(staleness_ms=self.staleness_ms)
 
     def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchMessage]:
         stream = _Stream(peer=context.peer())
         with self._lock:
             self.streams.append(stream)
             self.opened += 1
-        yield pb.WatchMessage(ready=pb.WatchMessage.Ready(node_id=self.node_id, generation=self.generation))
+        position = self._position()
+        ready = pb.WatchMessage.Ready(node_id=self.node_id, generation=self.generation, position=position)
+        yield pb.WatchMessage(ready=ready)
         try:
             while context.is_active():
                 try:

@@ -133,6 +133,30 @@ def test_heartbeat_silence_flushes_and_bypasses(node: FakeNode, client: Client) 
     assert node.gets > gets
 
 
+def test_a_bound_serves_from_ram_only_while_the_node_vouches_for_it(node: FakeNode) -> None:
+    node.staleness_ms = 100
+    near = NearConfig(tenants=["acme"], heartbeat_timeout_s=0.5, max_staleness_ms=500)
+    bounded = Client(node.target, "token-0123456789abcdef", near=near)
+    try:
+        assert bounded.wait_live()
+        eventually(lambda: read(bounded)[1] == "near", "a fresh stream answered from RAM")
+        # The node's pipeline is behind: it still heartbeats, but reports a
+        # staleness past the bound; the entry stays, reads go to the node.
+        node.staleness_ms = 2_000
+        eventually(lambda: read(bounded)[1] == "l1", "a stale stream kept answering from RAM")
+        assert bounded.live() and bounded.near is not None and len(bounded.near.store) == 1
+        assert bounded.near.stale_bypassed["watermark_behind"] >= 1
+        # No report at all: no vouching either.
+        node.staleness_ms = None
+        state = bounded.near
+        eventually(lambda: state.stale_cause() == "no_watermark", "the unreported staleness")
+        assert read(bounded)[1] == "l1"
+        node.staleness_ms = 100
+        eventually(lambda: read(bounded)[1] == "near", "fresh again, RAM answered again")
+    finally:
+        bounded.close()
+
+
 def test_concurrent_misses_of_one_key_send_one_request(node: FakeNode, client: Client) -> None:
     node.hold_gets = threading.Event()
     readers = [threading.Thread(target=lambda: read(client)) for _ in range(8)]

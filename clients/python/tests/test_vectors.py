@@ -37,23 +37,24 @@ def event(spec: dict[str, Any]) -> events_pb2.InvalidationEvent:
 
 
 class Runner:
-    def __init__(self) -> None:
+    def __init__(self, max_staleness_ms: int | None = None) -> None:
         self.now = 0.0
         self.state = NearState(
             NearStore(max_bytes=1 << 20, max_ttl_s=3600, clock=lambda: self.now),
             heartbeat_timeout_s=DOC["heartbeat_timeout_ms"] / 1000,
             clock=lambda: self.now,
+            max_staleness_s=None if max_staleness_ms is None else max_staleness_ms / 1000,
         )
         self.tickets: dict[str, FillTicket] = {}
 
     def step(self, s: dict[str, Any]) -> None:
         st, op = self.state, s["op"]
         if op == "ready":
-            st.on_ready(s["node_id"], s["generation"])
+            st.on_ready(s["node_id"], s["generation"], staleness_ms=s.get("staleness_ms"))
         elif op == "events":
             st.on_events(s["seq"], [event(e) for e in s["events"]])
         elif op == "heartbeat":
-            st.on_heartbeat(s["generation"], s["seq"])
+            st.on_heartbeat(s["generation"], s["seq"], staleness_ms=s.get("staleness_ms"))
         elif op == "end":
             st.on_end(s["code"])
         elif op == "advance":
@@ -73,9 +74,9 @@ class Runner:
             stored = st.fill(self.tickets.pop(s["ticket"]), s["key"], s["tenant"], answer)
             assert ("stored" if stored else "not_stored") == s["expect"], s
         elif op == "get":
-            live = st.live
+            live, stale = st.live, st.stale_cause() is not None
             entry = st.get(s["key"])
-            outcome = "bypass" if not live else ("hit" if entry is not None else "miss")
+            outcome = "bypass" if not live else "stale" if stale else ("hit" if entry is not None else "miss")
             assert outcome == s["expect"], s
             if outcome == "hit":
                 assert entry is not None and entry.value == s["value"].encode(), s
@@ -95,7 +96,7 @@ def test_the_vectors_are_format_1() -> None:
 
 @pytest.mark.parametrize("case", DOC["cases"], ids=[c["name"] for c in DOC["cases"]])
 def test_vector(case: dict[str, Any]) -> None:
-    runner = Runner()
+    runner = Runner(case.get("max_staleness_ms"))
     for i, step in enumerate(case["steps"]):
         try:
             runner.step(step)

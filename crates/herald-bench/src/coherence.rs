@@ -8,10 +8,14 @@
 //! of the way in, then quiesce and a sweep of every layer. See
 //! `herald_tests::coherence` for the definitions. `--redis-cluster` runs it
 //! all on a Redis Cluster of its own, with a `CLUSTER FAILOVER` phase.
+//! `--max-staleness-ms N` runs the nodes and near caches with that freshness
+//! bound and judges every read against it: `stale_beyond_bound` must be 0 in
+//! every phase (see `herald_tests::coherence::bound`).
 
 use std::time::Duration;
 
 use anyhow::bail;
+use herald_tests::coherence::bound::BoundReport;
 use herald_tests::coherence::{Fault, PhaseReport, Settings, World};
 
 use crate::report::{JsonLine, Table, cores};
@@ -56,6 +60,12 @@ pub struct Args {
     /// Near-cache reads per second over all near readers.
     #[arg(long, default_value_t = 8000)]
     near_read_rate: u64,
+    /// Run the nodes with `cache.max_staleness_ms` (on_stale = bypass) and
+    /// the near caches with `max_staleness`, and judge every read against it:
+    /// stale beyond the bound = the value returned had been superseded more
+    /// than this plus --window-ms before the read started.
+    #[arg(long)]
+    max_staleness_ms: Option<u64>,
 }
 
 const SINGLE_PHASES: &str =
@@ -90,6 +100,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         near_readers: args.near_readers,
         near_read_rate: args.near_read_rate,
         cluster: args.redis_cluster,
+        max_staleness: args.max_staleness_ms.map(Duration::from_millis),
         ..Settings::default()
     };
     let mut world = World::start(settings).await;
@@ -105,7 +116,11 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let (mut reads, mut stale, mut after, mut lag_p99) = (0u64, 0u64, 0u64, 0f64);
     let (mut near_reads, mut near_after, mut near_steady) = (0u64, 0u64, 0u64);
     for r in &reports {
-        println!("{}", table(r, args.window_ms).render());
+        let mut t = table(r, args.window_ms);
+        if let (Some(bound), Some(max)) = (&r.bound, args.max_staleness_ms) {
+            bound_rows(&mut t, bound, max, args.window_ms);
+        }
+        println!("{}", t.render());
         reads += r.reads;
         stale += r.stale_beyond_window;
         after += r.stale_after_quiesce;
@@ -131,6 +146,9 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         json.set(format!("{p}_near_stale_beyond_window"), r.near_stale_beyond_window);
         json.set(format!("{p}_near_stale_after_quiesce"), r.near_stale_after_quiesce);
         json.set(format!("{p}_near_stale_during_fault"), r.near_stale_during);
+    }
+    if let Some(max) = args.max_staleness_ms {
+        bound_json(&mut json, &reports, max);
     }
     json.set("redis_cluster", u64::from(args.redis_cluster)).set("cores", cores() as u64);
     println!("{}", json.render());
@@ -173,4 +191,49 @@ fn table(r: &PhaseReport, window_ms: u64) -> Table {
         t.row(format!("example {}", i + 1), e);
     }
     t
+}
+
+/// The bound's rows of a phase's table.
+fn bound_rows(t: &mut Table, b: &BoundReport, max_ms: u64, window_ms: u64) {
+    t.row(format!("stale beyond the bound ({max_ms} + {window_ms} ms)"), b.stale_beyond_bound);
+    if b.stale_beyond_bound + b.near_stale_beyond_bound > 0 {
+        t.row("  oldest superseding commit", format!("{:.1} ms before its read", b.stale_oldest_ms));
+    }
+    t.row(
+        "  reads from cache / postgres",
+        format!("{} / {} (answers' layer: L1 or L2 / database)", b.reads_cached, b.reads_database),
+    );
+    t.row("  bypassed for the bound", format!("{} (nodes' metrics: {})", b.bypassed_total(), causes(&b.bypassed)));
+    t.row("near-cache stale beyond the bound", b.near_stale_beyond_bound);
+    t.row(
+        "  near from RAM / bypassed for the bound",
+        format!("{} / {} ({})", b.near_from_ram, b.near_bypassed_total(), causes(&b.near_bypassed)),
+    );
+}
+
+fn causes(by_cause: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = by_cause.iter().filter(|(_, n)| **n > 0).map(|(c, n)| format!("{c} {n}")).collect();
+    if parts.is_empty() { "none".into() } else { parts.join(", ") }
+}
+
+/// The bound's keys of the JSON line: sums, then per phase.
+fn bound_json(json: &mut JsonLine, reports: &[PhaseReport], max_ms: u64) {
+    let judged: Vec<(&PhaseReport, &BoundReport)> =
+        reports.iter().filter_map(|r| r.bound.as_ref().map(|b| (r, b))).collect();
+    let sum = |f: fn(&BoundReport) -> u64| judged.iter().map(|(_, b)| f(b)).sum::<u64>();
+    json.set("max_staleness_ms", max_ms);
+    json.set("stale_beyond_bound", sum(|b| b.stale_beyond_bound));
+    json.set("near_stale_beyond_bound", sum(|b| b.near_stale_beyond_bound));
+    json.set("reads_cached", sum(|b| b.reads_cached)).set("reads_database", sum(|b| b.reads_database));
+    json.set("bypassed", sum(BoundReport::bypassed_total));
+    for (r, b) in judged {
+        let p = r.phase.replace('-', "_");
+        json.set(format!("{p}_stale_beyond_bound"), b.stale_beyond_bound);
+        json.set(format!("{p}_near_stale_beyond_bound"), b.near_stale_beyond_bound);
+        json.set(format!("{p}_reads_cached"), b.reads_cached);
+        json.set(format!("{p}_reads_database"), b.reads_database);
+        json.set(format!("{p}_bypassed"), b.bypassed_total());
+        json.set(format!("{p}_near_from_ram"), b.near_from_ram);
+        json.set(format!("{p}_near_bypassed"), b.near_bypassed_total());
+    }
 }

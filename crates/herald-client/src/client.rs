@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
@@ -25,7 +25,7 @@ use tonic::{Request, Status};
 use crate::config::NearConfig;
 use crate::error::{Error, Result};
 use crate::feed::{self, FeedOptions, Messages, Source};
-use crate::state::{Answer, Coherence};
+use crate::state::{Answer, Coherence, StaleMetrics};
 
 /// What to read: a configured resource by its parameters, or an explicit key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +148,8 @@ impl NearCache {
             .map_err(|_| Error::Config("the token is not a valid header value".into()))?;
         let connections =
             Arc::new(Connections { channels, current: AtomicUsize::new(0), auth, timeout: config.request_timeout });
-        let state = Coherence::new(config.max_bytes, config.max_ttl, config.heartbeat_timeout);
+        let state = Coherence::new(config.max_bytes, config.max_ttl, config.heartbeat_timeout)
+            .with_max_staleness(config.max_staleness);
         let shutdown = CancellationToken::new();
         let source = WatchSource { connections: connections.clone(), tenants: config.tenants.clone() };
         let options = FeedOptions { heartbeat_timeout: config.heartbeat_timeout, backoff: config.backoff };
@@ -191,6 +192,12 @@ impl NearCache {
         self.inner.state.l1().metrics()
     }
 
+    /// Reads sent to cache-api because of `max_staleness`, by cause
+    /// (`herald_near_bypassed_total{cause}`).
+    pub fn stale_metrics(&self) -> &StaleMetrics {
+        self.inner.state.stale_metrics()
+    }
+
     /// Entries held.
     pub fn entry_count(&self) -> u64 {
         self.inner.state.l1().entry_count()
@@ -215,11 +222,11 @@ impl NearCache {
         self.get(tenant, &Target::Key(key.into())).await
     }
 
-    /// One value: from RAM while live, else (and on a miss) from cache-api,
-    /// one request per key at a time.
+    /// One value: from RAM while live (and within `max_staleness`), else
+    /// (and on a miss) from cache-api, one request per key at a time.
     pub async fn get(&self, tenant: &str, target: &Target) -> Result<Option<Bytes>> {
         let key = target.local_key(tenant);
-        if let Some(bytes) = self.inner.state.get(&key) {
+        if let Some(bytes) = self.inner.state.lookup(&key, Instant::now()) {
             return Ok(from_local(&bytes));
         }
         let mut joined_once = false;
@@ -261,8 +268,9 @@ impl NearCache {
     pub async fn get_many(&self, tenant: &str, targets: &[Target]) -> Result<Vec<Result<Option<Bytes>>>> {
         let mut out: Vec<Option<Result<Option<Bytes>>>> = Vec::with_capacity(targets.len());
         let mut missing = Vec::new();
+        let now = Instant::now();
         for (i, target) in targets.iter().enumerate() {
-            match self.inner.state.get(&target.local_key(tenant)) {
+            match self.inner.state.lookup(&target.local_key(tenant), now) {
                 Some(bytes) => out.push(Some(Ok(from_local(&bytes)))),
                 None => {
                     out.push(None);

@@ -31,6 +31,11 @@ pub struct NearConfig {
     pub max_concurrent_fills: usize,
     /// Reconnect backoff: first and longest delay (jittered).
     pub backoff: (Duration, Duration),
+    /// The freshness bound (`max_staleness_ms`, as cache-api's): RAM answers
+    /// only while the node's last reported staleness plus the time since it
+    /// arrived is within it; otherwise reads go to cache-api, which applies
+    /// its own bound. None: no bound (liveness alone decides).
+    pub max_staleness: Option<Duration>,
 }
 
 impl NearConfig {
@@ -45,6 +50,7 @@ impl NearConfig {
             request_timeout: Duration::from_secs(5),
             max_concurrent_fills: 64,
             backoff: (Duration::from_millis(50), Duration::from_secs(5)),
+            max_staleness: None,
         }
     }
 
@@ -58,6 +64,9 @@ impl NearConfig {
         }
         if self.heartbeat_timeout.is_zero() || self.request_timeout.is_zero() {
             return fail("timeouts must be greater than 0");
+        }
+        if self.max_staleness.is_some_and(|b| b.is_zero()) {
+            return fail("max_staleness must be greater than 0");
         }
         if self.max_concurrent_fills == 0 {
             return fail("max_concurrent_fills must be greater than 0");

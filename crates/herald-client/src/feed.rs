@@ -5,7 +5,7 @@
 //! watches again after a jittered backoff, moving to the next endpoint when
 //! the last attempt never got a `Ready`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -103,18 +103,24 @@ async fn follow(
             }
             Ok(Some(Ok(message))) => message,
         };
-        let now = Instant::now();
+        // Tokio's clock (the same as std's, except in tests with paused time).
+        let now = tokio::time::Instant::now().into_std();
         let applied = match message.body {
             Some(Body::Ready(ready)) if !was_live => {
                 let lsn = ready.position.map_or(0, |p| p.commit_lsn);
                 state.ready(&ready.node_id, ready.generation, lsn, now);
+                state.freshness(ready.position.and_then(|p| p.staleness_ms), now);
                 was_live = true;
                 tracing::info!(node = %ready.node_id, generation = ready.generation, "near cache live");
                 Ok(())
             }
             Some(Body::Events(events)) if was_live => state.events(events.seq, &events.events, now),
             Some(Body::Heartbeat(hb)) if was_live => {
-                state.heartbeat(hb.generation, hb.seq, hb.position.map_or(0, |p| p.commit_lsn), now)
+                let applied = state.heartbeat(hb.generation, hb.seq, hb.position.map_or(0, |p| p.commit_lsn), now);
+                if applied.is_ok() {
+                    state.freshness(hb.position.and_then(|p| p.staleness_ms), now);
+                }
+                applied
             }
             // A message of a newer kind: nothing to do.
             None => continue,
@@ -269,6 +275,36 @@ mod tests {
         assert!(state.is_live());
         assert_eq!(*fake.opened.lock().unwrap(), 2);
         drop(first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reported_staleness_plus_the_time_since_decides_whether_ram_answers() {
+        let fake = Fake::default();
+        let tx = fake.prepare();
+        let state = Coherence::new(1 << 20, Duration::from_secs(60), TIMEOUT)
+            .with_max_staleness(Some(Duration::from_millis(500)));
+        let options = FeedOptions { heartbeat_timeout: TIMEOUT, backoff: (Duration::from_millis(50), TIMEOUT) };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(state.clone(), fake.clone(), options, shutdown.clone()));
+        let position = |ms| Some(WatchPosition { staleness_ms: Some(ms), ..Default::default() });
+        let ready = Ready { node_id: "a".into(), generation: 1, position: position(100), heartbeat_ms: 500 };
+        tx.send(msg(Body::Ready(ready))).unwrap();
+        settle().await;
+        assert!(store(&state, state.ticket(), "u1", 1));
+        let now = || tokio::time::Instant::now().into_std();
+        assert!(state.lookup("u1", now()).is_some(), "100 ms stale, bound 500");
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert!(state.lookup("u1", now()).is_some(), "500 ms stale: still within");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(state.lookup("u1", now()).is_none(), "501 ms stale");
+        assert_eq!(state.stale_metrics().bypassed(crate::state::StaleCause::WatermarkBehind), 1);
+        tx.send(msg(Body::Heartbeat(Heartbeat { generation: 1, seq: 0, position: position(50) }))).unwrap();
+        settle().await;
+        assert!(state.lookup("u1", now()).is_some(), "a fresh heartbeat: RAM answers again");
+        tx.send(msg(Body::Heartbeat(Heartbeat { generation: 1, seq: 0, position: None }))).unwrap();
+        settle().await;
+        assert!(state.lookup("u1", now()).is_none(), "no staleness reported: nothing vouched for");
+        assert!(state.is_live());
     }
 
     #[tokio::test(start_paused = true)]

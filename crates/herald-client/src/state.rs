@@ -9,6 +9,11 @@
 //! heartbeat of another generation or seq, silence), and a stream number in
 //! every ticket, so a ticket taken before the current stream's `Ready` — when
 //! the client could not see the events — is refused.
+//!
+//! With a freshness bound ([`Coherence::with_max_staleness`]) RAM answers
+//! only while the stream vouches for it: the staleness the node last
+//! reported (`WatchPosition.staleness_ms`, a duration, so no shared clock)
+//! plus the time since that message arrived must be within the bound.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -48,6 +53,62 @@ struct Live {
     seq: u64,
     commit_lsn: u64,
     deadline: Instant,
+    /// The staleness the node last reported and when it arrived (None: the
+    /// node has reported none on this stream).
+    fresh: Option<(Duration, Instant)>,
+}
+
+/// Why a live near cache does not answer from RAM: it cannot vouch that
+/// every change committed longer ago than its `max_staleness_ms` reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleCause {
+    /// The node has reported no staleness on this stream (no freshness
+    /// watermark yet: capture or broadcast never delivered one).
+    NoWatermark,
+    /// The last reported staleness plus the time since is past the bound
+    /// (the pipeline is down or behind, or the node went quiet).
+    WatermarkBehind,
+}
+
+impl StaleCause {
+    /// The `cause` label, as cache-api's `herald_cache_bypassed_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            StaleCause::NoWatermark => "no_watermark",
+            StaleCause::WatermarkBehind => "watermark_behind",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+/// Reads not answered from RAM because of the freshness bound, by cause
+/// (`herald_near_bypassed_total{cause}`).
+#[derive(Clone, Default)]
+pub struct StaleMetrics {
+    bypassed: prometheus_client::metrics::family::Family<CauseLabel, prometheus_client::metrics::counter::Counter>,
+}
+
+impl StaleMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "herald_near_bypassed",
+            "near-cache reads sent to cache-api because the cache could not vouch for its freshness bound, by cause",
+            self.bypassed.clone(),
+        );
+    }
+
+    /// Reads bypassed for `cause` so far.
+    pub fn bypassed(&self, cause: StaleCause) -> u64 {
+        self.bypassed.get_or_create(&CauseLabel { cause: cause.label() }).get()
+    }
+
+    fn count(&self, cause: StaleCause) {
+        self.bypassed.get_or_create(&CauseLabel { cause: cause.label() }).inc();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +144,9 @@ pub struct Coherence {
     l1: L1Cache,
     stream: Arc<Mutex<Stream>>,
     timeout: Duration,
+    /// `max_staleness_ms` (None: no bound).
+    bound: Option<Duration>,
+    stale: StaleMetrics,
 }
 
 /// Every entry of a scope holds this tag, so an event with key prefixes
@@ -101,7 +165,25 @@ impl Coherence {
             max_ttl_ms: max_ttl.as_millis() as u64,
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
         };
-        Self { l1: L1Cache::new(&config), stream: Arc::default(), timeout: heartbeat_timeout }
+        Self {
+            l1: L1Cache::new(&config),
+            stream: Arc::default(),
+            timeout: heartbeat_timeout,
+            bound: None,
+            stale: StaleMetrics::default(),
+        }
+    }
+
+    /// Answers from RAM only while the stream vouches that every change
+    /// committed more than `bound` ago has reached this cache.
+    pub fn with_max_staleness(mut self, bound: Option<Duration>) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// Reads bypassed because of the freshness bound.
+    pub fn stale_metrics(&self) -> &StaleMetrics {
+        &self.stale
     }
 
     fn stream(&self) -> MutexGuard<'_, Stream> {
@@ -131,8 +213,14 @@ impl Coherence {
             self.l1.set_live(false);
         }
         stream.number += 1;
-        stream.live =
-            Some(Live { node_id: node_id.into(), generation, seq: 0, commit_lsn, deadline: now + self.timeout });
+        stream.live = Some(Live {
+            node_id: node_id.into(),
+            generation,
+            seq: 0,
+            commit_lsn,
+            deadline: now + self.timeout,
+            fresh: None,
+        });
         self.l1.set_live(true);
     }
 
@@ -172,6 +260,42 @@ impl Coherence {
         live.deadline = now + self.timeout;
         live.commit_lsn = live.commit_lsn.max(commit_lsn);
         Ok(())
+    }
+
+    /// The staleness a `Ready` or `Heartbeat` just applied reported
+    /// (`WatchPosition.staleness_ms`), received at `now`. Call it after
+    /// [`Coherence::ready`] or a successful [`Coherence::heartbeat`].
+    pub fn freshness(&self, staleness_ms: Option<u64>, now: Instant) {
+        let mut stream = self.stream();
+        if let Some(live) = stream.live.as_mut() {
+            live.fresh = staleness_ms.map(|ms| (Duration::from_millis(ms), now));
+        }
+    }
+
+    /// Why RAM may not answer at `now` though the stream is live (see
+    /// [`StaleCause`]); None when it may, or when there is no bound.
+    pub fn stale_cause(&self, now: Instant) -> Option<StaleCause> {
+        let bound = self.bound?;
+        let stream = self.stream();
+        let live = stream.live.as_ref()?;
+        match live.fresh {
+            None => Some(StaleCause::NoWatermark),
+            Some((staleness, at)) if staleness + now.saturating_duration_since(at) > bound => {
+                Some(StaleCause::WatermarkBehind)
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// The value under `key` if RAM may answer at `now`: [`Coherence::get`]
+    /// within the freshness bound; a read the bound sends to the node is
+    /// counted by cause.
+    pub fn lookup(&self, key: &str, now: Instant) -> Option<Bytes> {
+        if let Some(cause) = self.stale_cause(now) {
+            self.stale.count(cause);
+            return None;
+        }
+        self.get(key)
     }
 
     /// The stream ended (any status, any transport error), or the caller

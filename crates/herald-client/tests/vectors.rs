@@ -33,7 +33,8 @@ fn event(v: &Value) -> InvalidationEvent {
 }
 
 fn run_case(case: &Value, timeout: Duration) -> Result<(), String> {
-    let state = Coherence::new(1 << 20, Duration::from_secs(300), timeout);
+    let bound = case["max_staleness_ms"].as_u64().map(Duration::from_millis);
+    let state = Coherence::new(1 << 20, Duration::from_secs(300), timeout).with_max_staleness(bound);
     let start = Instant::now();
     let mut now = start;
     let mut tickets: HashMap<String, Ticket> = HashMap::new();
@@ -41,13 +42,18 @@ fn run_case(case: &Value, timeout: Duration) -> Result<(), String> {
         let fail = |what: String| Err(format!("step {i} {step}: {what}"));
         let u = |k: &str| step[k].as_u64().unwrap();
         match step["op"].as_str().unwrap() {
-            "ready" => state.ready(step["node_id"].as_str().unwrap(), u("generation"), 0, now),
+            "ready" => {
+                state.ready(step["node_id"].as_str().unwrap(), u("generation"), 0, now);
+                state.freshness(step["staleness_ms"].as_u64(), now);
+            }
             "events" => {
                 let events: Vec<_> = step["events"].as_array().unwrap().iter().map(event).collect();
                 let _ = state.events(u("seq"), &events, now);
             }
             "heartbeat" => {
-                let _ = state.heartbeat(u("generation"), u("seq"), 0, now);
+                if state.heartbeat(u("generation"), u("seq"), 0, now).is_ok() {
+                    state.freshness(step["staleness_ms"].as_u64(), now);
+                }
             }
             "end" => state.doubt(),
             "advance" => {
@@ -77,10 +83,11 @@ fn run_case(case: &Value, timeout: Duration) -> Result<(), String> {
                 }
             }
             "get" => {
-                let got = match state.get(step["key"].as_str().unwrap()) {
+                let got = match state.lookup(step["key"].as_str().unwrap(), now) {
                     Some(v) => format!("hit {}", String::from_utf8_lossy(&v)),
-                    None if state.is_live() => "miss".into(),
-                    None => "bypass".into(),
+                    None if !state.is_live() => "bypass".into(),
+                    None if state.stale_cause(now).is_some() => "stale".into(),
+                    None => "miss".into(),
                 };
                 let want = match step["expect"].as_str().unwrap() {
                     "hit" => format!("hit {}", step["value"].as_str().unwrap()),

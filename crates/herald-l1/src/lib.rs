@@ -158,6 +158,11 @@ pub enum Applied {
     /// mirrors this cache must drop everything too. `generation` is the new
     /// one.
     Flushed { generation: u64 },
+    /// A freshness watermark was applied (after every event it covers):
+    /// the cache's watermark is now `lsn` at Postgres time `pg_time_us`.
+    /// Whoever mirrors this cache may vouch for changes committed before it
+    /// once it has passed on the events before this item.
+    Watermark { lsn: u64, pg_time_us: i64 },
 }
 
 /// L1 metrics, registered under `herald_l1_*`.
@@ -497,8 +502,11 @@ impl L1Cache {
     /// it (see [`Position::watermark_lsn`]); `pg_time_us` is Postgres's
     /// clock when its position was taken.
     pub fn apply_watermark(&self, lsn: u64, pg_time_us: i64) {
-        self.inner.watermark_lsn.fetch_max(lsn, Ordering::SeqCst);
-        self.inner.watermark_time_us.fetch_max(pg_time_us, Ordering::SeqCst);
+        let lsn = self.inner.watermark_lsn.fetch_max(lsn, Ordering::SeqCst).max(lsn);
+        let pg_time_us = self.inner.watermark_time_us.fetch_max(pg_time_us, Ordering::SeqCst).max(pg_time_us);
+        if self.inner.applied_tx.receiver_count() > 0 {
+            let _ = self.inner.applied_tx.send(Applied::Watermark { lsn, pg_time_us });
+        }
     }
 
     /// Postgres time of the newest watermark applied (0: none yet): every

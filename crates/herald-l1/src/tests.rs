@@ -180,3 +180,18 @@ fn watchers_hear_of_every_flush_in_order() {
     assert!(applied.try_recv().is_err(), "going live again is no flush");
     assert_eq!(l1.applied().generation, generation + 1);
 }
+
+#[test]
+fn watchers_hear_of_watermarks_in_order_with_events_and_never_of_one_going_back() {
+    let l1 = cache();
+    let mut applied = l1.watch();
+    l1.apply(&InvalidationEvent { tenant: "acme".into(), tags: vec!["t".into()], ..Default::default() });
+    l1.apply_watermark(40, 4);
+    l1.apply_watermark(30, 3);
+    assert!(matches!(applied.try_recv(), Ok(Applied::Event(_))));
+    assert!(matches!(applied.try_recv(), Ok(Applied::Watermark { lsn: 40, pg_time_us: 4 })));
+    assert!(
+        matches!(applied.try_recv(), Ok(Applied::Watermark { lsn: 40, pg_time_us: 4 })),
+        "an older watermark repeats the newest, never goes back"
+    );
+}

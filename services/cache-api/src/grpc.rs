@@ -214,6 +214,7 @@ impl CacheService for Grpc {
                 };
                 let event = match received {
                     Ok(Applied::Event(event)) => event,
+                    Ok(Applied::Watermark { .. }) => continue,
                     Ok(Applied::Flushed { .. }) => {
                         let msg = "this node dropped its cache (its invalidation feed was interrupted): \
                                    drop everything and watch again";
@@ -264,6 +265,7 @@ impl CacheService for Grpc {
             l1: self.cache.l1().clone(),
             node: self.cache.node().to_string(),
             heartbeat: Duration::from_millis(self.cache.config().watch_heartbeat_ms),
+            clock_skew_ms: self.cache.config().clock_skew_ms,
             watched,
             tables: req.tables,
             tags: req.tags,

@@ -8,6 +8,13 @@
 //! Completeness rests on [`L1Cache::watch`]: every event after it was applied
 //! and every flush, in order. The stream subscribes before it reads the
 //! generation and checks liveness, so any flush after its `Ready` reaches it.
+//!
+//! Freshness rides the same channel: each freshness watermark arrives after
+//! the events it covers, so once the stream has sent those events it may
+//! vouch for the watermark. Every `position` carries the stream's staleness
+//! (node clock minus the watermark's Postgres time, plus
+//! `cache.clock_skew_ms`), and a heartbeat follows each new watermark, so a
+//! near cache with a `max_staleness_ms` knows how fresh it is.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -85,6 +92,8 @@ pub struct Stream<P> {
     pub l1: L1Cache,
     pub node: String,
     pub heartbeat: Duration,
+    /// `cache.clock_skew_ms`: added to every staleness sent.
+    pub clock_skew_ms: u64,
     pub watched: Watched,
     pub tables: Vec<String>,
     pub tags: Vec<String>,
@@ -108,16 +117,20 @@ fn flushed() -> Status {
 /// else spawns its task and returns the receiving end.
 pub fn start<P: Send + 'static>(stream: Stream<P>) -> Result<mpsc::Receiver<Result<WatchMessage, Status>>, Status> {
     // Read before subscribing: the position may only understate what the
-    // stream has delivered (read-your-writes relies on it).
+    // stream has delivered (read-your-writes and the staleness bound rely
+    // on it).
     let applied_before = stream.l1.applied();
+    let watermark_before = stream.l1.watermark_time_us();
     let applied = stream.l1.watch();
     let generation = stream.l1.generation();
     if !stream.l1.is_live() {
         return Err(Status::unavailable("this node's invalidation feed is down; retry"));
     }
     let (tx, rx) = mpsc::channel(64);
-    let position = WatchPosition { commit_lsn: applied_before.commit_lsn, events: applied_before.events };
-    tokio::spawn(run(stream, applied, generation, position, tx));
+    let position =
+        WatchPosition { commit_lsn: applied_before.commit_lsn, events: applied_before.events, staleness_ms: None };
+    let freshness = Freshness { watermark_time_us: watermark_before, clock_skew_ms: stream.clock_skew_ms };
+    tokio::spawn(run(stream, applied, generation, (position, freshness), tx));
     Ok(rx)
 }
 
@@ -125,14 +138,14 @@ async fn run<P>(
     stream: Stream<P>,
     mut applied: tokio::sync::broadcast::Receiver<Applied>,
     generation: u64,
-    mut position: WatchPosition,
+    (mut position, mut freshness): (WatchPosition, Freshness),
     tx: Sender,
 ) {
     let _permits = &stream.permits;
     let ready = Ready {
         node_id: stream.node.clone(),
         generation,
-        position: Some(position),
+        position: Some(freshness.stamp(position)),
         heartbeat_ms: stream.heartbeat.as_millis() as u64,
     };
     if tx.send(message(Body::Ready(ready))).await.is_err() {
@@ -150,7 +163,7 @@ async fn run<P>(
                     let _ = tx.send(Err(flushed())).await;
                     return;
                 }
-                let heartbeat = Heartbeat { generation, seq, position: Some(position) };
+                let heartbeat = Heartbeat { generation, seq, position: Some(freshness.stamp(position)) };
                 if tx.send(message(Body::Heartbeat(heartbeat))).await.is_err() {
                     return;
                 }
@@ -159,6 +172,7 @@ async fn run<P>(
             _ = tx.closed() => return,
         };
         let mut batch = Vec::new();
+        let mut fresher = false;
         let mut next = Some(first.map_err(Missed::from));
         let end = loop {
             let Some(item) = next.take() else { break None };
@@ -169,6 +183,9 @@ async fn run<P>(
                     if matches(&event, &stream.watched, &stream.tables, &stream.tags) {
                         batch.push((*event).clone());
                     }
+                }
+                Ok(Applied::Watermark { pg_time_us, .. }) => {
+                    fresher |= freshness.advance(pg_time_us);
                 }
                 // A flush that happened before this stream read its
                 // generation is already accounted for.
@@ -196,6 +213,40 @@ async fn run<P>(
             let _ = tx.send(Err(status)).await;
             return;
         }
+        if fresher {
+            // After the events the watermark covers: tell the client at once.
+            let heartbeat = Heartbeat { generation, seq, position: Some(freshness.stamp(position)) };
+            if tx.send(message(Body::Heartbeat(heartbeat))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The newest freshness watermark this stream has passed on (every event
+/// before it was sent), and what a position sent now says about it.
+#[derive(Debug, Clone, Copy)]
+struct Freshness {
+    /// Postgres time of the watermark, microseconds (0: none yet).
+    watermark_time_us: i64,
+    clock_skew_ms: u64,
+}
+
+impl Freshness {
+    /// True when `pg_time_us` is newer than the watermark held.
+    fn advance(&mut self, pg_time_us: i64) -> bool {
+        let newer = pg_time_us > self.watermark_time_us;
+        self.watermark_time_us = self.watermark_time_us.max(pg_time_us);
+        newer
+    }
+
+    /// `position` with the staleness as of now.
+    fn stamp(&self, position: WatchPosition) -> WatchPosition {
+        let staleness_ms = (self.watermark_time_us > 0).then(|| {
+            let age_ms = (herald_core::time::now_us() - self.watermark_time_us).max(0) as u64 / 1000;
+            age_ms + self.clock_skew_ms
+        });
+        WatchPosition { staleness_ms, ..position }
     }
 }
 
@@ -255,6 +306,17 @@ mod tests {
 
     fn only(tenants: &[&str]) -> Watched {
         Watched::Only(tenants.iter().map(|t| TenantId::new(t).unwrap()).collect())
+    }
+
+    #[test]
+    fn a_position_vouches_only_for_a_watermark_passed_on_plus_the_skew() {
+        let mut freshness = Freshness { watermark_time_us: 0, clock_skew_ms: 30 };
+        assert_eq!(freshness.stamp(WatchPosition::default()).staleness_ms, None, "no watermark: no bound");
+        let two_seconds_ago = herald_core::time::now_us() - 2_000_000;
+        assert!(freshness.advance(two_seconds_ago));
+        assert!(!freshness.advance(two_seconds_ago - 1), "an older watermark changes nothing");
+        let staleness = freshness.stamp(WatchPosition::default()).staleness_ms.unwrap();
+        assert!(staleness >= 2_030, "its age plus the skew, got {staleness}");
     }
 
     #[test]

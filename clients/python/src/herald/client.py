@@ -59,6 +59,11 @@ class NearConfig:
     #: No message for this long → flush and bypass. At least 3 times the node's
     #: cache.watch_heartbeat_ms (500 ms by default).
     heartbeat_timeout_s: float = 1.5
+    #: The freshness bound, as cache-api's ``max_staleness_ms``: RAM answers only
+    #: while the node's last reported staleness plus the time since it arrived is
+    #: within it; otherwise reads go to the node (which applies its own bound).
+    #: None: no bound (liveness alone decides).
+    max_staleness_ms: int | None = None
 
 
 #: The near cache's defaults: every tenant the process reads, 64 MiB, 5 minutes.
@@ -127,7 +132,9 @@ class Client:
         cfg = self.near_config
         if cfg is None:
             return _Runtime(channel, stub, None, None)
-        state = NearState(NearStore(cfg.max_bytes, cfg.max_ttl_s), cfg.heartbeat_timeout_s)
+        bound_s = None if cfg.max_staleness_ms is None else cfg.max_staleness_ms / 1000
+        store = NearStore(cfg.max_bytes, cfg.max_ttl_s)
+        state = NearState(store, cfg.heartbeat_timeout_s, max_staleness_s=bound_s)
         runtime = _Runtime(channel, stub, state, None)
         if cfg.tenants is not None:
             runtime.tenants.update(cfg.tenants)

@@ -91,6 +91,14 @@ class _Collector:
             ("flushes", "full flushes (stream ended, gap, generation change, heartbeat silence)", s.flushes),
         ]:
             yield CounterMetricFamily(f"herald_l1_{name}", doc, value=value)
+        stale = CounterMetricFamily(
+            "herald_near_bypassed",
+            "near-cache reads sent to Herald: the cache could not vouch for max_staleness_ms, by cause",
+            labels=["cause"],
+        )
+        for cause, n in state.stale_bypassed.items():
+            stale.add_metric([cause], n)
+        yield stale
         yield GaugeMetricFamily(
             "herald_l1_live", "1 while the Watch stream is up and heartbeats arrive", value=int(state.live)
         )

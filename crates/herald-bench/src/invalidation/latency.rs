@@ -86,7 +86,7 @@ fn spawn_watcher(cache: &L1Cache, progress: Arc<AtomicU64>, stop: CancellationTo
             match next {
                 Ok(Applied::Event(event)) => watched.observe(&event, now_us(), &progress),
                 // Counted from the cache's metrics.
-                Ok(Applied::Flushed { .. }) => {}
+                Ok(Applied::Flushed { .. } | Applied::Watermark { .. }) => {}
                 Err(RecvError::Lagged(n)) => watched.lagged += n,
                 Err(RecvError::Closed) => break,
             }

@@ -9,6 +9,13 @@ since — every ``Events.seq`` one more than the last, every heartbeat of the
 ready's generation and last seq, no silence past the heartbeat timeout, the
 stream not ended. Any doubt flushes everything and makes the cache not live
 until the next ``Ready``.
+
+With a freshness bound (``max_staleness_s``) a live cache answers from RAM only
+while it can vouch for the bound: the staleness the node last reported
+(``WatchPosition.staleness_ms``, a duration: no clock shared with the node)
+plus the time since that message arrived is within it. Otherwise reads go to
+the node, which applies its own bound; they are counted by cause in
+``stale_bypassed`` (``no_watermark``, ``watermark_behind``, as cache-api's).
 """
 
 from __future__ import annotations
@@ -64,9 +71,16 @@ class NearState:
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], float] = lambda: time.time() * 1000,
+        max_staleness_s: float | None = None,
     ) -> None:
         self.store = store
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_staleness_s = max_staleness_s
+        #: The staleness the node last reported on this stream, in seconds, and
+        #: when it arrived (our clock); None: none reported.
+        self._fresh: tuple[float, float] | None = None
+        #: Reads sent to the node because of the freshness bound, by cause.
+        self.stale_bypassed: dict[str, int] = {"no_watermark": 0, "watermark_behind": 0}
         self._clock = clock
         self._wall_ms = wall_ms
         self._lock = threading.Lock()
@@ -113,11 +127,14 @@ class NearState:
 
     # -- stream messages ---------------------------------------------------------
 
-    def on_ready(self, node_id: str, generation: int, commit_lsn: int = 0) -> None:
+    def on_ready(
+        self, node_id: str, generation: int, commit_lsn: int = 0, staleness_ms: int | None = None
+    ) -> None:
         with self._lock:
             self._stream = Stream(node_id, generation)
             self._last_seq = 0
             self._deadline = self._clock() + self.heartbeat_timeout_s
+            self._fresh = self._reported(staleness_ms)
             self.applied_lsn = commit_lsn
             self.store.refuse_older_fills()
             self.store.set_live(True)
@@ -138,15 +155,37 @@ class NearState:
             for listener in self.listeners:
                 listener(event)
 
-    def on_heartbeat(self, generation: int, seq: int, commit_lsn: int = 0) -> None:
+    def on_heartbeat(
+        self, generation: int, seq: int, commit_lsn: int = 0, staleness_ms: int | None = None
+    ) -> None:
         with self._lock:
             stream = self._stream
             ok = stream is not None and stream.generation == generation and seq == self._last_seq
             if ok:
                 self._deadline = self._clock() + self.heartbeat_timeout_s
                 self.applied_lsn = max(self.applied_lsn, commit_lsn)
+                self._fresh = self._reported(staleness_ms)
         if not ok:
             self.doubt(f"heartbeat of generation {generation} seq {seq}")
+
+    def _reported(self, staleness_ms: int | None) -> tuple[float, float] | None:
+        return None if staleness_ms is None else (staleness_ms / 1000, self._clock())
+
+    def stale_cause(self) -> str | None:
+        """Why a live cache may not answer from RAM now: ``no_watermark`` (the node
+        reported no staleness on this stream), ``watermark_behind`` (the last report
+        plus the time since is past the bound); None when it may, or without a bound."""
+        bound = self.max_staleness_s
+        if bound is None or self._stream is None:
+            return None
+        fresh = self._fresh
+        if fresh is None:
+            return "no_watermark"
+        staleness_s, at = fresh
+        # A little slack for float rounding of whole milliseconds.
+        if staleness_s + (self._clock() - at) > bound + 1e-9:
+            return "watermark_behind"
+        return None
 
     def on_end(self, code: str) -> None:
         self.doubt(f"stream ended with {code}")
@@ -207,5 +246,9 @@ class NearState:
     def get(self, key: str) -> Entry | None:
         if not self.live:
             self.store.stats.bypassed += 1
+            return None
+        cause = self.stale_cause()
+        if cause is not None:
+            self.stale_bypassed[cause] += 1
             return None
         return self.store.get(key)

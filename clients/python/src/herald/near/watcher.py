@@ -129,10 +129,10 @@ class Watcher:
                     state.on_events(message.events.seq, message.events.events)
                 elif body == "heartbeat":
                     hb = message.heartbeat
-                    state.on_heartbeat(hb.generation, hb.seq, hb.position.commit_lsn)
+                    state.on_heartbeat(hb.generation, hb.seq, hb.position.commit_lsn, _staleness(hb.position))
                 elif body == "ready":
                     r = message.ready
-                    state.on_ready(r.node_id, r.generation, r.position.commit_lsn)
+                    state.on_ready(r.node_id, r.generation, r.position.commit_lsn, _staleness(r.position))
                     ready_seen = True
         except grpc.RpcError as e:
             code = e.code().name if hasattr(e, "code") else "UNKNOWN"
@@ -144,3 +144,8 @@ class Watcher:
                 self._call = None
             state.on_end(code)
         return "READY_SEEN" if ready_seen and code not in _CONFIG_ERRORS else code
+
+
+def _staleness(position: pb.WatchPosition) -> int | None:
+    """The node's reported staleness, None when it reported none."""
+    return position.staleness_ms if position.HasField("staleness_ms") else None

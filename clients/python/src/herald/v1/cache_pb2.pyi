@@ -175,12 +175,14 @@ class WatchRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., tables: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchPosition(_message.Message):
-    __slots__ = ("commit_lsn", "events")
+    __slots__ = ("commit_lsn", "events", "staleness_ms")
     COMMIT_LSN_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MS_FIELD_NUMBER: _ClassVar[int]
     commit_lsn: int
     events: int
-    def __init__(self, commit_lsn: _Optional[int] = ..., events: _Optional[int] = ...) -> None: ...
+    staleness_ms: int
+    def __init__(self, commit_lsn: _Optional[int] = ..., events: _Optional[int] = ..., staleness_ms: _Optional[int] = ...) -> None: ...
 
 class WatchMessage(_message.Message):
     __slots__ = ("ready", "events", "heartbeat")
