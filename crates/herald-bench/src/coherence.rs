@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use herald_tests::Source;
 use herald_tests::coherence::bound::BoundReport;
 use herald_tests::coherence::{Fault, PhaseReport, Settings, World};
 
@@ -40,6 +41,10 @@ pub struct Args {
     /// log partitions, capture and broadcast waiting for 1 replica).
     #[arg(long)]
     redis_cluster: bool,
+    /// Capture's source: outbox (on the configured Postgres) or wal (on a
+    /// throwaway `wal_level = logical` cluster of its own).
+    #[arg(long, default_value = "outbox")]
+    source: String,
     /// A read older than this behind a commit is stale, in milliseconds.
     #[arg(long, default_value_t = 50)]
     window_ms: u64,
@@ -91,7 +96,13 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     if !args.redis_cluster && args.phases.contains(&Fault::Failover) {
         bail!("the redis-failover phase needs --redis-cluster");
     }
+    let source = match args.source.as_str() {
+        "wal" => Source::Wal,
+        "outbox" => Source::Outbox,
+        other => bail!("--source: {other:?} is neither wal nor outbox"),
+    };
     let settings = Settings {
+        source,
         rows: args.rows,
         writers: args.writers,
         readers: args.readers,
@@ -150,7 +161,9 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     if let Some(max) = args.max_staleness_ms {
         bound_json(&mut json, &reports, max);
     }
-    json.set("redis_cluster", u64::from(args.redis_cluster)).set("cores", cores() as u64);
+    json.set("redis_cluster", u64::from(args.redis_cluster))
+        .set("source", args.source.clone())
+        .set("cores", cores() as u64);
     println!("{}", json.render());
     Ok(())
 }
