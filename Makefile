@@ -10,7 +10,7 @@ dev: ## run Herald's four services (capture, broadcast, cache API, gateway) on t
 readme-examples: ## run the README's examples against a running `make dev` (in another shell)
 	scripts/readme-examples.sh
 
-test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis and the Python client; the Python client's suite; the TypeScript client's tests (npm ci, Chromium)
+test: ## the whole suite against real Postgres and Redis (DATABASE_URL, REDIS_URL; local defaults); a .venv with schemathesis and the Python client; the Python client's suite (both clients run the shared near-cache vectors of clients/vectors: herald-client's `vectors` test under nextest, test_vectors.py under pytest); the TypeScript client's tests (npm ci, Chromium)
 	scripts/setup-python.sh
 	cargo build --workspace --bins
 	cargo nextest run --workspace

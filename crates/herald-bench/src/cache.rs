@@ -328,14 +328,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonLine)> {
+/// `rows` users of tenant acme, slugs `u1…`, and fresh planner statistics.
+pub(crate) async fn seed_users(sb: &Sandbox, rows: usize) {
     sb.sql(&format!(
         "INSERT INTO res_users (tenant_id, website_slug, name) \
-         SELECT 'acme', 'u' || i, 'User number ' || i FROM generate_series(1, {}) i",
-        args.rows
+         SELECT 'acme', 'u' || i, 'User number ' || i FROM generate_series(1, {rows}) i"
     ))
     .await;
     sb.sql("ANALYZE res_users").await;
+}
+
+async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonLine)> {
+    seed_users(sb, args.rows).await;
     let _broadcast = sb.spawn_broadcast().await;
     // Node a keeps L1; node b's L1 holds nothing (1 byte), so its hits come
     // from L2.

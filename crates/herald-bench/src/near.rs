@@ -33,7 +33,7 @@ use herald_tests::{Sandbox, Source as TestSource, assert_eventually, logical};
 use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{describe, grpc_run, redis_run, start_node};
+use crate::cache::{describe, grpc_run, redis_run, seed_users, start_node};
 use crate::report::{JsonLine, Latencies, Table, cores};
 
 #[derive(clap::Args)]
@@ -210,13 +210,7 @@ async fn commit_to_near(sb: &Sandbox, grpc: std::net::SocketAddr, args: &Args) -
 }
 
 async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonLine)> {
-    sb.sql(&format!(
-        "INSERT INTO res_users (tenant_id, website_slug, name) \
-         SELECT 'acme', 'u' || i, 'User number ' || i FROM generate_series(1, {}) i",
-        args.rows
-    ))
-    .await;
-    sb.sql("ANALYZE res_users").await;
+    seed_users(sb, args.rows).await;
     let _broadcast = sb.spawn_broadcast().await;
     let node = start_node(&sb.config, L1Config::default()).await?;
     let duration = Duration::from_secs(args.seconds);
