@@ -24,16 +24,27 @@ pub const EVENT_FIELD: &str = "e";
 /// has either this field or [`EVENT_FIELD`]).
 pub const WATERMARK_FIELD: &str = "w";
 
-/// Appends one entry per payload to `stream` in one pipeline (one round
-/// trip), trimming the stream to about `max_len` entries. The writes go over
+/// Appends one entry per payload (`ARGV[3..]`, field `ARGV[2]`) to stream
+/// `KEYS[1]`, trimming it to about `ARGV[1]` entries.
+const APPEND: &str = r"
+for i = 3, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[i])
+end
+return #ARGV - 2";
+
+/// Appends one entry per payload to `stream` in one command (one write, one
+/// round trip), trimming the stream to about `max_len` entries. One script
+/// rather than a pipeline of `XADD`s: fred writes and flushes a pipeline
+/// command by command, a system call each on the hot path of capture (and
+/// of Redis, which then reads them one by one). The writes go over
 /// `client`'s connection, so a `WAIT` sent on it next covers them.
 pub async fn append(client: &Client, stream: &str, payloads: &[Bytes], max_len: u64) -> Result<(), fred::error::Error> {
     let max_len = i64::try_from(max_len).unwrap_or(i64::MAX);
-    let pipeline = client.pipeline();
-    for payload in payloads {
-        let _: () = pipeline.xadd(stream, false, ("MAXLEN", "~", max_len), "*", (EVENT_FIELD, payload.clone())).await?;
-    }
-    let _: Vec<Value> = pipeline.all().await?;
+    let mut args: Vec<Value> = Vec::with_capacity(payloads.len() + 2);
+    args.push(Value::from(max_len));
+    args.push(Value::from(EVENT_FIELD));
+    args.extend(payloads.iter().map(|p| Value::Bytes(p.clone())));
+    let _: i64 = client.eval(APPEND, vec![stream.to_string()], args).await?;
     Ok(())
 }
 
