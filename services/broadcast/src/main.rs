@@ -28,7 +28,12 @@ enum Command {
     },
 }
 
-#[tokio::main]
+/// One thread, as capture: broadcast's work is a chain of small steps (read
+/// a batch, apply it to L2, publish to L1 holders, acknowledge), each handed
+/// to the next task. On one thread those hand-offs are queue pushes instead
+/// of wake-ups across worker threads, and nothing broadcast does blocks a
+/// thread. Instances scale by joining the consumer group, not by threads.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_file(cli.config.as_deref()).context("failed to load configuration")?;
