@@ -78,6 +78,19 @@ impl ChildService {
         self.child.try_wait().ok().flatten()
     }
 
+    /// SIGTERM, then waits for the process to end (SIGKILL after 10 s): its
+    /// shutdown code runs, as when a deployment stops it.
+    pub async fn stop(mut self) {
+        if self.pid().is_some() {
+            self.signal("TERM");
+            if tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait()).await.is_err() {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+            }
+        }
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();

@@ -5,8 +5,9 @@
 //!
 //! 1. Latency: single-row INSERTs committed on a fixed schedule (`--rate`)
 //!    by a few writer connections, into a table watched by the `--source`
-//!    capture (a child process); broadcast runs in-process; two independent
-//!    L1 caches with their own subscribers report every applied event.
+//!    capture and by broadcast (child processes, as deployed); two
+//!    independent L1 caches with their own subscribers report every applied
+//!    event.
 //!    Latency of an id at a cache is the time it was applied there minus
 //!    the time its commit returned to the writer.
 //! 2. Writer throughput: N connections run single-row statements in
@@ -272,7 +273,7 @@ async fn measure(
         Source::Wal => (&*wal, &captures[0]),
         Source::Outbox => (&*outbox, &captures[1]),
     };
-    let mut broadcast = Some(chosen.spawn_broadcast().await);
+    let mut broadcast = Some(ChildService::spawn("herald-broadcast", &chosen.config));
     let a = chosen.l1().await;
     let b = chosen.l1().await;
 
@@ -327,10 +328,10 @@ async fn measure(
                     // Broadcast runs only in the everything-running row.
                     if variant == Variant::All {
                         if broadcast.is_none() {
-                            broadcast = Some(chosen.spawn_broadcast().await);
+                            broadcast = Some(ChildService::spawn("herald-broadcast", &chosen.config));
                         }
                     } else if let Some(running) = broadcast.take() {
-                        running.stop().await?;
+                        running.stop().await;
                     }
                     if op == Op::Delete {
                         // Enough rows for any rate this machine reaches.
@@ -371,7 +372,7 @@ async fn measure(
         }
     }
     if broadcast.is_none() {
-        broadcast = Some(chosen.spawn_broadcast().await);
+        broadcast = Some(ChildService::spawn("herald-broadcast", &chosen.config));
     }
     let _broadcast = broadcast;
     for capture in captures {

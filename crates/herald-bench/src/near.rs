@@ -9,7 +9,7 @@
 //!    commits/s through capture (`--source`: the WAL source on a throwaway
 //!    `wal_level = logical` cluster that flushes its WAL like a production
 //!    server, or the outbox source on the configured Postgres) and
-//!    broadcast, with production timings; the latency of each is the
+//!    broadcast, each its own process with production timings; the latency of each is the
 //!    time the near cache applied its event (and so dropped the entry) minus
 //!    the event's `commit_time_us` (end of the writer's statement, just
 //!    before its commit: the figure is a slight overestimate).
@@ -29,6 +29,7 @@ use herald_core::time::now_us;
 use herald_proto::v1::watch_message::Body;
 use herald_proto::v1::{Layer, Operation, WatchRequest};
 use herald_tests::cache_api::{ACME_TOKEN, authed, configure};
+use herald_tests::process::ChildService;
 use herald_tests::{Sandbox, Source as TestSource, assert_eventually, logical};
 use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
@@ -211,7 +212,9 @@ async fn commit_to_near(sb: &Sandbox, grpc: std::net::SocketAddr, args: &Args) -
 
 async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonLine)> {
     seed_users(sb, args.rows).await;
-    let _broadcast = sb.spawn_broadcast().await;
+    // Broadcast and (below) capture run as their own processes, as deployed:
+    // on a thread of their own rather than on this program's runtime.
+    let _broadcast = ChildService::spawn("herald-broadcast", &sb.config);
     let node = start_node(&sb.config, L1Config::default()).await?;
     let duration = Duration::from_secs(args.seconds);
     let mut json = JsonLine::default();
@@ -258,7 +261,7 @@ async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonL
     json.set_f64("near_vs_redis_64", ratio, 2);
     cache.close();
 
-    let _capture = sb.spawn_capture().await;
+    let _capture = ChildService::spawn("herald-capture", &sb.config);
     let (lags, committed) = commit_to_near(sb, node.grpc, args).await?;
     let mut commits = Table::new(format!("commit → near-cache entry dropped, {} commits/s", args.rate));
     commits.row(

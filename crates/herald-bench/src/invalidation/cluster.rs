@@ -4,6 +4,7 @@
 //! with replicas should run), with the same offered load and the same
 //! capture source as the single-Redis run, on the same Postgres.
 
+use herald_tests::process::ChildService;
 use herald_tests::redis_cluster::RedisCluster;
 use herald_tests::{Sandbox, Source, cluster_settings};
 
@@ -38,7 +39,7 @@ async fn measure(sandbox: &mut Sandbox, args: &Args) -> anyhow::Result<ClusterRu
     sandbox.install().await;
     let capture = CaptureProcess::spawn(sandbox)?;
     capture.ready().await?;
-    let broadcast = sandbox.spawn_broadcast().await;
+    let broadcast = ChildService::spawn("herald-broadcast", &sandbox.config);
     let (a, b) = (sandbox.l1().await, sandbox.l1().await);
     eprintln!(
         "latency on the cluster ({} partitions): {} commits/s for {} s, {} writers",
@@ -49,7 +50,7 @@ async fn measure(sandbox: &mut Sandbox, args: &Args) -> anyhow::Result<ClusterRu
     latency.flushes = [a.cache.metrics().flushes.get(), b.cache.metrics().flushes.get()];
     eprintln!("burst on the cluster");
     let burst = burst_run(&url, [&a.cache, &b.cache], BURST_WRITERS, args.burst_commits / BURST_WRITERS as u64).await?;
-    broadcast.stop().await?;
+    broadcast.stop().await;
     capture.child.kill().await;
     Ok(ClusterRun { latency, burst })
 }
