@@ -1,15 +1,20 @@
 """Benchmark of the Python near cache (``make bench`` runs it).
 
 Starts its own Herald services (capture, broadcast, cache-api from
-``HERALD_BIN_DIR``, default the release target dir) against ``DATABASE_URL``
-and ``REDIS_URL`` in a fresh database and Redis namespace, then measures, in
-one run on the same machine:
+``HERALD_BIN_DIR``, default the release target dir; a deployment's default
+timings) in a fresh database and Redis namespace (``REDIS_URL``), then
+measures, in one run on the same machine:
 
 * a near-cache hit (``Client.get_key`` of a 100-byte value, answered from RAM);
 * a redis-py ``GET`` of a same-sized value (the baseline the target compares to);
 * a gRPC ``Get`` through the client with the near cache off;
 * commit → all four forked worker processes dropped the entry, at a fixed
   commit rate (``--commits-per-s``, default 200), p50/p99.
+
+``--source wal`` (the default) captures from the WAL of a throwaway
+``wal_level = logical`` cluster that flushes its WAL like a production
+server (the shared server runs ``wal_level = replica``), as ``herald-bench``
+does; ``--source outbox`` captures from the outbox on ``DATABASE_URL``.
 
 Prints a table, then one JSON line with ``py_near_hit_p50_us``,
 ``py_near_hit_p99_us``, ``redis_py_get_p50_us``, ``grpc_get_p50_us``,
@@ -38,6 +43,7 @@ import redis
 
 from herald import Client, NearConfig
 from herald.v1 import events_pb2
+from tests.pg_logical import LogicalCluster
 from tests.stack import ACME_TOKEN, REPO, Stack
 
 WORKERS = 4
@@ -103,15 +109,22 @@ def main() -> None:
     parser.add_argument("--commits-per-s", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hits", type=int, default=200_000)
+    parser.add_argument("--source", choices=["wal", "outbox"], default="wal")
     args = parser.parse_args()
     os.environ.setdefault(
         "HERALD_BIN_DIR", str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release")
     )
-    stack = Stack.start()
+    cluster = LogicalCluster() if args.source == "wal" else None
     try:
-        run(stack, args)
+        admin = cluster.admin_url if cluster else None
+        stack = Stack.start(admin, source=args.source, production=True)
+        try:
+            run(stack, args)
+        finally:
+            stack.stop()
     finally:
-        stack.stop()
+        if cluster:
+            cluster.stop()
 
 
 def run(stack: Stack, args: argparse.Namespace) -> None:
@@ -216,6 +229,7 @@ def run(stack: Stack, args: argparse.Namespace) -> None:
                 "commits": len(commits),
                 "commit_rate_per_s": round(rate, 1),
                 "commits_missed": missed,
+                "source": stack.source,
                 "hit_mean_us": round(statistics.fmean(hits), 3),
             }
         )

@@ -80,22 +80,17 @@ def admin_url() -> str:
     return os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
 
-def database_url(name: str) -> str:
-    parts = urlsplit(admin_url())
+def database_url(admin: str, name: str) -> str:
+    parts = urlsplit(admin)
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-def config_toml(env: str, db_url: str, redis_url: str, grpc_port: int, http_port: int) -> str:
-    return f"""
-env = "{env}"
-[postgres]
-url = "{db_url}"
-pool_size = 4
-[redis]
-url = "{redis_url}"
+# Quicker fault detection than a deployment's defaults, for the tests.
+TEST_TIMINGS = """
 [capture]
 ops_addr = "127.0.0.1:0"
 poll_interval_ms = 200
+source = "{source}"
 [broadcast]
 ops_addr = "127.0.0.1:0"
 claim_idle_ms = 500
@@ -103,6 +98,30 @@ block_ms = 200
 heartbeat_ms = 100
 [l1]
 heartbeat_timeout_ms = 1000
+"""
+
+# A deployment's defaults, for the benchmark.
+PRODUCTION_TIMINGS = """
+[capture]
+ops_addr = "127.0.0.1:0"
+source = "{source}"
+[broadcast]
+ops_addr = "127.0.0.1:0"
+"""
+
+
+def config_toml(
+    env: str, db_url: str, redis_url: str, grpc_port: int, http_port: int, source: str, production: bool
+) -> str:
+    timings = (PRODUCTION_TIMINGS if production else TEST_TIMINGS).format(source=source)
+    return f"""
+env = "{env}"
+[postgres]
+url = "{db_url}"
+pool_size = 4
+[redis]
+url = "{redis_url}"
+{timings}
 [cache]
 grpc_addr = "127.0.0.1:{grpc_port}"
 http_addr = "127.0.0.1:{http_port}"
@@ -141,11 +160,13 @@ watch_columns = ["name"]
 @dataclass
 class Stack:
     env: str
+    admin: str
     db_name: str
     db_url: str
     redis_url: str
     grpc_port: int
     config_path: Path
+    source: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -153,15 +174,20 @@ class Stack:
         return f"127.0.0.1:{self.grpc_port}"
 
     @classmethod
-    def start(cls) -> Stack:
+    def start(cls, admin: str | None = None, source: str = "outbox", production: bool = False) -> Stack:
+        """Services on the Postgres at ``admin`` (default ``DATABASE_URL``),
+        capturing from ``source`` (``outbox`` or ``wal``, which needs a server
+        with ``wal_level = logical``), with the tests' quick fault timings
+        or, with ``production``, a deployment's defaults."""
+        admin = admin or admin_url()
         env = "py" + secrets.token_hex(5)
         db_name = "herald_py_" + secrets.token_hex(5)
-        conn = psycopg2.connect(admin_url())
+        conn = psycopg2.connect(admin)
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {db_name}")
         conn.close()
-        db_url = database_url(db_name)
+        db_url = database_url(admin, db_name)
         with psycopg2.connect(db_url) as c, c.cursor() as cur:
             cur.execute(DEMO_TABLE)
         redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
@@ -169,8 +195,8 @@ class Stack:
         fd, path = tempfile.mkstemp(prefix=f"{env}-", suffix=".toml")
         os.close(fd)
         config = Path(path)
-        config.write_text(config_toml(env, db_url, redis_url, grpc_port, http_port))
-        stack = cls(env, db_name, db_url, redis_url, grpc_port, config)
+        config.write_text(config_toml(env, db_url, redis_url, grpc_port, http_port, source, production))
+        stack = cls(env, admin, db_name, db_url, redis_url, grpc_port, config, source)
         subprocess.run(
             [binary("herald-capture"), "--config", str(config), "install"],
             check=True,
@@ -231,7 +257,7 @@ class Stack:
 
     def quiesce(self, client: Any, tenant: str) -> None:
         """Until every change committed so far has reached ``client``'s near cache:
-        capture drained the outbox, broadcast acknowledged (so published) every
+        capture drained the outbox (or the slot), broadcast acknowledged (so published) every
         event, and then a barrier invalidation published after them came through
         the client's stream (one pub/sub channel keeps them in order)."""
         r = redis.Redis.from_url(self.redis_url)
@@ -239,9 +265,17 @@ class Stack:
 
         def drained() -> bool:
             with psycopg2.connect(self.db_url) as c, c.cursor() as cur:
-                cur.execute("SELECT count(*) FROM herald.outbox")
-                if cur.fetchone()[0] != 0:
-                    return False
+                if self.source == "wal":
+                    cur.execute(
+                        "SELECT bool_and(confirmed_flush_lsn >= pg_current_wal_insert_lsn()) "
+                        "FROM pg_replication_slots WHERE database = current_database()"
+                    )
+                    if not cur.fetchone()[0]:
+                        return False
+                else:
+                    cur.execute("SELECT count(*) FROM herald.outbox")
+                    if cur.fetchone()[0] != 0:
+                        return False
             groups = r.xinfo_groups(stream) if r.exists(stream) else []
             return all(g["pending"] == 0 and not g.get("lag") for g in groups)
 
@@ -269,12 +303,26 @@ class Stack:
         keys = list(r.scan_iter(match=f"herald:{self.env}:*", count=1000))
         for i in range(0, len(keys), 500):
             r.delete(*keys[i : i + 500])
-        conn = psycopg2.connect(admin_url())
+        conn = psycopg2.connect(self.admin)
         conn.autocommit = True
         with conn.cursor() as cur:
+            if self.source == "wal":
+                # A logical slot keeps its database from being dropped; its
+                # walsender may still be exiting after capture was killed.
+                wait_for(lambda: self._drop_slots(cur), "the replication slot dropped", 10)
             cur.execute(f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")
         conn.close()
         self.config_path.unlink(missing_ok=True)
+
+    def _drop_slots(self, cur: Any) -> bool:
+        try:
+            cur.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                (self.db_name,),
+            )
+            return True
+        except psycopg2.errors.ObjectInUse:
+            return False
 
 
 def ops_get(port: int, path: str) -> str:
