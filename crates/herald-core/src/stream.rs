@@ -195,7 +195,18 @@ pub fn range_entries(reply: Value) -> Vec<Entry> {
     entries_of(reply)
 }
 
-fn entries_of(value: Value) -> Vec<Entry> {
+/// One entry of a stream reply as Redis sent it: its id and its field-value
+/// pairs, `None` for an entry deleted since it was delivered (nil fields).
+/// The one parser of the RESP2 entry shape, for the event log and for any
+/// other stream (write-behind commands).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawEntry {
+    pub id: String,
+    pub fields: Option<Vec<(String, Value)>>,
+}
+
+/// The entries of an `XRANGE`-shaped reply (`[[id, [field, value, …]], …]`).
+pub fn raw_entries(value: Value) -> Vec<RawEntry> {
     let Value::Array(entries) = value else { return Vec::new() };
     entries
         .into_iter()
@@ -206,23 +217,42 @@ fn entries_of(value: Value) -> Vec<Entry> {
             }
             let fields = parts.pop()?;
             let id = parts.pop()?.as_string()?;
-            let mut entry = Entry { id, ..Entry::default() };
-            if let Value::Array(fields) = fields {
-                let mut it = fields.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    let bytes = match v {
-                        Value::Bytes(b) => Some(b),
-                        Value::String(s) => Some(Bytes::from(s.to_string())),
-                        _ => None,
-                    };
-                    match k.as_str().as_deref() {
-                        Some(EVENT_FIELD) => entry.payload = bytes,
-                        Some(WATERMARK_FIELD) => entry.watermark = bytes,
-                        _ => {}
+            let fields = match fields {
+                Value::Array(fields) => {
+                    let mut pairs = Vec::with_capacity(fields.len() / 2);
+                    let mut it = fields.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        if let Some(k) = k.as_string() {
+                            pairs.push((k, v));
+                        }
                     }
+                    Some(pairs)
+                }
+                _ => None,
+            };
+            Some(RawEntry { id, fields })
+        })
+        .collect()
+}
+
+fn entries_of(value: Value) -> Vec<Entry> {
+    raw_entries(value)
+        .into_iter()
+        .map(|raw| {
+            let mut entry = Entry { id: raw.id, ..Entry::default() };
+            for (k, v) in raw.fields.unwrap_or_default() {
+                let bytes = match v {
+                    Value::Bytes(b) => Some(b),
+                    Value::String(s) => Some(Bytes::from(s.to_string())),
+                    _ => None,
+                };
+                match k.as_str() {
+                    EVENT_FIELD => entry.payload = bytes,
+                    WATERMARK_FIELD => entry.watermark = bytes,
+                    _ => {}
                 }
             }
-            Some(entry)
+            entry
         })
         .collect()
 }

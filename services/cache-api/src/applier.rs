@@ -147,23 +147,19 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The entries of an `XRANGE` reply.
+/// The command entries of an `XRANGE` reply.
 fn entries(reply: Value) -> Vec<Entry> {
-    let Value::Array(items) = reply else { return Vec::new() };
-    items
+    herald_core::stream::raw_entries(reply)
         .into_iter()
-        .filter_map(|item| {
-            let Value::Array(mut parts) = item else { return None };
-            let Value::Array(pairs) = parts.pop()? else { return None };
-            let mut entry = Entry { id: parts.pop()?.as_string()?, ..Entry::default() };
-            let mut it = pairs.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        .filter_map(|raw| {
+            let mut entry = Entry { id: raw.id, ..Entry::default() };
+            for (k, v) in raw.fields? {
                 let v = v.as_string().unwrap_or_default();
-                match k.as_string().as_deref() {
-                    Some(fields::ID) => entry.command_id = v,
-                    Some(fields::COMMAND) => entry.command = v,
-                    Some(fields::PARAMS) => entry.params = v,
-                    Some(fields::OVERLAY) => entry.overlay = v,
+                match k.as_str() {
+                    fields::ID => entry.command_id = v,
+                    fields::COMMAND => entry.command = v,
+                    fields::PARAMS => entry.params = v,
+                    fields::OVERLAY => entry.overlay = v,
                     _ => {}
                 }
             }
