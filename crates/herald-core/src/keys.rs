@@ -311,6 +311,19 @@ impl KeySpace {
         Ok(format!("{}:t:{{{tenant}}}:{OVERLAY_SEGMENT}:{resource}:{key}", self.prefix))
     }
 
+    /// Whether `key` is an overlay of `tenant`'s (a stream entry names the
+    /// overlay its patch went to; a writer must not touch another tenant's).
+    pub fn is_overlay_of(&self, tenant: &TenantId, key: &str) -> bool {
+        key.starts_with(&format!("{}:t:{{{tenant}}}:{OVERLAY_SEGMENT}:", self.prefix))
+    }
+
+    /// The tenant of a key in a tenant's slot (`…:t:{<tenant>}:…`), such as
+    /// one [`KeySpace::every_tenant_commands`] matched.
+    pub fn tenant_of(&self, key: &str) -> Option<TenantId> {
+        let rest = key.strip_prefix(&*self.prefix)?.strip_prefix(":t:{")?;
+        TenantId::new(rest.split_once('}')?.0).ok()
+    }
+
     /// The tenants that may have write-behind work (commands to apply or
     /// patches to retire): how writers find the streams.
     pub fn command_tenants(&self) -> String {
@@ -400,6 +413,12 @@ mod tests {
         assert_eq!(ks.commands(&tenant), "herald:prod:t:{acme}:commands");
         assert_eq!(ks.dead_commands(&tenant), "herald:prod:t:{acme}:commands:dead");
         assert_eq!(ks.overlay(&tenant, "user_by_id", "5").unwrap(), "herald:prod:t:{acme}:overlay:user_by_id:5");
+        let overlay = ks.overlay(&tenant, "user_by_id", "5").unwrap();
+        assert!(ks.is_overlay_of(&tenant, &overlay));
+        assert!(!ks.is_overlay_of(&TenantId::new("globex").unwrap(), &overlay));
+        assert!(!ks.is_overlay_of(&tenant, &ks.commands(&tenant)));
+        assert_eq!(ks.tenant_of(&ks.commands(&tenant)), Some(tenant.clone()));
+        assert_eq!(ks.tenant_of("herald:other:t:{acme}:commands"), None);
         assert!(ks.overlay(&tenant, "user_by_id", "a b").is_err());
         assert_eq!(ks.command_tenants(), "herald:prod:commands:tenants");
         assert_eq!(ks.every_tenant_commands(), "herald:prod:t:{*}:commands");

@@ -233,11 +233,8 @@ impl Applier {
         let pattern = self.keys.every_tenant_commands();
         let scan = herald_core::redis::scan_every_master(client, &pattern);
         let Ok(Ok(streams)) = tokio::time::timeout(REDIS_TIMEOUT * 5, scan).await else { return };
-        let tenants: Vec<String> = streams
-            .iter()
-            .filter_map(|key| Some(key.split_once('{')?.1.split_once('}')?.0.to_string()))
-            .filter(|t| TenantId::new(t).is_ok())
-            .collect();
+        let tenants: Vec<String> =
+            streams.iter().filter_map(|key| self.keys.tenant_of(key)).map(|t| t.as_str().to_string()).collect();
         if !tenants.is_empty() {
             let _ = tokio::time::timeout(REDIS_TIMEOUT, client.sadd::<i64, _, _>(self.keys.command_tenants(), tenants))
                 .await;
@@ -378,9 +375,7 @@ impl Applier {
             Ok(c) if c.model == WriteModel::WriteBehind => c,
             _ => return Err(Failure::Poison(format!("no write-behind command {:?} is configured", entry.command))),
         };
-        let overlay_root =
-            format!("{}overlay:", self.keys.scope_root(&herald_core::keys::Scope::Tenant(tenant.clone())));
-        if !entry.overlay.starts_with(&overlay_root) {
+        if !self.keys.is_overlay_of(tenant, &entry.overlay) {
             return Err(Failure::Poison(format!("overlay key {:?} is not the tenant's", entry.overlay)));
         }
         let params: Vec<String> = serde_json::from_str(&entry.params)
