@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::enqueue::fields;
-use crate::overlay::EntryId;
+use crate::overlay::{self, EntryId};
 use crate::progress;
 use crate::resource::db_message;
 use crate::write::Writer;
@@ -75,18 +75,6 @@ if v == false or v == ARGV[1] then
 end
 return 0";
 const RELEASE_LEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1";
-/// KEYS: stream, overlay, applied set; ARGV: entry id, position. The patch
-/// (if still there) is marked applied and listed for retirement.
-const MARK_APPLIED: &str = "local v = redis.call('HGET', KEYS[2], ARGV[1])
-if v then
-  local patch = string.match(v, '^%d+|(.*)$')
-  if patch then
-    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. patch)
-    redis.call('ZADD', KEYS[3], ARGV[2], KEYS[2] .. ' ' .. ARGV[1])
-  end
-end
-redis.call('XDEL', KEYS[1], ARGV[1])
 return 1";
 /// KEYS: stream, dead stream, overlay; ARGV: entry id, reason, command id,
 /// command, params.
@@ -321,7 +309,10 @@ impl Applier {
                 Ok((position, fresh)) => {
                     let keys =
                         vec![self.keys.commands(tenant), entry.overlay.clone(), self.keys.applied_patches(tenant)];
-                    if self.eval::<i64>(MARK_APPLIED, keys, vec![entry.id.clone(), position.to_string()]).await.is_err()
+                    if self
+                        .eval::<i64>(overlay::MARK_APPLIED, keys, vec![entry.id.clone(), position.to_string()])
+                        .await
+                        .is_err()
                     {
                         // The entry stays: the next attempt finds it applied.
                         return false;

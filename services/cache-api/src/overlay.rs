@@ -15,6 +15,19 @@
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+/// KEYS: stream, overlay, applied set; ARGV: entry id, position. The patch
+/// (if still there) is marked applied (its `0|` becomes `<position>|`)
+/// and listed for retirement: the writer's one change to this format.
+pub const MARK_APPLIED: &str = "local v = redis.call('HGET', KEYS[2], ARGV[1])
+if v then
+  local patch = string.match(v, '^%d+|(.*)$')
+  if patch then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. patch)
+    redis.call('ZADD', KEYS[3], ARGV[2], KEYS[2] .. ' ' .. ARGV[1])
+  end
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1";
 /// A stream entry id (`<ms>-<seq>`), ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EntryId {
