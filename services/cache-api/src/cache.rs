@@ -323,13 +323,17 @@ impl Cache {
         let res = self.resource(name)?;
         let params = &res.canonical_params(params)?;
         let scope = Self::scope(&res, tenant);
-        let key = self.keys.entry(&scope, &res.name, &res.key(params)?)?;
+        let entry_key = res.key(params)?;
+        let key = self.keys.entry(&scope, &res.name, &entry_key)?;
         let read = Read { res: &res, scope: &scope, params, tenant };
         // The overlay, then this node's watermark, then the value: a patch
         // retired (or judged visible in the cache) before the value is read
         // is in what the value read sees.
-        let patches =
-            if self.overlaid.contains(&res.name) { self.read_overlay(tenant, &res, params).await } else { Vec::new() };
+        let patches = if self.overlaid.contains(&res.name) {
+            self.read_overlay(tenant, &res.name, &entry_key).await
+        } else {
+            Vec::new()
+        };
         let watermark = self.l1.applied().watermark_lsn;
         let result = self.lookup_resource(read, &key, min_lsn).await;
         if let Err(e) = &result {
@@ -347,18 +351,16 @@ impl Cache {
 
     /// The write-behind patches of a resource entry. Redis unreachable: none
     /// (the reader sees what Postgres has; documented in the README).
-    async fn read_overlay(&self, tenant: &TenantId, res: &Resource, params: &[String]) -> Vec<overlay::Patch> {
+    async fn read_overlay(&self, tenant: &TenantId, resource: &str, entry_key: &str) -> Vec<overlay::Patch> {
         if !self.redis_usable() {
             return Vec::new();
         }
-        let Ok(key) = res.key(params).and_then(|k| Ok(self.keys.overlay(tenant, &res.name, &k)?)) else {
-            return Vec::new();
-        };
+        let Ok(key) = self.keys.overlay(tenant, resource, entry_key) else { return Vec::new() };
         let read = async { self.redis.next().hgetall::<HashMap<String, String>, _>(&key).await.map_err(Into::into) };
         match self.redis_op(read).await {
             Ok(pairs) => overlay::decode(pairs.into_iter().collect()),
             Err(error) => {
-                tracing::warn!(resource = %res.name, %error, "cannot read the write-behind overlay");
+                tracing::warn!(%resource, %error, "cannot read the write-behind overlay");
                 Vec::new()
             }
         }
