@@ -24,6 +24,7 @@ use herald_tests::{Sandbox, assert_eventually, http_get};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
+use crate::procstat::{cpu_seconds, redis_pid};
 use crate::report::{JsonLine, Latencies, Table, cores};
 
 #[derive(clap::Args)]
@@ -63,22 +64,12 @@ impl Node {
     }
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the command (which may contain spaces) start after ')'.
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Runs `run` and returns it with the CPU microseconds per request that
 /// process `pid` (the server) spent meanwhile.
 async fn with_cpu<F: Future<Output = anyhow::Result<Run>>>(pid: u32, run: F) -> anyhow::Result<(Run, f64)> {
-    let before = cpu_seconds(pid);
+    let before = cpu_seconds(pid).unwrap_or(0.0);
     let run = run.await?;
-    let used = cpu_seconds(pid) - before;
+    let used = cpu_seconds(pid).unwrap_or(0.0) - before;
     let per_request = if run.requests > 0 { used * 1e6 / run.requests as f64 } else { 0.0 };
     Ok((run, per_request))
 }
@@ -346,12 +337,7 @@ async fn measure(sb: &Sandbox, args: &Args) -> anyhow::Result<(Vec<Table>, JsonL
     let a = start_node(&sb.config, L1Config::default()).await?;
     let b = start_node(&sb.config, L1Config { max_bytes: 1, ..L1Config::default() }).await?;
     let duration = Duration::from_secs(args.seconds);
-    let info: String = sb.redis.next().info(Some(fred::types::InfoKind::Server)).await?;
-    let redis_pid: u32 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|p| p.trim().parse().ok())
-        .context("redis process_id")?;
+    let redis_pid = redis_pid(&sb.redis).await?;
 
     // Warm: every row into L2 and a's L1.
     let warm = grpc_run(&a, args.rows, 16, Duration::from_secs(2), Layer::L1).await?;

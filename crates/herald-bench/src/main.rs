@@ -6,6 +6,7 @@ mod coherence;
 mod invalidation;
 mod models;
 mod near;
+mod procstat;
 mod report;
 mod ws;
 
