@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use herald_core::config::OldImages;
 use herald_core::keys::{Scope, TagKey, TenantId};
 use herald_core::l2::L2;
 use herald_proto::v1::{InvalidationEvent, Operation};
@@ -74,8 +75,17 @@ async fn events(sb: &Sandbox, op: Operation) -> Vec<InvalidationEvent> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn old_images_ride_renames_deletes_and_team_moves_and_a_rollback_emits_nothing() {
-    let sb = wal_sandbox().await;
+async fn old_images_from_replica_identity_full_ride_renames_deletes_and_team_moves() {
+    old_images_ride_renames_deletes_and_team_moves_and_a_rollback_emits_nothing(OldImages::ReplicaIdentity).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_images_from_triggers_ride_renames_deletes_and_team_moves() {
+    old_images_ride_renames_deletes_and_team_moves_and_a_rollback_emits_nothing(OldImages::Triggers).await;
+}
+
+async fn old_images_ride_renames_deletes_and_team_moves_and_a_rollback_emits_nothing(old_images: OldImages) {
+    let sb = Sandbox::start_source(Source::Wal, |c| c.capture.old_images = old_images).await;
     let _capture = sb.spawn_capture().await;
     sb.sql(
         "INSERT INTO res_users (id, tenant_id, team_id, website_slug, callsign) VALUES (1, 'acme', 7, 'alice', 'K1')",
@@ -290,14 +300,50 @@ async fn install_is_idempotent_status_shows_the_slot_and_uninstall_drops_it() {
     assert!(name == *slot && state.exists && state.active_pid.is_none());
     let text = status.render();
     assert!(text.contains("retained wal:") && text.contains("no capture is reading"), "{text}");
-    let print = herald_capture::install::sql(&sb.config, herald_capture::source::Source::Wal);
+    let print = herald_capture::install::sql(&sb.config, herald_capture::source::Source::Wal, &Default::default());
     assert!(print.contains("ALTER PUBLICATION") && print.contains("pg_create_logical_replication_slot"));
 
     let (mut client, connection) =
         tokio_postgres::connect(&sb.config.postgres.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
+    let identity = async |client: &tokio_postgres::Client| -> (String, i64) {
+        let row = client
+            .query_one(
+                "SELECT relreplident::text, (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal) \
+                 FROM pg_class c WHERE oid = 'res_users'::regclass",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // Old images from the stream (the default): FULL, no trigger at all.
+    assert_eq!(identity(&client).await, ("f".to_string(), 0));
+
+    // Old images from triggers: the identity Herald changed is put back,
+    // and the update trigger compares integers and strings as their types
+    // (no output function on every UPDATE). --print shows the same.
+    let mut triggers = sb.config.clone();
+    triggers.capture.old_images = OldImages::Triggers;
+    herald_capture::install::install(&mut client, &triggers).await.expect("install with triggers");
+    assert_eq!(identity(&client).await, ("d".to_string(), 2));
+    let installed: String = client
+        .query_one("SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'herald_capture_wal_upd'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(installed.contains("old.id IS DISTINCT FROM new.id"), "{installed}");
+    assert!(installed.contains("(old.tenant_id COLLATE \"C\") IS DISTINCT FROM"), "{installed}");
+    let catalog = herald_capture::install::column_types(&client, &triggers).await.unwrap();
+    let print = herald_capture::install::sql(&triggers, herald_capture::source::Source::Wal, &catalog);
+    assert!(print.contains("OLD.\"id\" IS DISTINCT FROM NEW.\"id\""), "{print}");
+
+    // Back to FULL, then uninstall: the original identity again.
+    sb.install().await;
+    assert_eq!(identity(&client).await, ("f".to_string(), 0));
     let kept = herald_capture::install::uninstall(&mut client, &sb.config, false).await.expect("uninstall");
-    assert!(kept.slot_kept && kept.removed_triggers == 2, "{kept:?}");
+    assert!(kept.slot_kept && kept.removed_triggers == 0, "{kept:?}");
+    assert_eq!(identity(&client).await, ("d".to_string(), 0));
     let dropped = herald_capture::install::uninstall(&mut client, &sb.config, true).await.expect("uninstall");
     assert!(dropped.slot_dropped);
     let slots: i64 = client

@@ -2,15 +2,19 @@
 //! installs (several capture instances starting at once) serialise on an
 //! advisory lock whose id is a fixed hash.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use herald_core::config::Config;
-use tokio_postgres::Client;
+use herald_core::config::{Config, OldImages};
+use tokio_postgres::{Client, GenericClient};
 
 use crate::error::{Error, Result};
 use crate::schema::{SCHEMA_VERSION, base_sql, install_lock_id, q, qualified};
 use crate::source::{self, Source};
 use crate::wal;
+use crate::wal::schema::ColumnTypes;
+
+/// Column types of the configured tables, by table name (`tables[].name`).
+pub type Catalog = HashMap<String, ColumnTypes>;
 
 /// What an install did.
 #[derive(Debug)]
@@ -26,19 +30,28 @@ pub struct InstallReport {
 }
 
 /// Everything install applies in its transaction for `source`, in order
-/// (also what `install --print` shows).
-pub fn sql(config: &Config, source: Source) -> String {
+/// (also what `install --print` shows), for tables whose columns have the
+/// types in `catalog` (the WAL source's update trigger compares by type).
+pub fn sql(config: &Config, source: Source, catalog: &Catalog) -> String {
+    let no_types = ColumnTypes::new();
     let mut sql = base_sql();
     for table in &config.tables {
         sql.push_str(&format!("\n-- table {} ({} source)\n", table.name, source.as_str()));
-        match source {
-            Source::Outbox => {
+        match (source, config.capture.old_images) {
+            (Source::Outbox, _) => {
                 sql.push_str(&wal::schema::drop_wal_triggers_sql(table));
+                sql.push_str(&wal::schema::replica_identity_restore_sql(table));
                 sql.push_str(&crate::schema::table_sql(table, &config.capture));
             }
-            Source::Wal => {
+            (Source::Wal, OldImages::ReplicaIdentity) => {
                 sql.push_str(&wal::schema::drop_outbox_triggers_sql(table));
-                sql.push_str(&wal::schema::table_sql(table));
+                sql.push_str(&wal::schema::drop_wal_triggers_sql(table));
+                sql.push_str(&wal::schema::replica_identity_full_sql(table));
+            }
+            (Source::Wal, OldImages::Triggers) => {
+                sql.push_str(&wal::schema::drop_outbox_triggers_sql(table));
+                sql.push_str(&wal::schema::replica_identity_restore_sql(table));
+                sql.push_str(&wal::schema::table_sql(table, catalog.get(&table.name).unwrap_or(&no_types)));
             }
         }
     }
@@ -65,6 +78,25 @@ pub fn sql(config: &Config, source: Source) -> String {
         ));
     }
     sql
+}
+
+/// Reads the configured tables' column types from the database (base types
+/// of domains, as `regtype` names). A table that does not exist has none.
+pub async fn column_types(client: &impl GenericClient, config: &Config) -> Result<Catalog> {
+    let mut catalog = Catalog::new();
+    for table in &config.tables {
+        let rows = client
+            .query(
+                "SELECT a.attname::text, \
+                 (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END)::regtype::text \
+                 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&qualified(&table.schema, table.pg_table())],
+            )
+            .await?;
+        catalog.insert(table.name.clone(), rows.iter().map(|r| (r.get(0), r.get(1))).collect());
+    }
+    Ok(catalog)
 }
 
 /// Installs (or updates) the `herald` schema and the capture objects of
@@ -104,19 +136,11 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
         )));
     }
 
+    let catalog = column_types(&tx, config).await?;
     let mut targets = HashSet::new();
     for (i, table) in config.tables.iter().enumerate() {
         let target = format!("{}.{}", table.schema, table.pg_table());
-        let columns: Vec<String> = tx
-            .query(
-                "SELECT attname::text FROM pg_attribute \
-                 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
-                &[&qualified(&table.schema, table.pg_table())],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let columns = &catalog[&table.name];
         if columns.is_empty() {
             return Err(Error::Schema(format!("tables[{i}] ({}): table {target} does not exist", table.name)));
         }
@@ -126,14 +150,15 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
         wanted.extend(table.tenant_column.iter().map(|c| ("tenant_column", c.as_str())));
         wanted.extend(table.team_column.iter().map(|c| ("team_column", c.as_str())));
         for (key, column) in wanted {
-            if !columns.iter().any(|c| c == column) {
+            if !columns.contains_key(column) {
                 return Err(Error::Schema(format!(
                     "tables[{i}] ({}).{key}: column {column:?} does not exist in {target}",
                     table.name
                 )));
             }
         }
-        if chosen == Source::Wal {
+        // Without FULL, pgoutput needs a key to send an UPDATE at all.
+        if chosen == Source::Wal && config.capture.old_images == OldImages::Triggers {
             let identity = tx
                 .query_one(
                     "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i \
@@ -145,7 +170,8 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
             if identity == "n" || (identity == "d" && !primary_key) {
                 return Err(Error::Schema(format!(
                     "tables[{i}] ({}): {target} has no replica identity (no primary key): with the WAL source \
-                     every UPDATE of it would fail; add a primary key, or use capture.source = \"outbox\"",
+                     and capture.old_images = \"triggers\" every UPDATE of it would fail; add a primary key, or use \
+                     capture.old_images = \"replica_identity\"",
                     table.name
                 )));
             }
@@ -153,7 +179,7 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
         targets.insert((table.schema.clone(), table.pg_table().to_string()));
     }
 
-    tx.batch_execute(&sql(config, chosen)).await?;
+    tx.batch_execute(&sql(config, chosen, &catalog)).await?;
 
     // Only triggers Herald made: named like ours *and* running a function in
     // the `herald` schema. Any role that can create a table can name a
@@ -212,7 +238,8 @@ pub struct UninstallReport {
     pub slot_kept: bool,
 }
 
-/// Removes every capture trigger and function and the publication; with
+/// Removes every capture trigger and function and the publication, and puts
+/// back the replica identity the configured tables had before Herald; with
 /// `drop_slot` the replication slot too. The `herald` schema (outbox, dead
 /// letters) stays.
 pub async fn uninstall(client: &mut Client, config: &Config, drop_slot: bool) -> Result<UninstallReport> {
@@ -242,6 +269,9 @@ pub async fn uninstall(client: &mut Client, config: &Config, drop_slot: bool) ->
         .await?;
     for row in functions {
         tx.batch_execute(&format!("DROP FUNCTION IF EXISTS herald.{}()", q(&row.get::<_, String>(0)))).await?;
+    }
+    for table in &config.tables {
+        tx.batch_execute(&wal::schema::replica_identity_restore_sql(table)).await?;
     }
     tx.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", q(&config.capture.publication))).await?;
     if tx.query_one("SELECT to_regclass('herald.meta') IS NOT NULL", &[]).await?.get(0) {

@@ -91,7 +91,16 @@ async fn main() -> anyhow::Result<()> {
                      wal_level = logical and the role may replicate (else the outbox's: set source = \"outbox\" to see it)"
                 );
             }
-            print!("{}", herald_capture::install::sql(&config, source));
+            // The update trigger compares columns by type: read them when the
+            // database is reachable, else show the all-text form (always correct).
+            let catalog = match connect(&config).await {
+                Ok(client) => herald_capture::install::column_types(&client, &config).await?,
+                Err(error) => {
+                    println!("-- database not reachable ({error:#}): columns compared as text");
+                    Default::default()
+                }
+            };
+            print!("{}", herald_capture::install::sql(&config, source, &catalog));
             Ok(())
         }
         Command::Install { print: false } => {

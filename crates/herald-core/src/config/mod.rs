@@ -160,6 +160,24 @@ pub struct CaptureConfig {
     /// How often a standby capture (the slot is active in another instance)
     /// tries to take the slot over.
     pub standby_poll_ms: u64,
+    /// Where the WAL source gets old row images (a renamed slug's old key, a
+    /// deleted row).
+    pub old_images: OldImages,
+}
+
+/// `capture.old_images`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OldImages {
+    /// `REPLICA IDENTITY FULL` on the watched tables: the stream carries the
+    /// old row of every UPDATE and DELETE, and no trigger runs on any write.
+    /// Every UPDATE and DELETE logs its whole old row (more WAL on wide rows).
+    #[default]
+    ReplicaIdentity,
+    /// Row triggers emit the old image as a logical message, only for an
+    /// UPDATE of the id, a key, the tenant or the team, and for DELETE. Less
+    /// WAL on wide tables; every UPDATE pays the trigger's `WHEN`.
+    Triggers,
 }
 
 /// `capture.source`.
@@ -188,6 +206,7 @@ impl Default for CaptureConfig {
             slot: "herald".into(),
             publication: "herald".into(),
             standby_poll_ms: 500,
+            old_images: OldImages::ReplicaIdentity,
         }
     }
 }

@@ -57,14 +57,18 @@ pub enum Change {
         relation: u32,
         new: Vec<Value>,
     },
-    /// The old key or old row image, when pgoutput sends one, is skipped:
-    /// Herald's old images come from its own trigger messages.
+    /// `old` is the whole old row under `REPLICA IDENTITY FULL`; an old key
+    /// only ('K': the replica identity index changed) is not kept.
     Update {
         relation: u32,
+        old: Option<Vec<Value>>,
         new: Vec<Value>,
     },
+    /// `old` is the whole old row under `REPLICA IDENTITY FULL`, else `None`
+    /// (the key only, not kept).
     Delete {
         relation: u32,
+        old: Option<Vec<Value>>,
     },
     Truncate {
         relations: Vec<u32>,
@@ -154,17 +158,29 @@ impl Reader<'_> {
         Ok(values)
     }
 
-    /// Skips an old image ('K' or 'O') if one comes next, then expects 'N'.
-    fn new_tuple_after_old(&mut self) -> Result<Vec<Value>, DecodeError> {
+    /// An old image ('O' kept, 'K' skipped) if one comes next, then the
+    /// new tuple ('N').
+    fn old_and_new(&mut self) -> Result<(Option<Vec<Value>>, Vec<Value>), DecodeError> {
         let mut kind = self.u8()?;
+        let mut old = None;
         if kind == b'K' || kind == b'O' {
-            self.tuple()?;
+            let tuple = self.tuple()?;
+            old = (kind == b'O').then_some(tuple);
             kind = self.u8()?;
         }
         if kind != b'N' {
             return self.fail(format!("expected a new tuple, found {:?}", kind as char));
         }
-        self.tuple()
+        Ok((old, self.tuple()?))
+    }
+
+    /// A deleted row's old image: 'O' kept, 'K' skipped.
+    fn old(&mut self) -> Result<Option<Vec<Value>>, DecodeError> {
+        match self.u8()? {
+            b'O' => Ok(Some(self.tuple()?)),
+            b'K' => self.tuple().map(|_| None),
+            kind => self.fail(format!("expected an old tuple, found {:?}", kind as char)),
+        }
     }
 }
 
@@ -230,9 +246,13 @@ pub fn decode(data: &Bytes) -> Result<Change, DecodeError> {
         }
         b'U' => {
             let relation = r.u32()?;
-            Change::Update { relation, new: r.new_tuple_after_old()? }
+            let (old, new) = r.old_and_new()?;
+            Change::Update { relation, old, new }
         }
-        b'D' => Change::Delete { relation: r.u32()? },
+        b'D' => {
+            let relation = r.u32()?;
+            Change::Delete { relation, old: r.old()? }
+        }
         b'T' => {
             let count = r.u32()?;
             let _options = r.u8()?;
@@ -296,8 +316,29 @@ mod tests {
         upd.extend(tuple(&[Some("6"), None]));
         upd.push(b'N');
         upd.extend(tuple(&[Some("7"), Some("alice")]));
-        let Change::Update { new, .. } = decode(&Bytes::from(upd)).unwrap() else { panic!() };
-        assert_eq!(new[1], Value::Text(Bytes::from_static(b"alice")));
+        let Change::Update { old, new, .. } = decode(&Bytes::from(upd)).unwrap() else { panic!() };
+        assert_eq!((old, &new[1]), (None, &Value::Text(Bytes::from_static(b"alice"))));
+
+        // REPLICA IDENTITY FULL: the whole old row, kept.
+        let mut upd = vec![b'U'];
+        upd.extend(16384u32.to_be_bytes());
+        upd.push(b'O');
+        upd.extend(tuple(&[Some("7"), Some("al")]));
+        upd.push(b'N');
+        upd.extend(tuple(&[Some("7"), Some("alice")]));
+        let Change::Update { old, .. } = decode(&Bytes::from(upd)).unwrap() else { panic!() };
+        assert_eq!(old.unwrap()[1], Value::Text(Bytes::from_static(b"al")));
+        let mut del = vec![b'D'];
+        del.extend(16384u32.to_be_bytes());
+        del.push(b'O');
+        del.extend(tuple(&[Some("7"), None]));
+        let Change::Delete { old, .. } = decode(&Bytes::from(del)).unwrap() else { panic!() };
+        assert_eq!(old.unwrap()[1], Value::Null);
+        let mut del = vec![b'D'];
+        del.extend(16384u32.to_be_bytes());
+        del.push(b'K');
+        del.extend(tuple(&[Some("7"), None]));
+        assert_eq!(decode(&Bytes::from(del)).unwrap(), Change::Delete { relation: 16384, old: None });
 
         let mut trunc = vec![b'T'];
         trunc.extend(2u32.to_be_bytes());
@@ -309,7 +350,9 @@ mod tests {
 
     #[test]
     fn truncated_and_odd_input_is_an_error_never_a_panic() {
-        for bad in [&b""[..], b"I", b"I\0\0\0\x01N\0\x01t\0\0\0\x09ab", b"R\0\0\0\x01public", b"U\0\0\0\x01X"] {
+        for bad in
+            [&b""[..], b"I", b"I\0\0\0\x01N\0\x01t\0\0\0\x09ab", b"R\0\0\0\x01public", b"U\0\0\0\x01X", b"D\0\0\0\x01N"]
+        {
             assert!(decode(&Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }
         assert_eq!(decode(&Bytes::from_static(b"Yxyz")).unwrap(), Change::Ignored(b'Y'));

@@ -2,8 +2,11 @@
 //! invalidation events — the same events the outbox source makes.
 //!
 //! New row images come from pgoutput Insert and Update messages. Old images
-//! come from Herald's row triggers, as transactional logical messages
-//! (prefix [`MESSAGE_PREFIX`], a JSON array):
+//! come from the stream too when the table has `REPLICA IDENTITY FULL`
+//! (`capture.old_images = "replica_identity"`): Update and Delete then carry
+//! the whole old row, and capture compares the rows itself. Otherwise
+//! (`"triggers"`) they come from Herald's row triggers, as transactional
+//! logical messages (prefix [`MESSAGE_PREFIX`], a JSON array):
 //! * `["U", table, tenant, id, team, key…]`: the old image of an update that
 //!   changed the id, a key, the tenant or the team;
 //! * `["D", table, tenant, id, team, key…]`: a deleted row;
@@ -36,6 +39,8 @@ struct Route {
     tenant: Option<usize>,
     team: Option<usize>,
     keys: Vec<usize>,
+    /// Columns whose change matters; `None`: every column.
+    watched: Option<Vec<usize>>,
 }
 
 /// Images of one table and operation within a transaction.
@@ -144,16 +149,27 @@ impl Assembler {
                     self.push(route.table, 'I', image, None)?;
                 }
             }
-            Change::Update { relation, new } => {
+            Change::Update { relation, old: Some(old), new } => {
+                if let Some(route) = self.route(relation)? {
+                    self.update_of_rows(&route, &old, &new)?;
+                }
+            }
+            // The trigger messages bring the old image, or drop the update.
+            Change::Update { relation, old: None, new } => {
                 if let Some(route) = self.route(relation)? {
                     let image = image_of(&route, &new);
                     let id = image[1].clone();
                     self.push(route.table, 'U', image, id)?;
                 }
             }
-            // Deletes come from the delete trigger's message, with the whole
-            // old image (pgoutput's has only the replica identity).
-            Change::Delete { .. } | Change::Ignored(_) => {}
+            Change::Delete { relation, old: Some(old) } => {
+                if let Some(route) = self.route(relation)? {
+                    self.push(route.table, 'D', image_of(&route, &old), None)?;
+                }
+            }
+            // The replica identity key only: the delete trigger's message
+            // brings the whole old image.
+            Change::Delete { old: None, .. } | Change::Ignored(_) => {}
             Change::Truncate { relations } => {
                 for relation in relations {
                     if let Some(route) = self.route(relation)? {
@@ -242,6 +258,35 @@ impl Assembler {
         out
     }
 
+    /// An UPDATE whose old row the stream carries: dropped when no watched
+    /// column changed; with the old image too when the id, a key, the tenant
+    /// or the team changed (a rename's old key, a team move's old team).
+    fn update_of_rows(&mut self, route: &Route, old: &[Value], new: &[Value]) -> Result<(), TxnError> {
+        // pgoutput does not resend an unchanged TOASTed value: the old row's.
+        let new: Vec<Value> = new
+            .iter()
+            .enumerate()
+            .map(|(i, value)| match (value, old.get(i)) {
+                (Value::Unchanged, Some(previous)) => previous.clone(),
+                _ => value.clone(),
+            })
+            .collect();
+        let changed = match &route.watched {
+            Some(columns) => columns.iter().any(|&i| old.get(i) != new.get(i)),
+            None => old != new.as_slice(),
+        };
+        if !changed {
+            return Ok(());
+        }
+        let (old_image, new_image) = (image_of(route, old), image_of(route, &new));
+        let moved = old_image != new_image;
+        self.push(route.table, 'U', new_image, None)?;
+        if moved {
+            self.push(route.table, 'U', old_image, None)?;
+        }
+        Ok(())
+    }
+
     fn relation(&mut self, relation: Relation) -> Result<(), TxnError> {
         let Some(&table) = self.by_relation_name.get(&(relation.schema.clone(), relation.name.clone())) else {
             self.routes.insert(relation.id, None);
@@ -262,6 +307,10 @@ impl Assembler {
             tenant: config.tenant_column.as_deref().map(|c| position("tenant_column", c)).transpose()?,
             team: config.team_column.as_deref().map(|c| position("team_column", c)).transpose()?,
             keys: config.key_columns.iter().map(|c| position("key_columns", c)).collect::<Result<_, _>>()?,
+            watched: match crate::schema::watched_columns(config) {
+                columns if columns.is_empty() => None,
+                columns => Some(columns.iter().map(|c| position("watch_columns", c)).collect::<Result<_, _>>()?),
+            },
         };
         self.routes.insert(relation.id, Some(route));
         Ok(())
@@ -378,6 +427,63 @@ mod tests {
     }
 
     const COLUMNS: [&str; 5] = ["id", "tenant_id", "team_id", "slug", "name"];
+
+    /// A tuple: `None` null, `Some("\u{0}")` an unchanged TOASTed value.
+    fn tuple(values: &[Option<&str>]) -> Vec<u8> {
+        let mut m = (values.len() as u16).to_be_bytes().to_vec();
+        for v in values {
+            match v {
+                None => m.push(b'n'),
+                Some("\u{0}") => m.push(b'u'),
+                Some(text) => {
+                    m.push(b't');
+                    m.extend((text.len() as u32).to_be_bytes());
+                    m.extend(text.as_bytes());
+                }
+            }
+        }
+        m
+    }
+
+    /// An Update (`new` given) or Delete with REPLICA IDENTITY FULL's old row.
+    fn full(old: &[Option<&str>], new: Option<&[Option<&str>]>) -> Bytes {
+        let mut m = vec![if new.is_some() { b'U' } else { b'D' }];
+        m.extend(7u32.to_be_bytes());
+        m.push(b'O');
+        m.extend(tuple(old));
+        if let Some(new) = new {
+            m.push(b'N');
+            m.extend(tuple(new));
+        }
+        Bytes::from(m)
+    }
+
+    #[test]
+    fn with_replica_identity_full_the_stream_brings_old_images_and_unwatched_updates_drop() {
+        let mut watched = users();
+        watched.watch_columns = vec!["name".into()];
+        let mut a = Assembler::new(&[watched], "db", 500, 10_000);
+        a.begin(16, 1, 1);
+        a.change(&relation(&[&COLUMNS[..], &["note"]].concat())).unwrap();
+        let row = |slug, team, name, note| [Some("1"), Some("acme"), team, Some(slug), Some(name), Some(note)];
+        // A rename and a team move: old and new tags and teams.
+        a.change(&full(&row("alice", Some("41"), "A", "x"), Some(&row("alice2", Some("42"), "A", "x")))).unwrap();
+        // An unwatched column only: dropped.
+        a.change(&full(&row("carol", None, "C", "x"), Some(&row("carol", None, "C", "y")))).unwrap();
+        // A watched column, the key unchanged and TOASTed: one image, old key.
+        a.change(&full(&row("dave", None, "D", "x"), Some(&row("\u{0}", None, "D2", "x")))).unwrap();
+        a.change(&full(&row("erin", None, "E", "x"), None)).unwrap();
+        let events = a.commit(0).events;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].operation(), Operation::Update);
+        assert_eq!(
+            events[0].tags,
+            ["res_users", "res_users.id=1", "res_users.slug=alice2", "res_users.slug=alice", "res_users.slug=dave"]
+        );
+        assert_eq!(events[0].teams, ["42", "41"]);
+        assert_eq!(events[1].operation(), Operation::Delete);
+        assert!(events[1].tags.contains(&"res_users.slug=erin".to_string()), "{:?}", events[1].tags);
+    }
 
     #[test]
     fn a_rename_carries_old_and_new_values_and_a_skip_drops_an_unwatched_update() {
