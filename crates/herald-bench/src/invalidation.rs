@@ -13,15 +13,16 @@
 //! 2. Writer throughput: N connections run single-row statements in
 //!    autocommit as fast as they can, against a plain table, an
 //!    outbox-watched table (statement triggers; outbox capture draining), a
-//!    WAL-watched table (publication, row triggers that do not fire; WAL
-//!    capture streaming) and a table with the naive per-statement
+//!    WAL-watched table (publication, `REPLICA IDENTITY FULL`, no trigger;
+//!    WAL capture streaming) and a table with the naive per-statement
 //!    `pg_notify` trigger — INSERT and UPDATE of a non-key column, in
 //!    `--rounds` rounds whose order rotates; ratios to plain are taken per
 //!    round and their median reported. One more row runs the `--source`
-//!    table with broadcast and two L1 holders on the same cores too. A
-//!    DELETE comparison weighs Herald's delete trigger against
-//!    `REPLICA IDENTITY FULL`. CPU of the writers' backends, the walsender
-//!    and capture comes from `/proc/<pid>/stat`.
+//!    table with broadcast and two L1 holders on the same cores too. UPDATE
+//!    and DELETE rows weigh the two ways to old images (`REPLICA IDENTITY
+//!    FULL` against row triggers, in the same publication). CPU of the
+//!    writers' backends, the walsender, capture and Redis comes from
+//!    `/proc/<pid>/stat`.
 //! 3. A burst: writers commit one row per tenant of 16 as fast as they can;
 //!    events/s until both caches have every row.
 //! 4. With `--redis-cluster`: the latency run and the burst again on a Redis
@@ -48,6 +49,7 @@ use tokio::time::{Instant, sleep};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use self::latency::{Burst, LatencyOutcome, burst_run, latency_run};
+use crate::procstat;
 use crate::report::{JsonLine, Table, cores};
 
 #[derive(clap::Args)]
@@ -91,7 +93,9 @@ const LATENCY_TABLE: &str = "bench_latency";
 const PLAIN_TABLE: &str = "bench_plain";
 const OUTBOX_TABLE: &str = "bench_outbox";
 const WAL_TABLE: &str = "bench_wal";
-const FULL_TABLE: &str = "bench_full";
+/// In the same publication, old images by row triggers (`capture.old_images
+/// = "triggers"`) instead of `REPLICA IDENTITY FULL`.
+const TRIGGERS_TABLE: &str = "bench_triggers";
 const NOTIFY_TABLE: &str = "bench_notify";
 const NOTIFY_CHANNEL: &str = "bench_notify";
 const WARMUP: Duration = Duration::from_secs(1);
@@ -247,9 +251,8 @@ async fn measure(
 ) -> anyhow::Result<(LatencyOutcome, Burst, Throughput)> {
     let max_clients = args.clients.iter().copied().max().unwrap_or(1) as i64;
     let seeded = max_clients * ROWS_PER_CLIENT;
-    let mut sql: String = [LATENCY_TABLE, PLAIN_TABLE, WAL_TABLE, FULL_TABLE, NOTIFY_TABLE].map(table_sql).concat();
-    sql.push_str(&format!("ALTER TABLE {FULL_TABLE} REPLICA IDENTITY FULL;"));
-    for table in [PLAIN_TABLE, WAL_TABLE, NOTIFY_TABLE] {
+    let mut sql: String = [LATENCY_TABLE, PLAIN_TABLE, WAL_TABLE, TRIGGERS_TABLE, NOTIFY_TABLE].map(table_sql).concat();
+    for table in [PLAIN_TABLE, WAL_TABLE, TRIGGERS_TABLE, NOTIFY_TABLE] {
         sql.push_str(&seed_sql(table, seeded));
     }
     // After the seed rows: one NOTIFY of all their ids would not fit.
@@ -258,13 +261,23 @@ async fn measure(
     outbox
         .sql(&format!("{}{}{}", table_sql(LATENCY_TABLE), table_sql(OUTBOX_TABLE), seed_sql(OUTBOX_TABLE, seeded)))
         .await;
-    wal.config.tables = vec![watched(LATENCY_TABLE), watched(WAL_TABLE)];
+    wal.config.tables = vec![watched(LATENCY_TABLE), watched(WAL_TABLE), watched(TRIGGERS_TABLE)];
     outbox.config.tables = vec![watched(LATENCY_TABLE), watched(OUTBOX_TABLE)];
     wal.install().await;
     outbox.install().await;
-    // A publication that publishes deletes, for the REPLICA IDENTITY FULL
-    // table: what reading old images from the stream would take.
-    wal.sql(&format!("CREATE PUBLICATION bench_full FOR TABLE {FULL_TABLE} WITH (publish = 'delete')")).await;
+    // The triggers table as `old_images = "triggers"` installs it (the
+    // publication still sends its deletes' keys, which capture ignores).
+    let types: herald_capture::wal::schema::ColumnTypes =
+        [("id", "bigint"), ("tenant_id", "text"), ("slug", "text"), ("val", "integer")]
+            .into_iter()
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .collect();
+    wal.sql(&format!(
+        "{}{}",
+        herald_capture::wal::schema::replica_identity_restore_sql(&watched(TRIGGERS_TABLE)),
+        herald_capture::wal::schema::table_sql(&watched(TRIGGERS_TABLE), &types)
+    ))
+    .await;
     let captures = [CaptureProcess::spawn(wal)?, CaptureProcess::spawn(outbox)?];
     for capture in &captures {
         capture.ready().await?;
@@ -287,6 +300,7 @@ async fn measure(
 
     let listener = NotifyListener::start(&wal.config.postgres.url).await?;
     let slot = wal.config.capture.slot.clone();
+    let redis_pid = procstat::redis_pid(&wal.redis).await?;
     let mut throughput = Throughput::default();
     let target = |variant: Variant| -> (&Sandbox, &'static str) {
         match variant {
@@ -294,7 +308,7 @@ async fn measure(
             Variant::Outbox => (&*outbox, OUTBOX_TABLE),
             Variant::Wal => (&*wal, WAL_TABLE),
             Variant::Notify => (&*wal, NOTIFY_TABLE),
-            Variant::Full => (&*wal, FULL_TABLE),
+            Variant::Triggers => (&*wal, TRIGGERS_TABLE),
             Variant::All => match source {
                 Source::Wal => (&*wal, WAL_TABLE),
                 Source::Outbox => (&*outbox, OUTBOX_TABLE),
@@ -307,7 +321,10 @@ async fn measure(
             for op in [Op::Insert, Op::Update, Op::Delete] {
                 let mut variants: Vec<Variant> = match op {
                     Op::Delete if clients != max_clients as usize => continue,
-                    Op::Delete => vec![Variant::Plain, Variant::Wal, Variant::Full],
+                    Op::Delete => vec![Variant::Plain, Variant::Wal, Variant::Triggers],
+                    Op::Update => {
+                        vec![Variant::Plain, Variant::Outbox, Variant::Wal, Variant::Triggers, Variant::Notify]
+                    }
                     Op::Insert if clients == max_clients as usize => {
                         vec![Variant::Plain, Variant::Outbox, Variant::Wal, Variant::Notify, Variant::All]
                     }
@@ -348,6 +365,7 @@ async fn measure(
                     let pids = Pids {
                         walsender: walsender_pid(wal, &slot).await,
                         captures: captures.iter().filter_map(|c| c.child.pid()).collect(),
+                        redis: redis_pid,
                     };
                     let notified = listener.received();
                     let load = writer_load(
@@ -413,12 +431,13 @@ enum Variant {
     Plain,
     /// Outbox statement triggers; outbox capture draining.
     Outbox,
-    /// In the publication, row triggers (that do not fire on these
-    /// statements, or the delete trigger); WAL capture streaming.
+    /// In the publication with `REPLICA IDENTITY FULL`, no trigger; WAL
+    /// capture streaming.
     Wal,
     Notify,
-    /// `REPLICA IDENTITY FULL`, in a publication of deletes, no trigger.
-    Full,
+    /// In the publication, old images by row triggers (the update one does
+    /// not fire on these statements; the delete one does).
+    Triggers,
     /// The `--source` table with broadcast and two L1 holders running too.
     All,
 }
@@ -430,7 +449,7 @@ impl Variant {
             Variant::Outbox => "outbox",
             Variant::Wal => "wal",
             Variant::Notify => "notify",
-            Variant::Full => "replica-identity-full",
+            Variant::Triggers => "wal, old images by triggers",
             Variant::All => "source+broadcast+2 L1",
         }
     }
@@ -443,6 +462,19 @@ struct Cpu {
     walsender: f64,
     capture_wal: f64,
     capture_outbox: f64,
+    redis: f64,
+}
+
+impl Cpu {
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            backends: self.backends - before.backends,
+            walsender: self.walsender - before.walsender,
+            capture_wal: self.capture_wal - before.capture_wal,
+            capture_outbox: self.capture_outbox - before.capture_outbox,
+            redis: self.redis - before.redis,
+        }
+    }
 }
 
 struct Load {
@@ -472,27 +504,20 @@ struct Pids {
     walsender: Option<u32>,
     /// WAL capture, outbox capture.
     captures: Vec<u32>,
+    redis: u32,
 }
 
-/// utime + stime of `pid` in milliseconds (100 clock ticks per second, the
-/// Linux default), if it exists.
 fn cpu_ms(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 * 10.0)
-}
-
-fn cpu_sum(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&p| cpu_ms(p)).sum()
+    procstat::cpu_seconds(pid).map(|s| s * 1000.0)
 }
 
 fn cpu_now(backends: &[u32], pids: &Pids) -> Cpu {
     Cpu {
-        backends: cpu_sum(backends),
+        backends: backends.iter().filter_map(|&p| cpu_ms(p)).sum(),
         walsender: pids.walsender.and_then(cpu_ms).unwrap_or(0.0),
         capture_wal: pids.captures.first().and_then(|&p| cpu_ms(p)).unwrap_or(0.0),
         capture_outbox: pids.captures.get(1).and_then(|&p| cpu_ms(p)).unwrap_or(0.0),
+        redis: cpu_ms(pids.redis).unwrap_or(0.0),
     }
 }
 
@@ -585,12 +610,7 @@ async fn writer_load(
         measured: c1 - c0,
         errors,
         first_error,
-        cpu: Cpu {
-            backends: cpu1.backends - cpu0.backends,
-            walsender: cpu1.walsender - cpu0.walsender,
-            capture_wal: cpu1.capture_wal - cpu0.capture_wal,
-            capture_outbox: cpu1.capture_outbox - cpu0.capture_outbox,
-        },
+        cpu: cpu1.since(cpu0),
     })
 }
 
@@ -725,13 +745,13 @@ impl Throughput {
     }
 
     /// Median CPU microseconds per commit of `variant`'s runs.
-    fn cpu_per_commit(&self, variant: Variant, op: Op, clients: usize) -> [f64; 4] {
+    fn cpu_per_commit(&self, variant: Variant, op: Op, clients: usize) -> [f64; 5] {
         let runs: Vec<&TpsRun> =
             self.runs.iter().filter(|r| r.variant == variant && r.op == op && r.clients == clients).collect();
         let per = |f: fn(&Cpu) -> f64| {
             median(runs.iter().map(|r| f(&r.load.cpu) * 1000.0 / r.load.measured.max(1) as f64).collect())
         };
-        [per(|c| c.backends), per(|c| c.walsender), per(|c| c.capture_wal), per(|c| c.capture_outbox)]
+        [per(|c| c.backends), per(|c| c.walsender), per(|c| c.capture_wal), per(|c| c.capture_outbox), per(|c| c.redis)]
     }
 
     fn client_counts(&self) -> Vec<usize> {
@@ -750,7 +770,7 @@ impl Throughput {
         for op in [Op::Insert, Op::Update, Op::Delete] {
             for clients in self.client_counts() {
                 for variant in
-                    [Variant::Plain, Variant::Outbox, Variant::Wal, Variant::Full, Variant::Notify, Variant::All]
+                    [Variant::Plain, Variant::Outbox, Variant::Wal, Variant::Triggers, Variant::Notify, Variant::All]
                 {
                     let runs: Vec<&TpsRun> =
                         (0..self.rounds()).filter_map(|r| self.run(r, variant, op, clients)).collect();
@@ -781,8 +801,9 @@ impl Throughput {
                         format!("{} — {summary}", per_round.join(", ")),
                     );
                 }
-                for variant in [Variant::Outbox, Variant::Wal, Variant::Full] {
-                    let [backends, walsender, capture_wal, capture_outbox] = self.cpu_per_commit(variant, op, clients);
+                for variant in [Variant::Plain, Variant::Outbox, Variant::Wal, Variant::Triggers] {
+                    let [backends, walsender, capture_wal, capture_outbox, redis] =
+                        self.cpu_per_commit(variant, op, clients);
                     if self.run(0, variant, op, clients).is_none() {
                         continue;
                     }
@@ -790,7 +811,7 @@ impl Throughput {
                         format!("{} {clients} clients: {} CPU µs/commit", op.name(), variant.name()),
                         format!(
                             "backends {backends:.0}, walsender {walsender:.0}, capture(wal) {capture_wal:.0}, \
-                             capture(outbox) {capture_outbox:.0}"
+                             capture(outbox) {capture_outbox:.0}, redis {redis:.0}"
                         ),
                     );
                 }
@@ -850,21 +871,28 @@ impl Throughput {
             }
             if self.run(0, Variant::Wal, Op::Delete, clients).is_some() {
                 json.set_f64(
-                    format!("tps_delete_trigger_ratio_{clients}"),
+                    format!("tps_delete_ratio_{clients}"),
                     self.median_ratio(Variant::Wal, Op::Delete, clients),
                     3,
                 )
                 .set_f64(
-                    format!("tps_delete_full_ratio_{clients}"),
-                    self.median_ratio(Variant::Full, Op::Delete, clients),
+                    format!("tps_delete_triggers_ratio_{clients}"),
+                    self.median_ratio(Variant::Triggers, Op::Delete, clients),
                     3,
                 );
             }
-            let [backends, walsender, capture_wal, _] = self.cpu_per_commit(Variant::Wal, Op::Insert, clients);
+            if self.run(0, Variant::Triggers, Op::Update, clients).is_some() {
+                json.set_f64(
+                    format!("tps_update_triggers_ratio_{clients}"),
+                    self.median_ratio(Variant::Triggers, Op::Update, clients),
+                    3,
+                );
+            }
+            let [backends, walsender, capture_wal, _, _] = self.cpu_per_commit(Variant::Wal, Op::Insert, clients);
             json.set_f64(format!("cpu_us_per_commit_backends_wal_{clients}"), backends, 1)
                 .set_f64(format!("cpu_us_per_commit_walsender_{clients}"), walsender, 1)
                 .set_f64(format!("cpu_us_per_commit_capture_wal_{clients}"), capture_wal, 1);
-            let [backends, _, _, capture_outbox] = self.cpu_per_commit(Variant::Outbox, Op::Insert, clients);
+            let [backends, _, _, capture_outbox, _] = self.cpu_per_commit(Variant::Outbox, Op::Insert, clients);
             json.set_f64(format!("cpu_us_per_commit_backends_outbox_{clients}"), backends, 1).set_f64(
                 format!("cpu_us_per_commit_capture_outbox_{clients}"),
                 capture_outbox,
