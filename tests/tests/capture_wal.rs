@@ -358,6 +358,27 @@ async fn install_is_idempotent_status_shows_the_slot_and_uninstall_drops_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_primary_key_is_captured_with_full_and_refused_with_triggers() {
+    let sb = wal_sandbox().await;
+    sb.sql("ALTER TABLE res_users DROP CONSTRAINT res_users_pkey").await;
+    sb.install().await; // FULL needs no key
+    let _capture = sb.spawn_capture().await;
+    sb.sql("INSERT INTO res_users (id, tenant_id, website_slug) VALUES (1, 'acme', 'a')").await;
+    sb.sql("UPDATE res_users SET website_slug = 'b' WHERE id = 1; DELETE FROM res_users").await;
+    assert_eventually!(30, async { !events(&sb, Operation::Delete).await.is_empty() }, "delete not captured");
+    let (mut client, connection) =
+        tokio_postgres::connect(&sb.config.postgres.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // Triggers would put DEFAULT back, and without a key every UPDATE fails.
+    let mut triggers = sb.config.clone();
+    triggers.capture.old_images = OldImages::Triggers;
+    let error = herald_capture::install::install(&mut client, &triggers).await.unwrap_err().to_string();
+    assert!(error.contains("no replica identity") && error.contains("res_users"), "{error}");
+    sb.sql("INSERT INTO res_users (id, tenant_id) VALUES (2, 'acme'); UPDATE res_users SET name = 'x'").await;
+    sb.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_an_outbox_install_to_the_wal_loses_no_write() {
     let admin = tokio::task::spawn_blocking(|| logical::cluster().admin_url()).await.unwrap();
     let mut sb = Sandbox::start_at(admin, Source::Outbox, |_| {}).await;

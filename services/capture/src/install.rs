@@ -166,7 +166,28 @@ pub async fn install(client: &mut Client, config: &Config) -> Result<InstallRepo
                     &[&qualified(&table.schema, table.pg_table())],
                 )
                 .await?;
-            let (identity, primary_key): (String, bool) = (identity.get(0), identity.get(1));
+            let (mut identity, primary_key): (String, bool) = (identity.get(0), identity.get(1));
+            // FULL that Herald set goes back to what it was before.
+            let before = match has_meta {
+                true => tx
+                    .query_opt(
+                        "SELECT value FROM herald.meta WHERE key = $1",
+                        &[&wal::schema::identity_meta_key(table)],
+                    )
+                    .await?
+                    .map(|row| row.get::<_, String>(0)),
+                false => None,
+            };
+            if identity == "f"
+                && let Some(before) = before
+            {
+                identity = match before.as_str() {
+                    "default" => "d",
+                    "nothing" => "n",
+                    _ => "i",
+                }
+                .to_string();
+            }
             if identity == "n" || (identity == "d" && !primary_key) {
                 return Err(Error::Schema(format!(
                     "tables[{i}] ({}): {target} has no replica identity (no primary key): with the WAL source \

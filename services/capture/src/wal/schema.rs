@@ -155,9 +155,9 @@ pub fn publication_sql(tables: &[TableConfig], capture: &CaptureConfig) -> Strin
 }
 
 /// The `herald.meta` key that keeps a table's replica identity from before
-/// Herald set it to FULL.
-fn identity_key(table: &TableConfig) -> String {
-    lit(&format!("replica_identity:{}", qualified(&table.schema, table.pg_table())))
+/// Herald set it to FULL (`default`, `nothing` or `index:<name>`).
+pub fn identity_meta_key(table: &TableConfig) -> String {
+    format!("replica_identity:{}", qualified(&table.schema, table.pg_table()))
 }
 
 /// `REPLICA IDENTITY FULL` on `table`, its previous identity kept (once:
@@ -178,7 +178,7 @@ pub fn replica_identity_full_sql(table: &TableConfig) -> String {
 END $herald$;
 "#,
         regclass = lit(&target),
-        key = identity_key(table),
+        key = lit(&identity_meta_key(table)),
     )
 }
 
@@ -198,7 +198,7 @@ pub fn replica_identity_restore_sql(table: &TableConfig) -> String {
 END $herald$;
 "#,
         regclass = lit(&target),
-        key = identity_key(table),
+        key = lit(&identity_meta_key(table)),
     )
 }
 
