@@ -81,7 +81,7 @@ async fn incr_loses_no_increment_and_every_node_sees_the_sum() {
     let a = sb.spawn_cache_api(Options::default()).await;
     let b = sb.spawn_cache_api(Options::default()).await;
     let mut ca = a.client().await;
-    let mut cb = b.client().await;
+    let cb = b.client().await;
 
     assert!(!ca.incr(authed(incr("hits", 1), ACME_TOKEN)).await.unwrap().into_inner().found);
     assert!(value_of(&mut ca, "hits").await.is_none(), "incr of a missing key stored something");
