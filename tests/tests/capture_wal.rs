@@ -343,7 +343,14 @@ async fn install_is_idempotent_status_shows_the_slot_and_uninstall_drops_it() {
     let print = herald_capture::install::sql(&triggers, herald_capture::source::Source::Wal, &catalog);
     assert!(print.contains("OLD.\"id\" IS DISTINCT FROM NEW.\"id\""), "{print}");
 
-    // Back to FULL, then uninstall: the original identity again.
+    // Back to FULL; a table removed from the config gets its identity back;
+    // uninstall puts back every identity Herald changed.
+    sb.install().await;
+    assert_eq!(identity(&client).await, ("f".to_string(), 0));
+    let mut without = sb.config.clone();
+    without.tables.clear();
+    herald_capture::install::install(&mut client, &without).await.expect("install without tables");
+    assert_eq!(identity(&client).await, ("d".to_string(), 0));
     sb.install().await;
     assert_eq!(identity(&client).await, ("f".to_string(), 0));
     let kept = herald_capture::install::uninstall(&mut client, &sb.config, false).await.expect("uninstall");

@@ -55,6 +55,8 @@ pub fn sql(config: &Config, source: Source, catalog: &Catalog) -> String {
             }
         }
     }
+    sql.push_str("\n-- tables Herald set to REPLICA IDENTITY FULL that are no longer configured\n");
+    sql.push_str(&wal::schema::replica_identity_restore_others_sql(&config.tables));
     match source {
         Source::Outbox => {
             sql.push_str(&format!("\nDROP PUBLICATION IF EXISTS {};\n", q(&config.capture.publication)));
@@ -260,7 +262,7 @@ pub struct UninstallReport {
 }
 
 /// Removes every capture trigger and function and the publication, and puts
-/// back the replica identity the configured tables had before Herald; with
+/// back the replica identity of every table Herald set to FULL; with
 /// `drop_slot` the replication slot too. The `herald` schema (outbox, dead
 /// letters) stays.
 pub async fn uninstall(client: &mut Client, config: &Config, drop_slot: bool) -> Result<UninstallReport> {
@@ -291,8 +293,8 @@ pub async fn uninstall(client: &mut Client, config: &Config, drop_slot: bool) ->
     for row in functions {
         tx.batch_execute(&format!("DROP FUNCTION IF EXISTS herald.{}()", q(&row.get::<_, String>(0)))).await?;
     }
-    for table in &config.tables {
-        tx.batch_execute(&wal::schema::replica_identity_restore_sql(table)).await?;
+    if tx.query_one("SELECT to_regclass('herald.meta') IS NOT NULL", &[]).await?.get(0) {
+        tx.batch_execute(&wal::schema::replica_identity_restore_others_sql(&[])).await?;
     }
     tx.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", q(&config.capture.publication))).await?;
     if tx.query_one("SELECT to_regclass('herald.meta') IS NOT NULL", &[]).await?.get(0) {

@@ -202,6 +202,30 @@ END $herald$;
     )
 }
 
+/// Puts back the recorded replica identity of every table Herald set to
+/// FULL that is not among `kept` (tables removed from the config; all of
+/// them on uninstall). Names come from the catalog (`regclass`), never
+/// from the recorded text; a table that no longer exists is forgotten.
+pub fn replica_identity_restore_others_sql(kept: &[TableConfig]) -> String {
+    let kept: Vec<String> = kept.iter().map(|t| lit(&identity_meta_key(t))).chain(["''".to_string()]).collect();
+    format!(
+        r#"DO $herald$ DECLARE r record; BEGIN
+    FOR r IN DELETE FROM herald.meta WHERE key LIKE 'replica\_identity:%' AND key NOT IN ({kept})
+        RETURNING value, to_regclass(substr(key, length('replica_identity:') + 1)) AS rel
+    LOOP
+        CONTINUE WHEN r.rel IS NULL;
+        IF r.value = 'default' THEN EXECUTE format('ALTER TABLE %s REPLICA IDENTITY DEFAULT', r.rel);
+        ELSIF r.value = 'nothing' THEN EXECUTE format('ALTER TABLE %s REPLICA IDENTITY NOTHING', r.rel);
+        ELSIF r.value LIKE 'index:%' THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY USING INDEX %I', r.rel, substr(r.value, 7));
+        END IF;
+    END LOOP;
+END $herald$;
+"#,
+        kept = kept.join(", ")
+    )
+}
+
 /// The two row triggers of one table, whose columns have `types` (a column
 /// missing there is compared as text).
 pub fn table_sql(table: &TableConfig, types: &ColumnTypes) -> String {
