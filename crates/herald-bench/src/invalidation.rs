@@ -265,17 +265,15 @@ async fn measure(
     outbox.config.tables = vec![watched(LATENCY_TABLE), watched(OUTBOX_TABLE)];
     wal.install().await;
     outbox.install().await;
-    // The triggers table as `old_images = "triggers"` installs it (the
-    // publication still sends its deletes' keys, which capture ignores).
-    let types: herald_capture::wal::schema::ColumnTypes =
-        [("id", "bigint"), ("tenant_id", "text"), ("slug", "text"), ("val", "integer")]
-            .into_iter()
-            .map(|(c, t)| (c.to_string(), t.to_string()))
-            .collect();
+    // The triggers table as `old_images = "triggers"` installs it: its own
+    // identity back, its triggers typed from the catalog (the publication
+    // still sends its deletes' keys, which capture ignores).
+    let catalog = herald_capture::install::column_types(&connect(&wal.config.postgres.url).await?, &wal.config).await?;
+    let triggers = watched(TRIGGERS_TABLE);
     wal.sql(&format!(
         "{}{}",
-        herald_capture::wal::schema::replica_identity_restore_sql(&watched(TRIGGERS_TABLE)),
-        herald_capture::wal::schema::table_sql(&watched(TRIGGERS_TABLE), &types)
+        herald_capture::wal::schema::replica_identity_restore_sql(&[watched(LATENCY_TABLE), watched(WAL_TABLE)]),
+        herald_capture::wal::schema::table_sql(&triggers, &catalog[TRIGGERS_TABLE])
     ))
     .await;
     let captures = [CaptureProcess::spawn(wal)?, CaptureProcess::spawn(outbox)?];

@@ -40,7 +40,6 @@ pub fn sql(config: &Config, source: Source, catalog: &Catalog) -> String {
         match (source, config.capture.old_images) {
             (Source::Outbox, _) => {
                 sql.push_str(&wal::schema::drop_wal_triggers_sql(table));
-                sql.push_str(&wal::schema::replica_identity_restore_sql(table));
                 sql.push_str(&crate::schema::table_sql(table, &config.capture));
             }
             (Source::Wal, OldImages::ReplicaIdentity) => {
@@ -50,13 +49,16 @@ pub fn sql(config: &Config, source: Source, catalog: &Catalog) -> String {
             }
             (Source::Wal, OldImages::Triggers) => {
                 sql.push_str(&wal::schema::drop_outbox_triggers_sql(table));
-                sql.push_str(&wal::schema::replica_identity_restore_sql(table));
                 sql.push_str(&wal::schema::table_sql(table, catalog.get(&table.name).unwrap_or(&no_types)));
             }
         }
     }
-    sql.push_str("\n-- tables Herald set to REPLICA IDENTITY FULL that are no longer configured\n");
-    sql.push_str(&wal::schema::replica_identity_restore_others_sql(&config.tables));
+    let full: &[_] = match (source, config.capture.old_images) {
+        (Source::Wal, OldImages::ReplicaIdentity) => &config.tables,
+        _ => &[],
+    };
+    sql.push_str("\n-- the identity of every other table Herald set to REPLICA IDENTITY FULL, back\n");
+    sql.push_str(&wal::schema::replica_identity_restore_sql(full));
     match source {
         Source::Outbox => {
             sql.push_str(&format!("\nDROP PUBLICATION IF EXISTS {};\n", q(&config.capture.publication)));
@@ -293,9 +295,7 @@ pub async fn uninstall(client: &mut Client, config: &Config, drop_slot: bool) ->
     for row in functions {
         tx.batch_execute(&format!("DROP FUNCTION IF EXISTS herald.{}()", q(&row.get::<_, String>(0)))).await?;
     }
-    if tx.query_one("SELECT to_regclass('herald.meta') IS NOT NULL", &[]).await?.get(0) {
-        tx.batch_execute(&wal::schema::replica_identity_restore_others_sql(&[])).await?;
-    }
+    tx.batch_execute(&wal::schema::replica_identity_restore_sql(&[])).await?;
     tx.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", q(&config.capture.publication))).await?;
     if tx.query_one("SELECT to_regclass('herald.meta') IS NOT NULL", &[]).await?.get(0) {
         tx.execute("DELETE FROM herald.meta WHERE key = 'source'", &[]).await?;

@@ -62,7 +62,7 @@ impl Compare {
         match self {
             Compare::Typed => format!("{alias}.{}", q(column)),
             Compare::Bytes => format!("{alias}.{} COLLATE \"C\"", q(column)),
-            Compare::Text => format!("{alias}.{}::text", q(column)),
+            Compare::Text => text(alias, Some(column)),
         }
     }
 }
@@ -154,10 +154,13 @@ pub fn publication_sql(tables: &[TableConfig], capture: &CaptureConfig) -> Strin
     sql
 }
 
+/// Prefix of the `herald.meta` keys that keep tables' replica identities.
+const IDENTITY_META: &str = "replica_identity:";
+
 /// The `herald.meta` key that keeps a table's replica identity from before
 /// Herald set it to FULL (`default`, `nothing` or `index:<name>`).
 pub fn identity_meta_key(table: &TableConfig) -> String {
-    format!("replica_identity:{}", qualified(&table.schema, table.pg_table()))
+    format!("{IDENTITY_META}{}", qualified(&table.schema, table.pg_table()))
 }
 
 /// `REPLICA IDENTITY FULL` on `table`, its previous identity kept (once:
@@ -182,36 +185,19 @@ END $herald$;
     )
 }
 
-/// Puts back the replica identity `table` had before Herald set FULL, if
-/// Herald set it (a table that was FULL already stays FULL).
-pub fn replica_identity_restore_sql(table: &TableConfig) -> String {
-    let target = qualified(&table.schema, table.pg_table());
-    format!(
-        r#"DO $herald$ DECLARE previous text; BEGIN
-    IF to_regclass({regclass}) IS NULL OR to_regclass('herald.meta') IS NULL THEN RETURN; END IF;
-    DELETE FROM herald.meta WHERE key = {key} RETURNING value INTO previous;
-    IF previous = 'default' THEN ALTER TABLE {target} REPLICA IDENTITY DEFAULT;
-    ELSIF previous = 'nothing' THEN ALTER TABLE {target} REPLICA IDENTITY NOTHING;
-    ELSIF previous LIKE 'index:%' THEN
-        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY USING INDEX %I', {regclass}, substr(previous, 7));
-    END IF;
-END $herald$;
-"#,
-        regclass = lit(&target),
-        key = lit(&identity_meta_key(table)),
-    )
-}
-
 /// Puts back the recorded replica identity of every table Herald set to
-/// FULL that is not among `kept` (tables removed from the config; all of
-/// them on uninstall). Names come from the catalog (`regclass`), never
-/// from the recorded text; a table that no longer exists is forgotten.
-pub fn replica_identity_restore_others_sql(kept: &[TableConfig]) -> String {
+/// FULL that is not among `kept` (the tables FULL-captured now; none when
+/// old images come from triggers, with the outbox source, on uninstall).
+/// Names come from the catalog (`regclass`), never from the recorded text;
+/// a table that no longer exists is forgotten. A table that was FULL before
+/// Herald has no record and stays FULL.
+pub fn replica_identity_restore_sql(kept: &[TableConfig]) -> String {
     let kept: Vec<String> = kept.iter().map(|t| lit(&identity_meta_key(t))).chain(["''".to_string()]).collect();
     format!(
         r#"DO $herald$ DECLARE r record; BEGIN
-    FOR r IN DELETE FROM herald.meta WHERE key LIKE 'replica\_identity:%' AND key NOT IN ({kept})
-        RETURNING value, to_regclass(substr(key, length('replica_identity:') + 1)) AS rel
+    IF to_regclass('herald.meta') IS NULL THEN RETURN; END IF;
+    FOR r IN DELETE FROM herald.meta WHERE key LIKE {pattern} AND key NOT IN ({kept})
+        RETURNING value, to_regclass(substr(key, length({prefix}) + 1)) AS rel
     LOOP
         CONTINUE WHEN r.rel IS NULL;
         IF r.value = 'default' THEN EXECUTE format('ALTER TABLE %s REPLICA IDENTITY DEFAULT', r.rel);
@@ -222,6 +208,8 @@ pub fn replica_identity_restore_others_sql(kept: &[TableConfig]) -> String {
     END LOOP;
 END $herald$;
 "#,
+        pattern = lit(&format!("{}%", IDENTITY_META.replace('_', "\\_"))),
+        prefix = lit(IDENTITY_META),
         kept = kept.join(", ")
     )
 }
