@@ -268,14 +268,17 @@ pub fn decode(data: &Bytes) -> Result<Change, DecodeError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn tuple(values: &[Option<&str>]) -> Vec<u8> {
+    /// A tuple on the wire: `None` null, `Some("\u{0}")` an unchanged
+    /// TOASTed value, else text.
+    pub(in crate::wal) fn tuple(values: &[Option<&str>]) -> Vec<u8> {
         let mut out = (values.len() as u16).to_be_bytes().to_vec();
         for v in values {
             match v {
                 None => out.push(b'n'),
+                Some("\u{0}") => out.push(b'u'),
                 Some(text) => {
                     out.push(b't');
                     out.extend((text.len() as u32).to_be_bytes());

@@ -262,23 +262,30 @@ impl Assembler {
     /// column changed; with the old image too when the id, a key, the tenant
     /// or the team changed (a rename's old key, a team move's old team).
     fn update_of_rows(&mut self, route: &Route, old: &[Value], new: &[Value]) -> Result<(), TxnError> {
-        // pgoutput does not resend an unchanged TOASTed value: the old row's.
-        let new: Vec<Value> = new
-            .iter()
-            .enumerate()
-            .map(|(i, value)| match (value, old.get(i)) {
-                (Value::Unchanged, Some(previous)) => previous.clone(),
-                _ => value.clone(),
-            })
-            .collect();
+        // pgoutput does not resend an unchanged TOASTed value: the old row's
+        // (rare: the row is copied only then).
+        let merged: Vec<Value>;
+        let new = if new.contains(&Value::Unchanged) {
+            merged = new
+                .iter()
+                .enumerate()
+                .map(|(i, value)| match (value, old.get(i)) {
+                    (Value::Unchanged, Some(previous)) => previous.clone(),
+                    _ => value.clone(),
+                })
+                .collect();
+            &merged[..]
+        } else {
+            new
+        };
         let changed = match &route.watched {
             Some(columns) => columns.iter().any(|&i| old.get(i) != new.get(i)),
-            None => old != new.as_slice(),
+            None => old != new,
         };
         if !changed {
             return Ok(());
         }
-        let (old_image, new_image) = (image_of(route, old), image_of(route, &new));
+        let (old_image, new_image) = (image_of(route, old), image_of(route, new));
         let moved = old_image != new_image;
         self.push(route.table, 'U', new_image, None)?;
         if moved {
@@ -383,6 +390,7 @@ pub fn lsn_text(lsn: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::pgoutput::tests::tuple;
     use herald_proto::v1::Operation;
 
     fn users() -> TableConfig {
@@ -417,33 +425,11 @@ mod tests {
         let mut m = vec![tag];
         m.extend(7u32.to_be_bytes());
         m.push(b'N');
-        m.extend((values.len() as u16).to_be_bytes());
-        for v in values {
-            m.push(b't');
-            m.extend((v.len() as u32).to_be_bytes());
-            m.extend(v.as_bytes());
-        }
+        m.extend(tuple(&values.iter().map(|v| Some(*v)).collect::<Vec<_>>()));
         Bytes::from(m)
     }
 
     const COLUMNS: [&str; 5] = ["id", "tenant_id", "team_id", "slug", "name"];
-
-    /// A tuple: `None` null, `Some("\u{0}")` an unchanged TOASTed value.
-    fn tuple(values: &[Option<&str>]) -> Vec<u8> {
-        let mut m = (values.len() as u16).to_be_bytes().to_vec();
-        for v in values {
-            match v {
-                None => m.push(b'n'),
-                Some("\u{0}") => m.push(b'u'),
-                Some(text) => {
-                    m.push(b't');
-                    m.extend((text.len() as u32).to_be_bytes());
-                    m.extend(text.as_bytes());
-                }
-            }
-        }
-        m
-    }
 
     /// An Update (`new` given) or Delete with REPLICA IDENTITY FULL's old row.
     fn full(old: &[Option<&str>], new: Option<&[Option<&str>]>) -> Bytes {
